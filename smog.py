@@ -1,0 +1,483 @@
+"""SMoG: Synchronous Momentum Grouping (Pang et al., ECCV 2022) in one module.
+
+Each image is contrasted against H heads of K momentum-updated *group features* (unit vectors)
+instead of against other instances. Every iteration:
+  1. targets t_j = argmax_k <z'_j, c_k> from the momentum network, with the groups *before* the update
+  2. synchronous update: c_k <- normalise(beta c_k + (1 - beta) mean_{i: a_i = k} z_i), sums and counts
+     reduced over all ranks before dividing, so every rank holds identical groups
+  3. loss: cross-entropy of <p, c_k>/tau (updated groups) against every target, every online crop.
+Every epoch the groups are re-clustered with spherical k-means over a memory bank.
+
+Layout: a pure functional core (plain tensors in, tensors out, any device, optional reduce
+function; no process group needed), then the modules that compose it. Equation ids in comments,
+e.g. (G2), point into spec/*.md. Shapes: B batch, C online crops, J momentum crops (targets),
+H heads, K groups, D embedding dim.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # returns the SUM over ranks (use the return value)
+
+
+# ----------------------------------------------------------------------------------------------
+# collectives: no-ops without a process group, so the same code runs in a test, a laptop, 64 GPUs
+
+
+def dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _dist_sum(t: torch.Tensor) -> torch.Tensor:
+    if t.requires_grad:  # group_grad=True: differentiable all-reduce (backward all-reduces grads)
+        import torch.distributed.nn.functional as dnn
+        return dnn.all_reduce(t)
+    dist.all_reduce(t)
+    return t
+
+
+def _dist_bcast(t: torch.Tensor) -> torch.Tensor:
+    dist.broadcast(t, src=0)
+    return t
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _resolve(fn: Optional[Reduce], dist_fn: Reduce) -> Reduce:
+    if fn is not None:
+        return fn
+    return dist_fn if dist_ready() else _identity
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate [n_r, ...] tensors of all ranks in rank order; n_r may differ between ranks."""
+    if not dist_ready():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    pad = x.new_zeros((m - x.shape[0], *x.shape[1:]))
+    out = [x.new_empty((m, *x.shape[1:])) for _ in sizes]
+    dist.all_gather(out, torch.cat([x, pad]))
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+# ----------------------------------------------------------------------------------------------
+# functional core (spec/grouping.md, spec/loss.md, spec/kmeans.md, spec/step.md, spec/momentum.md)
+
+
+def _fp(t: torch.Tensor) -> torch.dtype:
+    """Compute dtype: at least fp32 (bf16/fp16 inputs are promoted), fp64 stays fp64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def assign_groups(z: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """(G1) a_i = argmax_k <z_i/||z_i||, c_k>; z [N, D], groups [K, D] unit rows -> [N] long.
+    Ties go to the lowest index (torch.argmax returns the first maximum)."""
+    dt = _fp(groups)
+    return (F.normalize(z.to(dt), dim=-1) @ groups.to(dt).T).argmax(dim=-1)
+
+
+def update_groups(groups: torch.Tensor, z: torch.Tensor, assign: torch.Tensor, beta,
+                  *, all_reduce: Optional[Reduce] = None) -> torch.Tensor:
+    """(G2) synchronous momentum update; groups [K, D], z [N, D], assign [N] -> new groups [K, D].
+
+    For every group with n_k > 0 members over all ranks:
+        c_k <- normalise(beta * c_k + (1 - beta) * (1/n_k) sum_{i: a_i = k} z_i / ||z_i||)
+    Groups without members are returned unchanged. Per-group sums and counts travel in one
+    [K, D+1] tensor through `all_reduce` (SUM) *before* dividing (G5): averaging per-rank means
+    would weight ranks instead of samples. Inputs are not modified. No host-device sync.
+    """
+    reduce = _resolve(all_reduce, _dist_sum)
+    K, D = groups.shape
+    dt = _fp(groups)
+    zn = F.normalize(z.to(dt), dim=-1)                                       # (N, D)
+    ones = torch.ones(zn.shape[0], 1, dtype=dt, device=zn.device)
+    stats = torch.zeros(K, D + 1, dtype=dt, device=zn.device)
+    stats = reduce(stats.index_add(0, assign, torch.cat([zn, ones], 1)))     # (K, D+1) sums|counts
+    sums, counts = stats[:, :D], stats[:, D:]
+    mean = sums / counts.clamp_min(1)
+    g = groups.to(dt)
+    new = F.normalize(beta * g + (1 - beta) * mean, dim=-1)
+    return torch.where(counts > 0, new, g).to(groups.dtype)
+
+
+def group_logits(p: torch.Tensor, groups: torch.Tensor, tau: float) -> torch.Tensor:
+    """(L1) logits_ik = <p_i/||p_i||, c_k> / tau; p [N, D], groups [K, D] -> [N, K]."""
+    dt = _fp(groups)
+    return F.normalize(p.to(dt), dim=-1) @ groups.to(dt).T / tau
+
+
+def smog_loss(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
+    """(L1) mean cross-entropy of group_logits(p) against integer targets [N]."""
+    return F.cross_entropy(group_logits(p, groups, tau), targets)
+
+
+def smog_step(groups: torch.Tensor, z_update: torch.Tensor, z_target: torch.Tensor, p: torch.Tensor,
+              beta, tau: float, *, all_reduce: Optional[Reduce] = None, group_grad: bool = False):
+    """One head's iteration as a pure function (spec/step.md).
+
+    groups [K, D]; z_update [B, D] online projector embedding of one online global crop;
+    z_target [J, B, D] momentum embeddings; p [C, B, D] online predictions.
+    Returns (loss [], new_groups [K, D], targets [J, B]).
+      (S1) targets and the update's assignment use the groups *before* the update
+      (S2) the loss uses the groups *after* it, averaged over (c, j, b)
+    group_grad=False: new_groups is detached (released code); True: gradient reaches z_update
+    through the (1 - beta) mean term (authors' README); assignments never carry gradient.
+    """
+    J, B, D = z_target.shape
+    C = p.shape[0]
+    g0 = groups.detach()
+    targets = assign_groups(z_target.reshape(J * B, D), g0).view(J, B)
+    a = assign_groups(z_update.detach(), g0)
+    new = update_groups(g0, z_update if group_grad else z_update.detach(), a, beta, all_reduce=all_reduce)
+    if not group_grad:
+        new = new.detach()
+    logp = group_logits(p.reshape(C * B, D), new, tau).log_softmax(-1).view(C, B, -1)  # (C, B, K)
+    nll = -logp.gather(2, targets.T.unsqueeze(0).expand(C, B, J))                       # (C, B, J)
+    return nll.mean(), new, targets
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor, chunk_elems: int = 1 << 26) -> torch.Tensor:
+    """argmax_k <x_i, c_k> in row chunks so the [N, K] score matrix never exists whole."""
+    step = max(1, chunk_elems // max(1, c.shape[0]))
+    return torch.cat([(xc @ c.T).argmax(1) for xc in x.split(step)]) if len(x) else \
+        torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, *, generator: Optional[torch.Generator] = None,
+                     all_reduce: Optional[Reduce] = None, broadcast: Optional[Reduce] = None,
+                     init: Optional[torch.Tensor] = None):
+    """Distributed spherical k-means (spec/kmeans.md); x [N, D] (this rank's rows) -> (centres [k, D], assign [N]).
+
+    (K1) init: k distinct rows of rank 0, randperm(N_0, generator)[:k], broadcast to all ranks
+         (or `init` [k, D] if given, normalised). (K2) E-step: argmax of dot product.
+    (K3) M-step: normalised mean of members with sums and counts reduced over ranks; empty clusters
+         keep their centre. iters=0 returns the initial centres.
+    """
+    reduce = _resolve(all_reduce, _dist_sum)
+    bcast = _resolve(broadcast, _dist_bcast)
+    dt = _fp(x)
+    x = F.normalize(x.to(dt), dim=-1)
+    N, D = x.shape
+    n_total = int(reduce(torch.tensor([float(N)], dtype=torch.float64, device=x.device)).item())
+    if n_total < k:
+        raise ValueError(f"spherical_kmeans: {n_total} rows across all ranks but k={k} clusters; "
+                         f"use fewer groups or more data")
+    if init is not None:
+        c = F.normalize(init.to(device=x.device, dtype=dt), dim=-1)
+    else:
+        n0 = int(bcast(torch.tensor([float(N)], dtype=torch.float64, device=x.device)).item())
+        if n0 < k:
+            raise ValueError(f"spherical_kmeans: rank 0 holds {n0} rows but k={k}; initial centres are "
+                             f"drawn from rank 0's rows, give it at least k rows")
+        c = torch.zeros(k, D, dtype=dt, device=x.device)
+        if N >= k:
+            idx = torch.randperm(N, generator=generator, device=generator.device if generator else "cpu")[:k]
+            c = x[idx.to(x.device)]
+        c = bcast(c.contiguous())
+    ones = torch.ones(N, 1, dtype=dt, device=x.device)
+    for _ in range(iters):
+        a = _nearest(x, c)                                                         # (K2)
+        stats = reduce(torch.zeros(k, D + 1, dtype=dt, device=x.device).index_add(0, a, torch.cat([x, ones], 1)))
+        c = torch.where(stats[:, D:] > 0, F.normalize(stats[:, :D], dim=-1), c)   # (K3)
+    return c, _nearest(x, c)
+
+
+@torch.no_grad()
+def momentum_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], m: float) -> None:
+    """(M1) theta_k <- m theta_k + (1 - m) theta_q, in place, one foreach kernel over all tensors."""
+    target, online = list(target), list(online)
+    torch._foreach_mul_(target, m)
+    torch._foreach_add_(target, online, alpha=1 - m)
+
+
+def beta_schedule(beta_start: float, beta_end: float, total_steps: int) -> torch.Tensor:
+    """(M3) linear per-iteration schedule, float64 [total_steps], exact at both ends."""
+    s = torch.linspace(beta_start, beta_end, total_steps, dtype=torch.float64)
+    if total_steps > 1:
+        s[0], s[-1] = beta_start, beta_end
+    return s
+
+
+@torch.no_grad()
+def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, n_classes: int,
+                ks: Sequence[int] = (20,), T: float = 0.07, chunk: int = 256) -> dict:
+    """Weighted kNN (DINO protocol): cosine similarity, top-k neighbours, votes exp(sim/T).
+    Features [N, D] / [M, D] are L2-normalised here; returns {k: predictions [M]}; k is capped at N.
+    Test rows are processed in chunks of `chunk` so memory stays O(chunk * N)."""
+    tr = F.normalize(train_f.float(), dim=1)
+    kmax = min(max(ks), tr.shape[0])
+    preds = {k: [] for k in ks}
+    for te in F.normalize(test_f.float(), dim=1).split(max(1, chunk)):
+        sim, idx = (te @ tr.T).topk(kmax, dim=1)                              # (m, kmax)
+        w, lab = (sim / T).exp(), train_y[idx]
+        for k in ks:
+            kk = min(k, kmax)
+            votes = torch.zeros(te.shape[0], n_classes, device=te.device)
+            votes.scatter_add_(1, lab[:, :kk], w[:, :kk])
+            preds[k].append(votes.argmax(1))
+    return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in preds.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# networks
+
+
+class SmallCNN(nn.Module):
+    """The demo backbone: four 3x3 conv-BN-ReLU stages, global average pool. Fast on 2 CPU cores."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 8 * width]
+        layers = []
+        for i in range(4):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.out_dim = chans[-1]
+
+    def forward(self, x):
+        return self.features(x).mean(dim=(2, 3))
+
+
+ARCHS = ("smallcnn", "resnet18", "resnet34", "resnet50", "wide_resnet50_2", "swin_t")
+
+
+def build_backbone(name: str, *, cifar_stem: bool = False, drop_path: float = 0.0, width: int = 32):
+    """-> (module mapping [B, 3, h, w] to pooled features [B, feat_dim], feat_dim).
+    torchvision models keep torchvision key names (classifier replaced by Identity, so absent).
+    cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32-96 px images (ResNets only)."""
+    import torchvision.models as tvm
+    if name == "smallcnn":
+        m = SmallCNN(width)
+        return m, m.out_dim
+    if name in ("resnet18", "resnet34", "resnet50", "wide_resnet50_2"):
+        m = getattr(tvm, name)(weights=None, zero_init_residual=True)
+        if cifar_stem:
+            m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            m.maxpool = nn.Identity()
+        dim, m.fc = m.fc.in_features, nn.Identity()
+        return m, dim
+    if name == "swin_t":
+        from torchvision.models.swin_transformer import SwinTransformer  # swin_t's shape, our drop-path
+        m = SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                            window_size=[7, 7], stochastic_depth_prob=drop_path)
+        dim, m.head = m.head.in_features, nn.Identity()
+        return m, dim
+    raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
+
+
+def build_mlp(d_in: int, d_hidden: int, d_out: int, *, first_bias: bool, last_bn: bool) -> nn.Sequential:
+    """Linear -> BN -> ReLU -> Linear (-> BN without affine, for the projector)."""
+    layers = [nn.Linear(d_in, d_hidden, bias=first_bias), nn.BatchNorm1d(d_hidden), nn.ReLU(inplace=True),
+              nn.Linear(d_hidden, d_out)]
+    if last_bn:
+        layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class SMoGConfig:
+    """Model hyperparameters; defaults are the released ResNet-50 ImageNet recipe."""
+    arch: str = "resnet50"        # one of ARCHS
+    cifar_stem: bool = False      # 3x3 stem, no max-pool (small images)
+    width: int = 32               # smallcnn base width
+    dim: int = 128                # D (256 for Swin-T)
+    hidden_dim: int = 2048        # projector / predictor hidden width
+    n_groups: int = 3000          # K
+    n_heads: int = 3              # H
+    tau: float = 0.1
+    group_grad: bool = False      # gradient through the (1-beta) mean term of the update
+    drop_path: float = 0.0        # stochastic depth, online Swin only
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SMoGConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def encode_crops(net: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Run `net` once per distinct resolution (crops concatenated), return outputs in crop order [sum B_c, F]."""
+    by_res: dict = {}
+    for i, c in enumerate(crops):
+        by_res.setdefault(tuple(c.shape[-2:]), []).append(i)
+    out: list = [None] * len(crops)
+    for idx in by_res.values():
+        y = net(torch.cat([crops[i] for i in idx]))
+        for i, yi in zip(idx, y.split([crops[i].shape[0] for i in idx])):
+            out[i] = yi
+    return torch.cat(out)
+
+
+class SMoG(nn.Module):
+    """Online backbone+projector+predictor, momentum backbone+projector, groups buffer [H, K, D]."""
+
+    def __init__(self, cfg: SMoGConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, feat = build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, drop_path=cfg.drop_path,
+                                             width=cfg.width)
+        self.feat_dim = feat
+        self.projector = build_mlp(feat, cfg.hidden_dim, cfg.dim, first_bias=False, last_bn=True)
+        self.predictor = build_mlp(cfg.dim, cfg.hidden_dim, cfg.dim, first_bias=True, last_bn=False)
+        # momentum copy: no drop-path, no predictor, no gradient
+        self.momentum_backbone, _ = build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width)
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in self._momentum_params():
+            p.requires_grad_(False)
+        self.reset_momentum()
+        self.register_buffer("groups", F.normalize(torch.randn(cfg.n_heads, cfg.n_groups, cfg.dim), dim=-1))
+
+    def _momentum_params(self):
+        return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+
+    def _online_params(self):
+        return [*self.backbone.parameters(), *self.projector.parameters()]
+
+    @torch.no_grad()
+    def momentum_step(self, m: float) -> None:
+        """(M1) EMA of the momentum backbone+projector towards the online ones."""
+        momentum_update_(self._momentum_params(), self._online_params(), m)
+
+    @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """(M2) copy the online backbone+projector (parameters and BN buffers) into the momentum ones."""
+        self.momentum_backbone.load_state_dict(self.backbone.state_dict())
+        self.momentum_projector.load_state_dict(self.projector.state_dict())
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised online projector embeddings [B, D] (fp32), for the memory bank."""
+        return F.normalize(self.projector(self.backbone(x)).float(), dim=-1)
+
+    @torch.no_grad()
+    def regroup(self, bank: torch.Tensor, iters: int = 10, *, generator: Optional[torch.Generator] = None,
+                all_reduce: Optional[Reduce] = None, broadcast: Optional[Reduce] = None) -> None:
+        """bank [n_global, N, D] (this rank's shard): head h <- spherical k-means over bank[h mod n_global]."""
+        for h in range(self.cfg.n_heads):
+            c, _ = spherical_kmeans(bank[h % bank.shape[0]], self.cfg.n_groups, iters, generator=generator,
+                                    all_reduce=all_reduce, broadcast=broadcast)
+            self.groups[h].copy_(c)
+
+    def backbone_state_dict(self) -> dict:
+        """The online backbone in torchvision key names, without the classifier (see `export`)."""
+        return {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
+
+    def forward(self, online_crops: Sequence[torch.Tensor], momentum_crops: Sequence[torch.Tensor], beta,
+                *, all_reduce: Optional[Reduce] = None):
+        """online_crops: C tensors [B, 3, h, w], the first two the global crops; momentum_crops: the J=2
+        global crops of the other augmentation set. Updates self.groups in place (all heads) and
+        returns (loss, stats); stats tensors (no host sync): nonempty [H] fraction of groups hit by
+        the targets, entropy [H] of the target assignment histogram (nats; ln K is uniform)."""
+        C, J, B = len(online_crops), len(momentum_crops), online_crops[0].shape[0]
+        with torch.no_grad():
+            zt = self.momentum_projector(encode_crops(self.momentum_backbone, momentum_crops))
+        z = self.projector(encode_crops(self.backbone, online_crops))       # (C*B, D)
+        p = self.predictor(z)
+        dev = z.device.type
+        with torch.autocast(dev, enabled=False):                            # grouping and logits in fp32
+            zt = F.normalize(zt.float(), dim=-1).view(J, B, -1)
+            z = F.normalize(z.float(), dim=-1).view(C, B, -1)
+            p = p.float().view(C, B, -1)
+            losses, new_groups, hits = [], [], []
+            for h in range(self.cfg.n_heads):
+                loss, g, t = smog_step(self.groups[h], z[h % 2], zt, p, beta, self.cfg.tau,
+                                       all_reduce=all_reduce, group_grad=self.cfg.group_grad)
+                losses.append(loss)
+                new_groups.append(g)
+                hits.append(torch.zeros(self.cfg.n_groups, device=t.device).index_add_(
+                    0, t.flatten(), torch.ones(t.numel(), device=t.device)))
+            with torch.no_grad():
+                self.groups.copy_(torch.stack(new_groups))
+                counts = _resolve(all_reduce, _dist_sum)(torch.stack(hits))  # (H, K) global histogram
+                prob = counts / counts.sum(1, keepdim=True)
+                stats = {"nonempty": (counts > 0).float().mean(1),
+                         "entropy": -(prob * prob.clamp_min(1e-12).log()).sum(1)}
+        return torch.stack(losses).mean(), stats
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: one file, all state, written atomically, loaded with weights_only=True
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save to `path.tmp-<pid>`, fsync, then rename: at every instant `path` is complete or absent."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """torch.load(weights_only=True); a file that is not a torch checkpoint, or carries arbitrary
+    pickled objects, raises ValueError with a one-line reason (nothing from the file is executed)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist; pass the path of a .pth file written by train.py "
+                         f"or by `python -m smog export`")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError for truncated/non-zip files, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load {path!r} as a weights-only checkpoint ({first[:200]}); it is not a "
+                         f"checkpoint of this project, is truncated, or holds objects that are refused for "
+                         f"safety") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def export_backbone(checkpoint: str, out: str) -> dict:
+    """Write the online backbone of a train.py checkpoint as a plain torchvision-style state_dict."""
+    ck = load_checkpoint(checkpoint)
+    if "model" not in ck:
+        raise ValueError(f"{checkpoint!r} is not a train.py checkpoint (no 'model' entry)")
+    sd = {k[len("backbone."):]: v for k, v in ck["model"].items() if k.startswith("backbone.")}
+    save_atomic(sd, out)
+    return sd
+
+
+def _main(argv: Sequence[str]) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m smog", description="SMoG utilities.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write the online backbone of a train.py checkpoint as a torchvision "
+                                       "state_dict (load with model.load_state_dict(sd, strict=False); only "
+                                       "the classifier is missing)")
+    ex.add_argument("checkpoint")
+    ex.add_argument("out")
+    args = ap.parse_args(argv)
+    try:
+        sd = export_backbone(args.checkpoint, args.out)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(sd)} tensors to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
