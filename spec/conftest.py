@@ -1,0 +1,120 @@
+"""pytest wiring for the spec suite.
+
+- `impl`: the implementation under test, from SMOG_IMPL ("module" or "module:attr"; default smog).
+  SMOG_IMPL=spec.mutants:* runs every mutant of spec/mutants.py in one session (see test_mutants.py).
+- Hypothesis profiles: `ci` (default: deterministic, quick) and `thorough`; pick with
+  --hypothesis-profile=thorough. `kill` is `ci` without shrinking, for the mutation check.
+- SMOG_XFAIL=path: a file of test names or invariant ids (one a line, # comments) to mark xfail,
+  for implementations that knowingly deviate (array-api-tests style).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+
+from spec.harness import ALL_MUTANTS, Impl, impl_name
+
+_quiet = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None, database=None,
+                          print_blob=False, suppress_health_check=_quiet)
+settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=_quiet)
+settings.register_profile("kill", parent=settings.get_profile("ci"),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "invariant(*ids): the spec/*.md invariants this test checks")
+    if not config.getoption("hypothesis_profile", None):
+        settings.load_profile("ci")
+
+
+# -- the implementation under test ------------------------------------------------------------------
+
+def _mutant_names():
+    from spec.mutants import MUTANTS
+    return list(MUTANTS)
+
+
+def pytest_generate_tests(metafunc):
+    if "impl" in metafunc.fixturenames and impl_name() == ALL_MUTANTS:
+        metafunc.parametrize("impl", _mutant_names(), indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def impl(request):
+    if impl_name() == ALL_MUTANTS:
+        return Impl(f"spec.mutants:{request.param}")
+    return Impl(impl_name())
+
+
+# -- per-implementation expected failures -----------------------------------------------------------
+
+def pytest_collection_modifyitems(config, items):
+    if impl_name() == ALL_MUTANTS:
+        _order_for_mutants(items)
+    path = os.environ.get("SMOG_XFAIL")
+    if not path:
+        return
+    with open(path) as f:
+        entries = {line.split("#")[0].strip() for line in f} - {""}
+    for item in items:
+        ids = {i for m in item.iter_markers("invariant") for i in m.args}
+        hit = sorted(e for e in entries if e in ids or (not re.fullmatch(r"[A-Z]\d+", e) and
+                                                         (e == item.originalname or e in item.nodeid)))
+        if hit:
+            item.add_marker(pytest.mark.xfail(reason=f"listed in {path}: {', '.join(hit)}", strict=False))
+
+
+# -- mutation check bookkeeping (SMOG_IMPL=spec.mutants:*) ------------------------------------------
+
+_killed: dict = {}
+
+
+def _order_for_mutants(items):
+    """Group the items by mutant and run first the tests citing the invariants that the mutant is
+    expected to break (MUTANTS[name][1]): the kill rate is the same, the session much shorter."""
+    from spec.mutants import MUTANTS
+    names = list(MUTANTS)
+
+    def key(pair):
+        pos, item = pair
+        name = _mutant_of(item)
+        if name is None:
+            return (-1, 0, pos)
+        expected = {s.strip() for s in MUTANTS[name][1].split(",")}
+        cited = {i for m in item.iter_markers("invariant") for i in m.args}
+        return (names.index(name), 0 if cited & expected else 1, pos)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=key)]
+
+
+def _mutant_of(item):
+    cs = getattr(item, "callspec", None)
+    return cs.params.get("impl") if cs is not None else None
+
+
+def pytest_runtest_setup(item):
+    name = _mutant_of(item)
+    if name is not None and name in _killed:
+        pytest.skip(f"mutant {name} already killed by {_killed[name]['test']}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    name = _mutant_of(item)
+    if name is not None and rep.failed and name not in _killed:
+        reason = call.excinfo.typename if call.excinfo is not None else "failed"
+        _killed[name] = {"test": item.nodeid.split("[")[0], "when": rep.when, "reason": reason}
+
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("SMOG_MUTANT_REPORT")
+    if out and impl_name() == ALL_MUTANTS:
+        with open(out, "w") as f:
+            json.dump({name: _killed.get(name) for name in _mutant_names()}, f, indent=1)

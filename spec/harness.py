@@ -1,0 +1,219 @@
+"""Plumbing shared by the spec tests: the implementation under test, simulated ranks, references.
+
+Nothing in here is SMoG: the references below are the equations of spec/*.md written once more in
+vectorised float64 torch, so a test compares the implementation with the *equation*, not with the
+oracle (the oracle is just another implementation under test).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import threading
+
+import pytest
+import torch
+
+IMPL_ENV = "SMOG_IMPL"
+DEFAULT_IMPL = "smog"
+ALL_MUTANTS = "spec.mutants:*"
+PROTOCOL = ("assign_groups", "update_groups", "group_logits", "smog_loss", "smog_step", "spherical_kmeans",
+            "momentum_update_", "beta_schedule")   # the functional core, see spec/README.md
+
+
+def impl_name() -> str:
+    return os.environ.get(IMPL_ENV, "").strip() or DEFAULT_IMPL
+
+
+def load_namespace(name: str):
+    """'pkg.module' or 'pkg.module:attr' -> the module, or the attribute of it (a namespace)."""
+    mod, _, attr = name.partition(":")
+    ns = importlib.import_module(mod)
+    return getattr(ns, attr) if attr else ns
+
+
+class Impl:
+    """The implementation under test. Functions are fetched lazily, so a function the module lacks
+    fails only the tests that need it, with '<name> is not defined in <module>'."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._ns = None
+
+    def _load(self):
+        if self._ns is None:
+            try:
+                self._ns = load_namespace(self.name)
+            except Exception as e:  # an import error of the module under test fails each test, clearly
+                pytest.fail(f"cannot import the implementation under test {self.name!r} ({IMPL_ENV}): "
+                            f"{type(e).__name__}: {e}", pytrace=False)
+        return self._ns
+
+    def __getattr__(self, attr: str):
+        if attr not in PROTOCOL:   # python and hypothesis probe objects for other attributes
+            raise AttributeError(attr)
+        ns = self._load()
+        try:
+            return getattr(ns, attr)
+        except AttributeError:
+            pytest.fail(f"{attr} is not defined in {self.name}", pytrace=False)
+
+    def __repr__(self):
+        return f"Impl({self.name!r})"
+
+
+# -- simulated data parallelism --------------------------------------------------------------------
+
+def run_ranks(world: int, fn, timeout: float = 10.0):
+    """Run fn(rank, all_reduce, broadcast) on `world` threads, one per simulated rank, and return the
+    list of results in rank order. all_reduce returns a *new* tensor holding the sum over ranks
+    (summed in rank order, so every rank gets the same bits); broadcast returns a copy of rank 0's
+    tensor. Neither touches its argument: an implementation that ignores the return value fails.
+    Collectives called a different number of times on different ranks end in a BrokenBarrierError."""
+    barrier = threading.Barrier(world, timeout=timeout)
+    slots: list = [None] * world
+    results: list = [None] * world
+    errors: list = [None] * world
+
+    def exchange(rank, t):
+        slots[rank] = t.detach().clone()
+        barrier.wait()
+        got = list(slots)
+        barrier.wait()
+        return got
+
+    def body(rank):
+        def all_reduce(t):
+            got = exchange(rank, t)
+            out = got[0].clone()
+            for g in got[1:]:
+                out = out + g
+            return out
+
+        def broadcast(t):
+            return exchange(rank, t)[0].clone()
+
+        try:
+            results[rank] = fn(rank, all_reduce, broadcast)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+            errors[rank] = e
+            barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
+    if real:
+        raise real[0]
+    if any(e is not None for e in errors):
+        raise AssertionError("collectives were called a different number of times on different ranks "
+                             "(a barrier broke)") from next(e for e in errors if e is not None)
+    return results
+
+
+def split_rows(x: torch.Tensor, sizes, dim: int = 0):
+    return list(torch.split(x, list(sizes), dim=dim))
+
+
+# -- tolerances ------------------------------------------------------------------------------------
+
+def tol(dtype) -> dict:
+    """Comparison tolerances for results computed in `dtype` against a float64 reference."""
+    if dtype == torch.float64:
+        return dict(atol=1e-10, rtol=1e-9)
+    return dict(atol=2e-5, rtol=1e-4)
+
+
+def margin_threshold(dtype) -> float:
+    """Rows whose best and second-best scores are closer than this are near-ties: rounding may pick
+    either, so assignments are compared only on rows with a larger margin (or an exact tie)."""
+    return 1e-9 if dtype == torch.float64 else 1e-5
+
+
+def close(a, b, dtype, scale: float = 1.0, msg: str = ""):
+    t = tol(dtype)
+    torch.testing.assert_close(a.double(), b.double(), atol=t["atol"] * scale, rtol=t["rtol"],
+                               msg=(lambda m: f"{msg}\n{m}") if msg else None)
+
+
+# -- references: the equations of spec/*.md, vectorised, float64 ------------------------------------
+
+def ref_normalise(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def ref_assign(z: torch.Tensor, groups: torch.Tensor):
+    """(G1) -> (assign [N] lowest index among the maxima, margin [N] best minus second best score, inf if K = 1)."""
+    s = ref_normalise(z) @ groups.double().T                              # (N, K)
+    best = s.max(dim=1, keepdim=True).values
+    assign = (s == best).to(torch.int8).argmax(dim=1)                     # first maximum
+    if s.shape[1] == 1:
+        margin = torch.full((s.shape[0],), math.inf, dtype=torch.float64)
+    else:
+        top2 = s.topk(2, dim=1).values
+        margin = top2[:, 0] - top2[:, 1]
+    return assign, margin
+
+
+def unambiguous(margin: torch.Tensor, dtype) -> torch.Tensor:
+    """Rows whose assignment does not depend on rounding. Exact ties of the float64 reference are
+    excluded too: two identical group rows can get scores that differ in the last bit from a matmul
+    (BLAS treats rows differently), so the tie rule is checked on exactly computable scores only."""
+    return margin > margin_threshold(dtype)
+
+
+def ref_update(groups, z, assign, beta):
+    """(G2) loop over groups -> (new groups float64 [K, D], smallest ||pre-normalisation|| of a hit group)."""
+    g, zn = groups.double(), ref_normalise(z)
+    new, smallest = g.clone(), math.inf
+    for k in range(g.shape[0]):
+        members = zn[assign == k]
+        if len(members):
+            v = beta * g[k] + (1 - beta) * members.mean(0)
+            smallest = min(smallest, float(v.norm()))
+            new[k] = v / v.norm().clamp_min(1e-12)
+    return new, smallest
+
+
+def ref_mstep(x, centres, assign):
+    """(K3) -> (new centres, smallest ||sum of members|| of a non-empty cluster)."""
+    xn, c = ref_normalise(x), centres.double()
+    new, smallest = c.clone(), math.inf
+    for j in range(c.shape[0]):
+        members = xn[assign == j]
+        if len(members):
+            s = members.sum(0)
+            smallest = min(smallest, float(s.norm()))
+            new[j] = s / s.norm().clamp_min(1e-12)
+    return new, smallest
+
+
+def ref_kmeans_from(x, c0, iters):
+    """(K2, K3) Lloyd iterations from given centres -> (centres, assign, min margin over all E-steps)."""
+    c, worst = c0.double(), math.inf
+    for _ in range(iters):
+        a, m = ref_assign(x, c)
+        worst = min(worst, float(m.min()))
+        c, _ = ref_mstep(x, c, a)
+    a, m = ref_assign(x, c)
+    worst = min(worst, float(m.min()))
+    return c, a, worst
+
+
+def kmeans_objective(x, centres) -> float:
+    """(K4) J(c) = sum_i max_k <x_i/||x_i||, c_k>."""
+    return float((ref_normalise(x) @ centres.double().T).max(dim=1).values.sum())
+
+
+def ref_step_loss(p, new_groups, targets, tau):
+    """(S2) mean over (c, j, b) of -log softmax(<p_cb/||p_cb||, c_k>/tau)_{t_jb}; differentiable in p."""
+    logp = torch.log_softmax(ref_normalise(p) @ new_groups.double().T / tau, dim=-1)   # (C, B, K)
+    C, J = p.shape[0], targets.shape[0]
+    total = 0.0
+    for c in range(C):
+        for j in range(J):
+            total = total - logp[c].gather(1, targets[j].view(-1, 1)).mean()
+    return total / (C * J)

@@ -1,0 +1,188 @@
+"""grouping.md: assignment (G1, G8) and the synchronous momentum update (G2-G10)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from spec.harness import close, ref_assign, ref_normalise, ref_update, run_ranks, split_rows, unambiguous
+from spec.strategies import DTYPES, assignments, betas, matrices, positive_scales, seeds, shard_sizes, \
+    small, unit_rows
+
+invariant = pytest.mark.invariant
+
+
+def _problem(data, n_max=8, k_max=6, d_max=5):
+    dtype = data.draw(DTYPES, "dtype")
+    n, k, d = data.draw(st.integers(1, n_max), "N"), data.draw(st.integers(1, k_max), "K"), \
+        data.draw(st.integers(1, d_max), "D")
+    z = data.draw(matrices(n, d, dtype), "z")
+    g = data.draw(unit_rows(k, d, dtype), "groups")
+    return dtype, z, g
+
+
+@invariant("G1")
+@given(data=st.data())
+def test_assign_is_argmax_of_cosine(impl, data):
+    dtype, z, g = _problem(data)
+    a = impl.assign_groups(z, g)
+    assert a.dtype == torch.long and a.shape == (z.shape[0],)
+    ref, margin = ref_assign(z, g)
+    ok = unambiguous(margin, dtype)
+    assert torch.equal(a[ok], ref[ok]), f"assignment {a.tolist()} != argmax {ref.tolist()} (rows {ok.tolist()})"
+
+
+@invariant("G1")
+@given(n=small, k=st.integers(1, 8), d=st.integers(1, 3), seed=seeds, dtype=DTYPES)
+def test_assign_ties_go_to_lowest_index(impl, n, k, d, seed, dtype):
+    """Groups are signed unit axes +-e_j (repeats likely), z has small integer entries: every score is
+    +-z_ij/||z_i||, computed exactly in any summation order, so ties are exact."""
+    gen = torch.Generator().manual_seed(seed)
+    axis = torch.randint(0, d, (k,), generator=gen)
+    sign = torch.randint(0, 2, (k,), generator=gen) * 2 - 1
+    g = torch.zeros(k, d, dtype=dtype)
+    g[torch.arange(k), axis] = sign.to(dtype)
+    zi = torch.randint(-2, 3, (n, d), generator=gen)
+    zi[(zi == 0).all(1), 0] = 1
+    expected = []
+    for i in range(n):
+        scores = [int(sign[j]) * int(zi[i, axis[j]]) for j in range(k)]
+        expected.append(scores.index(max(scores)))   # first maximum
+    a = impl.assign_groups(zi.to(dtype), g)
+    assert a.tolist() == expected
+
+
+@invariant("G8")
+@given(data=st.data())
+def test_assign_and_update_invariant_to_positive_row_scaling(impl, data):
+    dtype, z, g = _problem(data)
+    s = data.draw(positive_scales(z.shape[0]), "scales").to(dtype)
+    assume(torch.isfinite(z * s).all())
+    ref, margin = ref_assign(z, g)
+    ok = unambiguous(margin, dtype)
+    assert torch.equal(impl.assign_groups(z * s, g)[ok], impl.assign_groups(z, g)[ok])
+    a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
+    beta = data.draw(betas, "beta")
+    _, smallest = ref_update(g, z, a, beta)
+    assume(smallest > 1e-2)
+    close(impl.update_groups(g, z * s, a, beta), impl.update_groups(g, z, a, beta), dtype)
+
+
+@invariant("G2")
+@given(data=st.data())
+def test_update_equals_loop_over_groups(impl, data):
+    dtype, z, g = _problem(data)
+    a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
+    beta = data.draw(betas, "beta")
+    expected, smallest = ref_update(g, z, a, beta)
+    assume(smallest > 1e-2)   # a hit group whose pre-normalisation vector nearly cancels has no stable direction
+    new = impl.update_groups(g, z, a, beta)
+    assert new.shape == g.shape
+    close(new, expected, dtype, msg=f"beta={beta} assign={a.tolist()}")
+
+
+@invariant("G3")
+@given(data=st.data())
+def test_update_keeps_unit_norm(impl, data):
+    dtype, z, g = _problem(data)
+    a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
+    beta = data.draw(betas, "beta")
+    _, smallest = ref_update(g, z, a, beta)
+    assume(smallest > 1e-2)
+    norms = impl.update_groups(g, z, a, beta).double().norm(dim=1)
+    close(norms, torch.ones_like(norms), dtype)
+
+
+@invariant("G4")
+@given(data=st.data())
+def test_groups_without_members_are_unchanged(impl, data):
+    dtype, z, g = _problem(data, k_max=8)
+    a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
+    beta = data.draw(st.floats(0.0, 0.999), "beta")
+    new = impl.update_groups(g, z, a, beta)
+    empty = torch.bincount(a, minlength=g.shape[0]) == 0
+    assert torch.equal(new[empty], g[empty]), "a group without members changed (must be returned bit for bit)"
+
+
+@invariant("G5")
+@given(data=st.data())
+def test_sharded_update_equals_update_on_concatenated_batch(impl, data):
+    dtype, z, g = _problem(data, n_max=10)
+    a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
+    beta = data.draw(betas, "beta")
+    sizes = data.draw(shard_sizes(z.shape[0]), "shards")
+    zs, as_ = split_rows(z, sizes), split_rows(a, sizes)
+    out = run_ranks(len(sizes), lambda r, all_reduce, _: impl.update_groups(g, zs[r], as_[r], beta,
+                                                                            all_reduce=all_reduce))
+    for r in range(1, len(sizes)):
+        assert torch.equal(out[r], out[0]), f"rank {r} holds different groups from rank 0"
+    _, smallest = ref_update(g, z, a, beta)
+    assume(smallest > 1e-2)
+    close(out[0], impl.update_groups(g, z, a, beta), dtype, msg=f"shards {sizes}")
+
+
+@invariant("G6")
+def test_per_rank_means_are_not_averaged(impl):
+    """Rank 0 holds 1 member of the only group, rank 1 holds 3: the global mean weights samples
+    (3/4 on rank 1's direction), averaging the two rank means would weight ranks (1/2 each)."""
+    g = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    z0 = torch.tensor([[0.0, 5.0]], dtype=torch.float64)
+    z1 = torch.tensor([[2.0, 0.0], [7.0, 0.0], [0.5, 0.0]], dtype=torch.float64)
+    zs, as_ = [z0, z1], [torch.zeros(1, dtype=torch.long), torch.zeros(3, dtype=torch.long)]
+    out = run_ranks(2, lambda r, all_reduce, _: impl.update_groups(g, zs[r], as_[r], 0.0, all_reduce=all_reduce))
+    right = ref_normalise(torch.tensor([[0.75, 0.25]]))
+    wrong = ref_normalise(torch.tensor([[0.5, 0.5]]))
+    assert (right - wrong).abs().max() > 0.1
+    for r in range(2):
+        close(out[r], right, torch.float64, msg=f"rank {r}")
+
+
+@invariant("G7")
+@given(data=st.data())
+def test_beta_one_leaves_groups_unchanged(impl, data):
+    dtype, z, g = _problem(data)
+    a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
+    close(impl.update_groups(g, z, a, 1.0), g, dtype)
+
+
+@invariant("G7")
+@given(data=st.data())
+def test_beta_zero_sets_hit_groups_to_normalised_mean(impl, data):
+    dtype, z, g = _problem(data)
+    a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
+    hit = torch.bincount(a, minlength=g.shape[0]) > 0
+    means = torch.stack([ref_normalise(z)[a == k].mean(0) if hit[k] else g[k].double()
+                         for k in range(g.shape[0])])
+    assume(means.norm(dim=1).min() > 1e-2)
+    other = data.draw(unit_rows(*g.shape, dtype), "other groups")   # the old value must not matter
+    for groups in (g, other):
+        new = impl.update_groups(groups, z, a, 0.0)
+        close(new[hit], ref_normalise(means)[hit], dtype)
+
+
+@invariant("G9")
+@given(data=st.data(), seed=seeds)
+def test_update_invariant_to_batch_order(impl, data, seed):
+    dtype, z, g = _problem(data, n_max=10)
+    a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
+    beta = data.draw(betas, "beta")
+    _, smallest = ref_update(g, z, a, beta)
+    assume(smallest > 1e-2)
+    perm = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))
+    close(impl.update_groups(g, z[perm], a[perm], beta), impl.update_groups(g, z, a, beta), dtype)
+
+
+@invariant("G10")
+@given(data=st.data())
+def test_grouping_functions_are_pure(impl, data):
+    dtype, z, g = _problem(data)
+    a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
+    beta = data.draw(betas, "beta")
+    before = [t.clone() for t in (g, z, a)]
+    impl.assign_groups(z, g)
+    new = impl.update_groups(g, z, a, beta)
+    for t, t0, name in zip((g, z, a), before, ("groups", "z", "assign")):
+        assert torch.equal(t, t0), f"update_groups/assign_groups modified its input {name}"
+    assert new.dtype == g.dtype and new.shape == g.shape
+    assert new.data_ptr() != g.data_ptr(), "update_groups must return a new tensor, not its input"

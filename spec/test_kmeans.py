@@ -1,0 +1,199 @@
+"""kmeans.md: spherical k-means (K1-K9)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from spec.harness import close, kmeans_objective, ref_assign, ref_kmeans_from, ref_mstep, ref_normalise, \
+    run_ranks, split_rows, tol, unambiguous
+from spec.strategies import DTYPES, matrices, seeds
+
+invariant = pytest.mark.invariant
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _problem(data, dtype=None, n_max=10, kinds=("gauss", "int", "dup", "scaled")):
+    dtype = dtype or data.draw(DTYPES, "dtype")
+    n, d = data.draw(st.integers(1, n_max), "N"), data.draw(st.integers(1, 4), "D")
+    k = data.draw(st.integers(1, n), "k")
+    x = data.draw(matrices(n, d, dtype, kinds), "x")
+    return dtype, x, k, data.draw(seeds, "seed")
+
+
+@invariant("K1")
+@given(data=st.data())
+def test_initial_centres_are_a_seeded_draw_of_rows(impl, data):
+    dtype, x, k, seed = _problem(data)
+    c, a = impl.spherical_kmeans(x, k, 0, generator=_gen(seed))
+    idx = torch.randperm(x.shape[0], generator=_gen(seed))[:k]
+    assert c.shape == (k, x.shape[1]) and c.dtype == x.dtype
+    assert a.shape == (x.shape[0],) and a.dtype == torch.long
+    close(c, ref_normalise(x)[idx], dtype, msg=f"expected rows {idx.tolist()}")
+
+
+@invariant("K1")
+@given(data=st.data(), world=st.integers(2, 4))
+def test_sharded_initial_centres_come_from_rank0_and_are_shared(impl, data, world):
+    """All ranks hold the same k distinct rows of the data; only rank 0's generator matters."""
+    d, k = data.draw(st.integers(1, 4), "D"), data.draw(st.integers(1, 4), "k")
+    sizes = [data.draw(st.integers(k, k + 3), "rank 0 rows")] + \
+        [data.draw(st.integers(1, 4), f"rank {r} rows") for r in range(1, world)]
+    x = data.draw(matrices(sum(sizes), d, torch.float64, ("gauss",)), "x")
+    xs, seed = split_rows(x, sizes), data.draw(seeds, "seed")
+    runs = []
+    for other in (1, 2):   # other ranks' generators differ between the two runs
+        runs.append(run_ranks(world, lambda r, ar, bc: impl.spherical_kmeans(
+            xs[r], k, 0, generator=_gen(seed if r == 0 else seed + other * (r + 7)), all_reduce=ar, broadcast=bc)))
+    for out in runs:
+        for r in range(world):
+            assert torch.equal(out[r][0], runs[0][0][0]), f"rank {r} holds different initial centres"
+    dist = torch.cdist(runs[0][0][0].double(), ref_normalise(x))          # (k, N)
+    match = dist.argmin(dim=1)
+    assert dist.min(dim=1).values.max() < 1e-12, "an initial centre is not a normalised data row"
+    xn = ref_normalise(x)
+    if torch.pdist(xn).min() > 1e-6 if len(xn) > 1 else True:   # rows distinct as directions
+        assert len(set(match.tolist())) == k, "initial centres are not k distinct rows"
+
+
+@invariant("K2")
+@given(data=st.data(), iters=st.integers(0, 4))
+def test_returned_assignment_is_estep_on_returned_centres(impl, data, iters):
+    """Up to 40 rows: enough that the last iteration usually still moves rows between clusters, so
+    the assignment from before the last M-step differs from the one asked for."""
+    dtype, x, k, seed = _problem(data, n_max=40)
+    c, a = impl.spherical_kmeans(x, k, iters, generator=_gen(seed))
+    ref, margin = ref_assign(x, c)
+    ok = unambiguous(margin, dtype)
+    assert torch.equal(a[ok], ref[ok]), f"{a.tolist()} != argmax {ref.tolist()}"
+
+
+@invariant("K3")
+@given(data=st.data(), t=st.integers(0, 3))
+def test_one_iteration_is_normalised_mean_of_members(impl, data, t):
+    """c_{t+1} = M-step(c_t, a_t), where (c_t, a_t) is the result after t iterations (K2: a_t is the
+    E-step on c_t); a cluster without members keeps its centre bit for bit."""
+    dtype, x, k, seed = _problem(data)
+    c_t, a_t = impl.spherical_kmeans(x, k, t, generator=_gen(seed))
+    c_next, _ = impl.spherical_kmeans(x, k, t + 1, generator=_gen(seed))
+    expected, smallest = ref_mstep(x, c_t, a_t)
+    assume(smallest > 1e-2)
+    close(c_next, expected, dtype)
+    empty = torch.bincount(a_t, minlength=k) == 0
+    assert torch.equal(c_next[empty], c_t[empty]), "an empty cluster did not keep its centre"
+
+
+@invariant("K3")
+@given(data=st.data())
+def test_empty_clusters_keep_their_centre(impl, data):
+    """Duplicate rows and k = N: identical initial centres, and only one copy can win their rows."""
+    dtype = data.draw(DTYPES, "dtype")
+    n, d = data.draw(st.integers(2, 8), "N"), data.draw(st.integers(1, 4), "D")
+    x = data.draw(matrices(n, d, dtype, ("dup",)), "x")
+    seed = data.draw(seeds, "seed")
+    c0, a0 = impl.spherical_kmeans(x, n, 0, generator=_gen(seed))
+    c1, _ = impl.spherical_kmeans(x, n, 1, generator=_gen(seed))
+    empty = torch.bincount(a0, minlength=n) == 0
+    assume(bool(empty.any()))
+    assert torch.equal(c1[empty], c0[empty]), f"empty clusters {empty.nonzero().flatten().tolist()} moved"
+
+
+@invariant("K4")
+@given(data=st.data())
+def test_objective_never_decreases(impl, data):
+    dtype, x, k, seed = _problem(data)
+    objective = [kmeans_objective(x, impl.spherical_kmeans(x, k, t, generator=_gen(seed))[0]) for t in range(5)]
+    slack = x.shape[0] * (1e-10 if dtype == torch.float64 else 1e-5)
+    for t in range(4):
+        assert objective[t + 1] >= objective[t] - slack, f"objective went down: {objective}"
+
+
+@invariant("K5")
+@given(data=st.data(), iters=st.integers(0, 4))
+def test_centres_have_unit_norm(impl, data, iters):
+    """Rows in the positive orthant, so no cluster's members can sum to zero (kmeans.md)."""
+    dtype, x, k, seed = _problem(data)
+    x = x.abs()
+    c, _ = impl.spherical_kmeans(x, k, iters, generator=_gen(seed))
+    norms = c.double().norm(dim=1)
+    close(norms, torch.ones_like(norms), dtype)
+
+
+@invariant("K6")
+@given(data=st.data(), world=st.integers(2, 4), iters=st.integers(1, 4))
+def test_sharded_run_equals_single_run_from_same_centres(impl, data, world, iters):
+    d, k = data.draw(st.integers(1, 4), "D"), data.draw(st.integers(1, 4), "k")
+    sizes = [data.draw(st.integers(k, k + 3), "rank 0 rows")] + \
+        [data.draw(st.integers(1, 5), f"rank {r} rows") for r in range(1, world)]
+    x = data.draw(matrices(sum(sizes), d, torch.float64), "x")
+    xs, seed = split_rows(x, sizes), data.draw(seeds, "seed")
+
+    def run(n_iters):
+        return run_ranks(world, lambda r, ar, bc: impl.spherical_kmeans(
+            xs[r], k, n_iters, generator=_gen(seed + r), all_reduce=ar, broadcast=bc))
+
+    c0 = run(0)[0][0]
+    expected_c, expected_a, worst = ref_kmeans_from(x, c0, iters)
+    assume(worst > 1e-9)
+    out = run(iters)
+    for r in range(world):
+        assert torch.equal(out[r][0], out[0][0]), f"rank {r} holds different centres from rank 0"
+    close(out[0][0], expected_c, torch.float64, msg=f"shards {sizes}")
+    assert torch.equal(torch.cat([o[1] for o in out]), expected_a)
+
+
+@invariant("K7")
+@given(data=st.data(), iters=st.integers(0, 4))
+def test_fixed_generator_is_deterministic(impl, data, iters):
+    dtype, x, k, seed = _problem(data)
+    c1, a1 = impl.spherical_kmeans(x, k, iters, generator=_gen(seed))
+    c2, a2 = impl.spherical_kmeans(x, k, iters, generator=_gen(seed))
+    assert torch.equal(c1, c2) and torch.equal(a1, a2)
+
+
+@invariant("K8")
+@given(data=st.data(), iters=st.integers(0, 4))
+def test_invariant_to_positive_row_scaling(impl, data, iters):
+    """Powers of two: the normalised rows are bit for bit the same, so the whole run is."""
+    dtype, x, k, seed = _problem(data)
+    s = 2.0 ** torch.randint(-20, 21, (x.shape[0], 1), generator=_gen(seed)).to(dtype)
+    c1, a1 = impl.spherical_kmeans(x, k, iters, generator=_gen(seed))
+    c2, a2 = impl.spherical_kmeans(x * s, k, iters, generator=_gen(seed))
+    torch.testing.assert_close(c2, c1, atol=tol(dtype)["atol"], rtol=0)
+    assert torch.equal(a1, a2)
+
+
+@invariant("K9")
+@given(n=st.integers(0, 4), extra=st.integers(1, 3), d=st.integers(1, 3))
+def test_fewer_rows_than_k_is_an_error(impl, n, extra, d):
+    x = torch.randn(n, d, dtype=torch.float64, generator=_gen(n + d))
+    with pytest.raises(ValueError):
+        impl.spherical_kmeans(x, n + extra, 2, generator=_gen(0))
+
+
+@invariant("K9")
+@given(data=st.data(), world=st.integers(2, 3))
+def test_sharded_row_count_is_global(impl, data, world):
+    """Each rank but 0 holds fewer than k rows: not an error while the total holds k. When the total
+    falls short, every rank raises ValueError (a rank left waiting in a collective breaks the barrier)."""
+    k = data.draw(st.integers(2, 4), "k")
+    sizes = [k] + [data.draw(st.integers(1, k - 1), f"rank {r} rows") for r in range(1, world)]
+    x = torch.randn(sum(sizes), 2, dtype=torch.float64, generator=_gen(sum(sizes)))
+    xs = split_rows(x, sizes)
+    out = run_ranks(world, lambda r, ar, bc: impl.spherical_kmeans(xs[r], k, 1, generator=_gen(r),
+                                                                   all_reduce=ar, broadcast=bc))
+    assert all(o[0].shape == (k, 2) for o in out)
+    small = [xs[r][: k - 1 if r == 0 else 0] for r in range(world)]
+
+    def too_few(r, ar, bc):
+        try:
+            impl.spherical_kmeans(small[r], k, 1, generator=_gen(r), all_reduce=ar, broadcast=bc)
+        except ValueError:
+            return "raised"
+        return "returned"
+
+    assert run_ranks(world, too_few) == ["raised"] * world

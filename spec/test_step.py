@@ -1,0 +1,156 @@
+"""step.md: one head's iteration, smog_step (S1-S7)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from spec.harness import close, ref_assign, ref_step_loss, ref_update, run_ranks, unambiguous
+from spec.strategies import DTYPES, betas, matrices, seeds, shard_sizes, taus, unit_rows
+
+invariant = pytest.mark.invariant
+
+
+def _problem(data, dtype=None, b_min=1, b_max=5):
+    dtype = dtype or data.draw(DTYPES, "dtype")
+    B, C, J = data.draw(st.integers(b_min, b_max), "B"), data.draw(st.integers(1, 3), "C"), \
+        data.draw(st.integers(1, 2), "J")
+    k, d = data.draw(st.integers(1, 5), "K"), data.draw(st.integers(1, 4), "D")
+    g = data.draw(unit_rows(k, d, dtype), "groups")
+    z = data.draw(matrices(B, d, dtype), "z_update")
+    zt = data.draw(matrices(J * B, d, dtype), "z_target").view(J, B, d)
+    p = data.draw(matrices(C * B, d, dtype), "p").view(C, B, d)
+    return dtype, g, z, zt, p, data.draw(betas, "beta"), data.draw(taus, "tau")
+
+
+def _decided(dtype, g, *zs):
+    """Assume every row of every z is assigned without a near-tie (see harness.unambiguous)."""
+    for z in zs:
+        _, m = ref_assign(z.reshape(-1, z.shape[-1]), g)
+        assume(bool(unambiguous(m, dtype).all()))
+
+
+@invariant("S1")
+@given(data=st.data())
+def test_targets_use_groups_before_update(impl, data):
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    _, _, targets = impl.smog_step(g, z, zt, p, beta, tau)
+    assert targets.shape == zt.shape[:2] and targets.dtype == torch.long
+    for j in range(zt.shape[0]):
+        ref, margin = ref_assign(zt[j], g)
+        ok = unambiguous(margin, dtype)
+        assert torch.equal(targets[j][ok], ref[ok]), f"targets of crop {j}"
+
+
+@invariant("S1")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_targets_before_update_worked_example(impl, dtype):
+    """The update moves group 1 towards (1, 1.2); with the moved group the target row would flip
+    from group 0 to group 1."""
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=dtype)
+    z = torch.tensor([[1.0, 1.2]], dtype=dtype)
+    zt = torch.tensor([[[0.9, 0.45]]], dtype=dtype)
+    p = torch.tensor([[[1.0, 0.0]]], dtype=dtype)
+    _, new, targets = impl.smog_step(g, z, zt, p, 0.0, 0.1)
+    assert targets.tolist() == [[0]]
+    assert ref_assign(zt[0], new)[0].tolist() == [1], "the example no longer discriminates"
+
+
+@invariant("S2")
+@given(data=st.data())
+def test_loss_is_mean_over_crops_targets_samples_with_new_groups(impl, data):
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    p = p.clone().requires_grad_(True)
+    loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
+    assert loss.dim() == 0
+    ref = ref_step_loss(p, new.detach(), targets, tau)
+    close(loss, ref, dtype, scale=1 / tau)
+    per_pair = torch.stack([impl.smog_loss(p[c], new, targets[j], tau)
+                            for c in range(p.shape[0]) for j in range(zt.shape[0])])
+    close(loss, per_pair.mean(), dtype, scale=1 / tau)
+    got, = torch.autograd.grad(loss, p)
+    want, = torch.autograd.grad(ref, p)
+    close(got, want, dtype, scale=1 / tau)
+
+
+@invariant("S3")
+@given(data=st.data())
+def test_new_groups_are_update_of_old_groups(impl, data):
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    _decided(dtype, g, z)
+    a, _ = ref_assign(z, g)
+    expected, smallest = ref_update(g, z, a, beta)
+    assume(smallest > 1e-2)
+    _, new, _ = impl.smog_step(g, z, zt, p, beta, tau)
+    assert new.shape == g.shape and new.dtype == g.dtype
+    close(new, expected, dtype)
+    close(new, impl.update_groups(g, z, impl.assign_groups(z, g), beta), dtype)
+
+
+@invariant("S4")
+@given(data=st.data())
+def test_duplicating_the_whole_batch_changes_nothing(impl, data):
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    _decided(dtype, g, z)
+    assume(ref_update(g, z, ref_assign(z, g)[0], beta)[1] > 1e-2)
+    loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
+    loss2, new2, targets2 = impl.smog_step(g, torch.cat([z, z]), torch.cat([zt, zt], 1), torch.cat([p, p], 1),
+                                           beta, tau)
+    assert torch.equal(targets2, torch.cat([targets, targets], 1))
+    close(new2, new, dtype)
+    close(loss2, loss, dtype, scale=1 / tau)
+
+
+@invariant("S5")
+@given(data=st.data(), seed=seeds)
+def test_duplicating_one_sample(impl, data, seed):
+    """Targets of the other samples and every group the sample did not join stay; the joined group
+    moves as if the sample had weight 2 in its mean."""
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    _decided(dtype, g, z, zt)
+    B = z.shape[0]
+    b = int(torch.randint(0, B, (1,), generator=torch.Generator().manual_seed(seed)))
+    a, _ = ref_assign(z, g)
+    z2, zt2, p2 = torch.cat([z, z[b:b + 1]]), torch.cat([zt, zt[:, b:b + 1]], 1), torch.cat([p, p[:, b:b + 1]], 1)
+    expected2, smallest = ref_update(g, z2, torch.cat([a, a[b:b + 1]]), beta)
+    assume(smallest > 1e-2 and ref_update(g, z, a, beta)[1] > 1e-2)
+    _, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
+    _, new2, targets2 = impl.smog_step(g, z2, zt2, p2, beta, tau)
+    assert torch.equal(targets2[:, :B], targets) and torch.equal(targets2[:, B], targets[:, b])
+    others = torch.arange(g.shape[0]) != a[b]
+    close(new2[others], new[others], dtype)
+    close(new2, expected2, dtype)
+
+
+@invariant("S6")
+@given(data=st.data())
+def test_split_across_ranks_equals_one_batch(impl, data):
+    """Every rank holds the same new groups (those of the whole batch), its rows' targets, and a
+    loss whose sample-weighted mean over ranks is the whole batch's loss."""
+    dtype, g, z, zt, p, beta, tau = _problem(data, b_min=2, b_max=8)
+    sizes = data.draw(shard_sizes(z.shape[0], min_size=1), "shards")
+    _decided(dtype, g, z)
+    assume(ref_update(g, z, ref_assign(z, g)[0], beta)[1] > 1e-2)
+    zs, zts, ps = torch.split(z, sizes), torch.split(zt, sizes, 1), torch.split(p, sizes, 1)
+    out = run_ranks(len(sizes), lambda r, ar, _: impl.smog_step(g, zs[r], zts[r], ps[r], beta, tau, all_reduce=ar))
+    loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
+    for r in range(len(sizes)):
+        assert torch.equal(out[r][1], out[0][1]), f"rank {r} holds different groups from rank 0"
+    close(out[0][1], new, dtype)
+    assert torch.equal(torch.cat([o[2] for o in out], 1), targets)
+    weighted = sum(o[0].double() * n for o, n in zip(out, sizes)) / sum(sizes)
+    close(weighted, loss, dtype, scale=1 / tau)
+
+
+@invariant("S7")
+@given(data=st.data(), group_grad=st.booleans())
+def test_step_is_pure(impl, data, group_grad):
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    before = [t.clone() for t in (g, z, zt, p)]
+    first = impl.smog_step(g, z, zt, p, beta, tau, group_grad=group_grad)
+    for t, t0, name in zip((g, z, zt, p), before, ("groups", "z_update", "z_target", "p")):
+        assert torch.equal(t, t0), f"smog_step modified its input {name}"
+    second = impl.smog_step(g, z, zt, p, beta, tau, group_grad=group_grad)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y), "a second identical call gave a different result (hidden state?)"
