@@ -1,0 +1,394 @@
+"""Datasets and image transforms for train.py, eval_linear.py and bench.py.
+
+    build_dataset(spec, split, transform)  spec: demo | demo:N | imagefolder:PATH | cifar10 | cifar100 | stl10
+    MultiCropViews                         SMoG's two augmentation sets (algorithm.md "Views")
+    eval_transform / train_linear_transform  linear-evaluation transforms (SwAV protocol)
+
+Every dataset yields (transform(img), label) with img a PIL RGB image and has `.classes`.
+Missing data raises ValueError with a one-line message that says how to fix it.
+
+The built-in demo dataset ("demo") is generated from a seed in a few seconds, offline, and kept in
+memory (regenerated per process; 8000 train + 2000 test images of 32 px). The class of an image is
+one of 10 achiral shapes (disk, ring, square, frame, triangle, plus, flower, bar, dumbbell, crescent),
+drawn 2-3 times at random positions, sizes, rotations and colours over random colour-noise texture
+(see make_demo). The class survives crops, flips, colour jitter and grayscale (shapes differ from the
+background in luminance), while colour, position, scale, rotation and texture dominate the pixels, so
+a linear probe on raw pixels and one on a random encoder are both weak.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.228, 0.224, 0.225)
+
+SPECS = ("demo", "demo:N", "imagefolder:PATH", "cifar10", "cifar100", "stl10")
+DEMO_CLASSES = ("disk", "ring", "square", "frame", "triangle", "plus", "flower", "bar", "dumbbell", "crescent")
+DEMO_SIZE = 32
+DEMO_TRAIN = 8000                                          # "demo" = "demo:8000"; test split = train / 4
+
+
+# ----------------------------------------------------------------------------------------------
+# the built-in demo dataset
+
+
+def _shape_mask(c: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Inside-mask of shape class c in its local frame (u, v) [n, S, S]; shape radius ~0.9."""
+    if c in (0, 1, 6, 9):
+        r = torch.sqrt(u * u + v * v)
+    if c in (2, 3):
+        m = torch.maximum(u.abs(), v.abs())                                            # square "radius"
+    if c == 0:                                                                         # disk
+        return r < 0.85
+    if c == 1:                                                                         # ring
+        return (r < 0.9) & (r > 0.5)
+    if c == 2:                                                                         # square
+        return m < 0.7
+    if c == 3:                                                                         # frame
+        return (m < 0.8) & (m > 0.4)
+    if c == 4:                                                                         # triangle
+        return torch.stack([u * math.cos(a) + v * math.sin(a)
+                            for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]).amax(0) < 0.45
+    if c == 5:                                                                         # plus
+        return ((u.abs() < 0.28) & (v.abs() < 0.9)) | ((v.abs() < 0.28) & (u.abs() < 0.9))
+    if c == 6:                                                                         # flower, 5 petals
+        return r < 0.55 + 0.35 * torch.cos(5 * torch.atan2(v, u))
+    if c == 7:                                                                         # bar
+        return (u.abs() < 0.95) & (v.abs() < 0.25)
+    if c == 8:                                                                         # dumbbell
+        return (((u - 0.5) ** 2 + v * v) < 0.16) | (((u + 0.5) ** 2 + v * v) < 0.16)
+    return (r < 0.9) & (((u - 0.45) ** 2 + v * v) > 0.49)                              # crescent
+
+
+def make_demo(n: int, seed: int, size: int = DEMO_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """-> (images uint8 [n, size, size, 3], labels int64 [n]); deterministic in (n, seed, size).
+
+    Each image: 2-3 copies of its class's shape, each with its own position, radius (4.5-8 px of 32),
+    rotation and colour (dark or bright, random hue), over a background of mid-luminance colour noise
+    (12 x 12 random colours, bilinear), plus pixel noise. Any crop that holds a copy shows the class;
+    the copies contrast with the background in luminance, so the class survives grayscale and colour
+    jitter. The background's colours are a fresh random sample in every image, so its colour statistics
+    say little about the image (no colour shortcut for self-supervision) while dominating the pixels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small ops: one thread is as fast, and robust on a busy machine
+    try:
+        g = torch.Generator().manual_seed(seed)
+        ss, J, grid = 2 * size, 3, 12                             # render at 2x, then 2x2 average (anti-aliasing)
+        lum = torch.tensor([0.299, 0.587, 0.114])
+        label = (torch.arange(n) % len(DEMO_CLASSES))[torch.randperm(n, generator=g)]
+        rad = (4.5 + 3.5 * torch.rand(n, J, generator=g)) * 2    # radius of each copy in render pixels
+        bg = torch.rand(n, 3, grid, grid, generator=g)             # background colours, luminance set to 0.5 +- 0.12
+        bg = bg - (bg * lum.view(1, 3, 1, 1)).sum(1, keepdim=True) + 0.5 + 0.24 * (torch.rand(n, 1, grid, grid, generator=g) - 0.5)
+        dark = torch.rand(n, J, generator=g) < 0.5
+        level = torch.where(dark, 0.05 + 0.12 * torch.rand(n, J, generator=g), 0.83 + 0.12 * torch.rand(n, J, generator=g))
+        hue = torch.rand(n, J, 3, generator=g) - 0.5
+        hue = hue - (hue * lum).sum(-1, keepdim=True)               # zero-luminance colour offset
+        p = {"label": label, "rad": rad, "bg": bg,                 # every random factor drawn up front
+             "present": torch.arange(J).expand(n, J) < torch.randint(2, J + 1, (n, 1), generator=g),
+             "cx": rad + (ss - 2 * rad) * torch.rand(n, J, generator=g),
+             "cy": rad + (ss - 2 * rad) * torch.rand(n, J, generator=g),
+             "ang": 2 * math.pi * torch.rand(n, J, generator=g),
+             "fg": (level[..., None] + 0.35 * hue).clamp(0, 1),      # (n, J, 3)
+             "noise": 0.03 * torch.randn(n, 3, size, size, generator=g)}
+        out = torch.empty(n, size, size, 3, dtype=torch.uint8)
+        for s in range(0, n, 256):                                 # chunks stay in cache
+            out[s:s + 256] = _render({k: v[s:s + 256] for k, v in p.items()}, ss)
+    finally:
+        torch.set_num_threads(threads)
+    return out.numpy(), label.numpy()
+
+
+def _render(p: dict, ss: int) -> torch.Tensor:
+    """Parameters of n images (see make_demo) -> uint8 [n, ss/2, ss/2, 3]."""
+    n, J = p["rad"].shape
+    v1 = lambda t: t.view(-1, 1, 1)                                                   # noqa: E731
+    ys, xs = torch.meshgrid(torch.arange(ss, dtype=torch.float32) + 0.5,
+                            torch.arange(ss, dtype=torch.float32) + 0.5, indexing="ij")
+    img = F.interpolate(p["bg"], size=(ss, ss), mode="bilinear", align_corners=False)  # (n, 3, ss, ss)
+    for j in range(J):
+        dx = (xs - v1(p["cx"][:, j])) / v1(p["rad"][:, j])    # the copy's local frame
+        dy = (ys - v1(p["cy"][:, j])) / v1(p["rad"][:, j])
+        ca, sa = v1(p["ang"][:, j].cos()), v1(p["ang"][:, j].sin())
+        u, v = ca * dx + sa * dy, -sa * dx + ca * dy
+        mask = torch.zeros(n, ss, ss)
+        for c in range(len(DEMO_CLASSES)):
+            idx = ((p["label"] == c) & p["present"][:, j]).nonzero()[:, 0]
+            mask[idx] = _shape_mask(c, u[idx], v[idx]).float()
+        img = img + (p["fg"][:, j].view(n, 3, 1, 1) - img) * mask[:, None]
+    img = F.avg_pool2d(img, 2) + p["noise"]
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 images [N, H, W, 3] in memory -> (transform(PIL image), label)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes, transform: Optional[Callable] = None):
+        self.images, self.labels, self.classes, self.transform = images, labels, list(classes), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i])
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+_DEMO_CACHE: dict = {}
+
+
+def demo_dataset(split: str, transform=None, *, n_train: int = DEMO_TRAIN, seed: int = 0) -> ArrayDataset:
+    """The built-in dataset: n_train train / n_train // 4 test images (at least 10), 32 px, 10 classes;
+    the two splits use different seeds. Generated once per process and kept in memory."""
+    n = n_train if split == "train" else max(10, n_train // 4)
+    key = (n, 2 * seed + (split != "train"))
+    if key not in _DEMO_CACHE:
+        _DEMO_CACHE[key] = make_demo(*key)
+    images, labels = _DEMO_CACHE[key]
+    return ArrayDataset(images, labels, DEMO_CLASSES, transform)
+
+
+# ----------------------------------------------------------------------------------------------
+# real data
+
+
+class BadImageError(ValueError):
+    """An unreadable image with --bad-images fail (re-raised with this type out of DataLoader workers;
+    the message's last line is the one-line reason)."""
+
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """PATH/<class>/<image>; unreadable images fail (naming the file) or are skipped (`bad_images`).
+
+    skip: the item is replaced by the next readable one (deterministic), the file is reported once
+    per process on stderr and appended to `skip_log` if set (train.py counts that file per epoch).
+    """
+
+    def __init__(self, root: str, transform=None, bad_images: str = "fail", skip_log: Optional[str] = None):
+        from torchvision.datasets.folder import make_dataset, find_classes
+        if not os.path.isdir(root):
+            raise ValueError(f"image folder {root!r} does not exist; pass --data imagefolder:PATH with "
+                             f"PATH/train/<class>/*.jpg (and optionally PATH/val/<class>/*)")
+        try:
+            self.classes, self.class_to_idx = find_classes(root)
+            self.samples = make_dataset(root, self.class_to_idx, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError as e:
+            raise ValueError(f"no images in {root!r} ({str(e).splitlines()[0]}); expected "
+                             f"{root}/<class>/<image> with extensions {', '.join(IMG_EXTENSIONS)}") from None
+        if not self.samples:
+            raise ValueError(f"no images in {root!r}; expected {root}/<class>/<image>")
+        if bad_images not in ("fail", "skip"):
+            raise ValueError(f"--bad-images must be 'fail' or 'skip', not {bad_images!r}")
+        self.root, self.transform, self.bad_images, self.skip_log = root, transform, bad_images, skip_log
+        self.targets = [t for _, t in self.samples]
+        self._reported: set = set()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _load(self, path: str) -> Image.Image:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+            return img.convert("RGB")
+
+    def __getitem__(self, i):
+        for j in range(len(self.samples)):
+            path, target = self.samples[(i + j) % len(self.samples)]
+            try:
+                img = self._load(path)
+            except Exception as e:  # PIL.UnidentifiedImageError, OSError (truncated), ...
+                reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                if self.bad_images == "fail":
+                    raise BadImageError(f"cannot read image {path!r} ({reason}); delete or replace it, or pass "
+                                     f"--bad-images skip") from None
+                if path not in self._reported:
+                    self._reported.add(path)
+                    print(f"warning: skipping unreadable image {path!r} ({reason})", file=sys.stderr)
+                    if self.skip_log:
+                        with open(self.skip_log, "a") as f:
+                            f.write(path + "\n")
+                continue
+            return (self.transform(img) if self.transform else img), target
+        raise ValueError(f"no readable image in {self.root!r}")
+
+
+def _torchvision(name: str, split: str, transform, root: str, download: bool):
+    import torchvision.datasets as tvd
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[name]
+    kw = {"split": split} if name == "stl10" else {"train": split == "train"}
+    try:
+        ds = cls(root, download=download, transform=transform, **kw)
+    except RuntimeError as e:
+        if download:
+            raise ValueError(f"{name}: download to {root!r} failed ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{name} not found under {root!r}; pass --download to fetch it (needs network), or "
+                         f"--data-root DIR pointing at an existing copy") from None
+    except OSError as e:  # network errors while downloading
+        raise ValueError(f"{name}: cannot download to {root!r} ({str(e).splitlines()[0][:120]}); fetch it "
+                         f"elsewhere and pass --data-root") from None
+    return ds
+
+
+def build_dataset(spec: str, split: str, transform=None, *, root: str = "data", download: bool = False,
+                  bad_images: str = "fail", skip_log: Optional[str] = None) -> torch.utils.data.Dataset:
+    """spec in demo | demo:N (N training images, for tests) | imagefolder:PATH | cifar10 | cifar100 | stl10;
+    split in train | test.
+    For imagefolder, train is PATH/train (or PATH itself if it has no train/), test is PATH/val."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    if spec == "demo" or spec.startswith("demo:"):
+        n = spec[len("demo:"):] or str(DEMO_TRAIN)
+        if not n.isdigit() or int(n) < 10:
+            raise ValueError(f"--data demo:N needs an integer N >= 10 training images, got {spec!r}")
+        return demo_dataset(split, transform, n_train=int(n))
+    if spec.startswith("imagefolder:"):
+        path = spec[len("imagefolder:"):]
+        if not path:
+            raise ValueError("empty path in --data imagefolder:PATH")
+        if split == "train":
+            sub = os.path.join(path, "train")
+            d = sub if os.path.isdir(sub) else path
+        else:
+            d = os.path.join(path, "val")
+            if not os.path.isdir(d):
+                raise ValueError(f"no held-out split {d!r}; create PATH/val/<class>/* for evaluation")
+        return ImageFolderDataset(d, transform, bad_images=bad_images, skip_log=skip_log)
+    if spec in ("cifar10", "cifar100", "stl10"):
+        return _torchvision(spec, split, transform, root, download)
+    raise ValueError(f"unknown dataset {spec!r}; choose one of {', '.join(SPECS)}")
+
+
+def has_test_split(spec: str) -> bool:
+    """Whether build_dataset(spec, 'test') can exist (imagefolder needs PATH/val)."""
+    if spec.startswith("imagefolder:"):
+        return os.path.isdir(os.path.join(spec[len("imagefolder:"):], "val"))
+    return True
+
+
+def num_classes(ds) -> int:
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    return len(ds.classes)
+
+
+def dataset_image_size(spec: str) -> int:
+    """Native/default training resolution of a dataset spec."""
+    if spec in ("demo", "cifar10", "cifar100") or spec.startswith("demo:"):
+        return 32
+    if spec == "stl10":
+        return 96
+    return 224
+
+
+# ----------------------------------------------------------------------------------------------
+# transforms
+
+
+def _normalize():
+    import torchvision.transforms as T
+    return [T.ToTensor(), T.Normalize(MEAN, STD)]
+
+
+def eval_transform(image_size: int):
+    """Resize(size * 256/224) + CenterCrop(size) + normalise; small images (<= 96 px) are only resized."""
+    import torchvision.transforms as T
+    if image_size <= 96:
+        return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), *_normalize()])
+    return T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), *_normalize()])
+
+
+def train_linear_transform(image_size: int):
+    """RandomResizedCrop + flip + normalise (linear-probe training)."""
+    import torchvision.transforms as T
+    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *_normalize()])
+
+
+# Every random draw of an augmentation comes from torch's global RNG (as in torchvision's transforms),
+# so seeding torch per item (ViewsDataset) makes a sample's crops independent of worker and rank.
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with probability p and radius uniform in [lo, hi] (SwAV/BYOL)."""
+
+    def __init__(self, p: float, lo: float = 0.1, hi: float = 2.0):
+        self.p, self.lo, self.hi = p, lo, hi
+
+    def __call__(self, img):
+        if float(torch.rand(())) >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=self.lo + (self.hi - self.lo) * float(torch.rand(()))))
+
+
+class Solarize:
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if float(torch.rand(())) < self.p else img
+
+
+def augmentation(kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0):
+    """One crop of augmentation set A or B (algorithm.md). blur_scale scales the blur radius, so small
+    images (32 px) get a proportionally smaller blur than 224 px ones."""
+    import torchvision.transforms as T
+    blur_p, sol_p = (1.0, 0.0) if kind == "A" else (0.1, 0.2)
+    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+           T.RandomHorizontalFlip(),
+           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+           T.RandomGrayscale(p=0.2)]
+    if blur_p > 0:
+        ops.append(GaussianBlur(blur_p, 0.1 * blur_scale, 2.0 * blur_scale))
+    if sol_p > 0:
+        ops.append(Solarize(sol_p))
+    return T.Compose([*ops, *_normalize()])
+
+
+class MultiCropViews:
+    """SMoG's views of one image (algorithm.md): the online network sees 2 global + n_local local crops
+    of one augmentation set, the momentum network 2 global crops of the other. Which set is online
+    alternates every iteration, so the caller says which (see ViewsDataset); only used crops are made."""
+
+    def __init__(self, global_size: int, local_size: int, n_local: int, global_scale=(0.2, 1.0),
+                 local_scale=(0.05, 0.2), blur_scale: float = 1.0):
+        self.glob = {k: augmentation(k, global_size, tuple(global_scale), blur_scale=blur_scale) for k in "AB"}
+        self.loc = {k: augmentation(k, local_size, tuple(local_scale), blur_scale=blur_scale) for k in "AB"}
+        self.n_local = n_local
+
+    def __call__(self, img, online: str):
+        """-> (online crops [2 + n_local] of set `online`, momentum crops [2] of the other set)."""
+        other = "B" if online == "A" else "A"
+        on = [self.glob[online](img) for _ in range(2)] + [self.loc[online](img) for _ in range(self.n_local)]
+        mo = [self.glob[other](img) for _ in range(2)]
+        return on, mo
+
+
+class ViewsDataset(torch.utils.data.Dataset):
+    """Indexed by (dataset index, online set "A"/"B", seed) triples -- what train.py's batch sampler
+    yields -> (online crops, momentum crops, dataset index). The torch RNG is seeded from `seed` for the
+    item, so its crops do not depend on which worker or rank makes them, nor on where a run resumed.
+    `base` must return PIL images (transform=None)."""
+
+    def __init__(self, base, views: MultiCropViews):
+        self.base, self.views = base, views
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, online, seed = key
+        img, _ = self.base[i]
+        with torch.random.fork_rng(devices=[]):   # the main process's RNG (workers=0) stays untouched
+            torch.manual_seed(seed)
+            on, mo = self.views(img, online)
+        return on, mo, i

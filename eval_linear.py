@@ -1,0 +1,685 @@
+"""Linear and kNN evaluation of a SMoG backbone (issue 5): the SwAV linear protocol, as released.
+
+    python eval_linear.py --checkpoint runs/demo/checkpoint.pth                     # augmented protocol
+    python eval_linear.py --checkpoint runs/demo/checkpoint.pth --cached-features --knn
+    python eval_linear.py --checkpoint backbone.pth --arch resnet50 --data imagefolder:/imagenet
+    torchrun --nproc_per_node=2 eval_linear.py --checkpoint ...                      # same numbers
+
+Protocol: frozen backbone in eval() mode (BatchNorm statistics never move), global-average-pooled
+features, one nn.Linear initialised N(0, 0.01) with zero bias, SGD momentum 0.9, lr cosine to 0 per
+epoch. ResNet: lr 0.3, wd 1e-6, 100 epochs; Swin-T: lr 0.1, wd 0, 150 epochs. Top-1 and top-5 of the
+best and the last epoch. Before training: exactly the linear layer's two tensors require gradient;
+after training: every backbone tensor is bit-identical to the checkpoint, or we fail loudly.
+
+The test set's features are extracted once (the backbone is frozen) and scored after every epoch.
+
+Distributed without changing the result: every global batch is split into contiguous per-rank slices,
+each rank runs the (expensive) backbone on its slice, the features are gathered in rank order, and
+every rank takes the same (cheap) linear step on the whole global batch. Augmentations are seeded per
+(seed, epoch, sample index), so they do not depend on which rank or worker loads a sample. Metrics
+are reduced exactly: correct counts and totals are summed over ranks, then divided. On CPU the numbers
+equal a plain process's (tested); on GPUs, kernels may round differently for other batch sizes.
+
+The functions extract_features, linear_probe_features and knn_eval are imported by train.py (per-epoch
+kNN monitor, demo table). They are collectives under a process group: call them on every rank.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import smog
+
+KNN_KS = (10, 20, 100, 200)
+# per-architecture defaults of the released linear protocol: (lr, weight decay, epochs)
+PROTOCOL = {"swin_t": (0.1, 0.0, 150)}
+PROTOCOL_DEFAULT = (0.3, 1e-6, 100)
+CLASSIFIER_KEYS = {"fc.weight", "fc.bias", "head.weight", "head.bias"}  # torchvision heads (not a backbone)
+
+
+# ----------------------------------------------------------------------------------------------
+# ranks: without a process group this is rank 0 of 1, and every collective is a no-op
+
+
+def _world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if smog.dist_ready() else (0, 1)
+
+
+def _my_slice(n: int) -> slice:
+    """Contiguous shard of range(n) for this rank; shards in rank order concatenate to range(n)."""
+    r, w = _world()
+    return slice(r * n // w, (r + 1) * n // w)
+
+
+def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if smog.dist_ready():
+        dist.all_reduce(t)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# features
+
+
+def shard_loader(ds, batch_size: int, *, workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Loader over this rank's contiguous shard of `ds`, in order, without padding; gathering the
+    shards in rank order (extract_features) gives the features of `ds` in dataset order."""
+    idx = list(range(len(ds)))[_my_slice(len(ds))]
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=idx, num_workers=workers,
+                                       pin_memory=pin_memory)
+
+
+def _real_count(loader) -> Optional[int]:
+    """Rows of this rank that are real samples; DistributedSampler pads by repeating samples at the end
+    of the padded index list, which land at the end of the ranks' shards. None: keep every row."""
+    s = getattr(loader, "sampler", None)
+    if isinstance(s, torch.utils.data.DistributedSampler):
+        # padded list position p = rank + j * num_replicas; positions >= len(dataset) are repeats
+        return len(range(s.rank, min(len(s.dataset), s.total_size), s.num_replicas))
+    return None
+
+
+@torch.no_grad()
+def _extract_local(backbone: nn.Module, loader, device) -> tuple:
+    modes = [(m, m.training) for m in backbone.modules()]
+    backbone.eval()
+    feats, labels = [], []
+    try:
+        for x, y in loader:
+            feats.append(backbone(x.to(device, non_blocking=True)).float().flatten(1))   # (b, F)
+            labels.append(torch.as_tensor(y).to(device=device, dtype=torch.long))
+    finally:
+        for m, mode in modes:  # every module's own mode back, not just the root's
+            m.training = mode
+    if feats:
+        f, y = torch.cat(feats), torch.cat(labels)
+    else:  # empty shard: the feature width is needed for the gather; one probe forward finds it
+        f, y = torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    n = _real_count(loader)
+    return (f[:n], y[:n]) if n is not None else (f, y)
+
+
+def extract_features(backbone: nn.Module, loader, device) -> tuple:
+    """Pooled features of every sample of `loader`'s dataset -> (feats [N, F] float32, labels [N] long),
+    gathered across ranks in rank order (smog.all_gather_rows). The backbone runs in eval() mode without
+    gradient and every module gets its previous mode back. DistributedSampler padding is dropped so every sample
+    counts once; use shard_loader for dataset order. Collective under a process group."""
+    f, y = _extract_local(backbone, loader, device)
+    if smog.dist_ready():
+        # ranks with an empty shard do not know F: agree on it first
+        width = torch.tensor([f.shape[1]], device=f.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        if f.shape[1] != int(width):
+            f = f.new_zeros(0, int(width))
+    return smog.all_gather_rows(f.contiguous()), smog.all_gather_rows(y.contiguous())
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics (exact under data parallelism: counts and totals are summed, then divided)
+
+
+@torch.no_grad()
+def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """[len(ks)] float64 counts of rows whose label is among the top-k logits (k capped at #classes)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices if len(logits) else logits.new_zeros(0, kmax, dtype=torch.long)
+    hit = top == y[:, None]                                                   # (n, kmax)
+    return torch.stack([hit[:, :min(k, kmax)].any(1).sum() for k in ks]).double().cpu()
+
+
+@torch.no_grad()
+def _linear_accuracy(head: nn.Linear, test_f: torch.Tensor, test_y: torch.Tensor, chunk: int = 4096) -> tuple:
+    """(top1 %, top5 %) of `head` on the test features; each rank scores its own slice, counts summed."""
+    sl = _my_slice(len(test_f))
+    counts = torch.zeros(3, dtype=torch.float64)
+    for f, y in zip(test_f[sl].split(chunk), test_y[sl].split(chunk)):
+        counts[:2] += topk_correct(head(f), y)
+        counts[2] += len(y)
+    c1, c5, n = _sum_over_ranks(counts.to(test_f.device)).tolist()
+    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
+
+
+def knn_eval(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+             n_classes: int, ks: Sequence[int] = (20,), T: float = 0.07) -> dict:
+    """Weighted kNN top-1 in percent, {k: float}, on L2-normalised features (smog.knn_predict: votes
+    exp(sim/T), DINO protocol). Needs every rank's full train features (extract_features gathers them);
+    each rank classifies its own slice of the test rows and the correct counts are summed.
+    Collective under a process group."""
+    sl = _my_slice(len(test_f))
+    preds = smog.knn_predict(train_f, train_y.to(train_f.device), test_f[sl], n_classes, ks=ks, T=T)
+    y = test_y[sl].to(train_f.device)
+    counts = torch.tensor([float((preds[k].to(y.device) == y).sum()) for k in ks] + [float(len(y))],
+                          dtype=torch.float64, device=train_f.device)
+    *correct, n = _sum_over_ranks(counts).tolist()
+    return {k: 100.0 * c / max(n, 1) for k, c in zip(ks, correct)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the linear classifier
+
+
+def new_linear(feat_dim: int, n_classes: int, seed: int = 0) -> nn.Linear:
+    """nn.Linear with weight ~ N(0, 0.01) and bias 0 (SwAV protocol); identical on every rank."""
+    head = nn.Linear(feat_dim, n_classes)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
+        head.bias.zero_()
+    return head
+
+
+def cosine_lr(lr: float, epoch: int, epochs: int) -> float:
+    """Cosine from lr (epoch 0) to 0 (after the last epoch), stepped per epoch as in SwAV's eval_linear."""
+    return 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
+
+
+class _Threads:
+    """Run a block with n intra-op threads, then restore the previous number (reusable)."""
+
+    def __init__(self, n: Optional[int]):
+        self.n, self.prev = n, None
+
+    def __enter__(self):
+        if self.n is not None:
+            self.prev = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.n is not None:
+            torch.set_num_threads(self.prev)
+
+
+def _step_threads(head: nn.Linear, device) -> _Threads:
+    """A small linear layer on a CPU steps with one thread: its kernels take microseconds, and OpenMP
+    threads waiting at barriers made them 10x slower on a busy 2-core machine (measured)."""
+    small = torch.device(device).type == "cpu" and head.in_features * head.out_features <= (1 << 16)
+    return _Threads(1 if small and torch.get_num_threads() > 1 else None)
+
+
+def fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], test_f: torch.Tensor, test_y: torch.Tensor, *,
+               epochs: int, lr: float, wd: float, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Train `head` with SGD (momentum 0.9, cosine per epoch) on the global batches (feats [B, F],
+    labels [B]) yielded by batches(epoch); score the test features after every epoch.
+    -> dict(top1, top5 (last epoch), best_top1, best_top5 (at the best top-1 epoch), best_epoch, top1_history)."""
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    hist, best = [], (-1.0, 0.0, -1)
+    top1 = top5 = 0.0
+    last_loss = torch.zeros(())
+    step_threads = _step_threads(head, test_f.device)
+    for epoch in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(lr, epoch, epochs)
+        head.train()
+        for f, y in batches(epoch):            # the backbone (augmented protocol) runs here, all threads
+            if len(y) == 0:
+                continue
+            with step_threads:
+                loss = F.cross_entropy(head(f), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            last_loss = loss.detach()
+        head.eval()
+        with step_threads:
+            top1, top5 = _linear_accuracy(head, test_f, test_y)
+        hist.append(top1)
+        if top1 > best[0]:
+            best = (top1, top5, epoch)
+        if log is not None:
+            log(f"epoch {epoch + 1}/{epochs}  lr {cosine_lr(lr, epoch, epochs):.4g}  loss {float(last_loss):.4f}  "
+                f"top1 {top1:.2f}  top5 {top5:.2f}")
+    return dict(top1=top1, top5=top5, best_top1=best[0], best_top5=best[1], best_epoch=best[2] + 1,
+                top1_history=hist)
+
+
+def linear_probe_features(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
+                          n_classes: int, *, epochs: int = 100, lr: float = 0.3, wd: float = 1e-6,
+                          batch_size: int = 256, seed: int = 0) -> dict:
+    """Linear probe on cached features (no augmentation): the protocol's linear layer, optimiser and
+    schedule on fixed [N, F] features. Percentages; keys as fit_linear. Every rank holds the gathered
+    features and takes the same steps (deterministic, so the result does not depend on the world
+    size); the test set is scored in per-rank slices. Collective under a process group."""
+    head = new_linear(train_f.shape[1], n_classes, seed).to(train_f.device)
+    return fit_linear(head, cached_batches(train_f, train_y, batch_size, seed), test_f.float(),
+                      test_y.to(test_f.device), epochs=epochs, lr=lr, wd=wd)
+
+
+def cached_batches(train_f: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int) -> Callable[[int], Iterable]:
+    """-> batches(epoch): minibatches of a permutation seeded by (seed, epoch), the same on every rank."""
+    train_f, train_y = train_f.float(), train_y.to(train_f.device)
+
+    def batches(epoch):
+        perm = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        perm = perm.to(train_f.device)
+        # one gather per epoch, then views: many small gathers were the probe's bottleneck on a busy CPU
+        yield from zip(train_f[perm].split(batch_size), train_y[perm].split(batch_size))
+
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# the frozen-backbone protocol checks
+
+
+def freeze(backbone: nn.Module) -> nn.Module:
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return backbone
+
+
+def check_trainable(backbone: nn.Module, head: nn.Linear) -> None:
+    """Exactly the linear layer's weight and bias require gradient, nothing of the backbone."""
+    train = [n for n, p in backbone.named_parameters() if p.requires_grad]
+    head_ok = [p.requires_grad for p in head.parameters()] == [True, True]
+    if train or not head_ok:
+        raise RuntimeError(f"frozen-backbone check failed: expected exactly the linear layer's 2 tensors to "
+                           f"require grad; backbone tensors requiring grad: {train[:5]}"
+                           f"{' ...' if len(train) > 5 else ''}; linear layer ok: {head_ok}")
+
+
+def check_eval_mode(backbone: nn.Module) -> None:
+    """No module of the backbone in train mode (BatchNorm statistics would move, dropout would be active)."""
+    train = [n or "<backbone>" for n, m in backbone.named_modules() if m.training]
+    if train:
+        raise RuntimeError(f"frozen-backbone check failed: {len(train)} backbone modules in train mode "
+                           f"({', '.join(train[:5])}{', ...' if len(train) > 5 else ''}); call backbone.eval()")
+
+
+def check_backbone_unchanged(backbone: nn.Module, reference: dict) -> None:
+    """Every backbone tensor (parameters and buffers, BN statistics included) bit-identical to `reference`."""
+    sd = backbone.state_dict()
+    changed = [k for k, v in sd.items() if k not in reference or not torch.equal(v.cpu(), reference[k].cpu())]
+    changed += [k for k in reference if k not in sd]
+    if changed:
+        raise RuntimeError(f"frozen-backbone check failed: {len(changed)} backbone tensors differ from the "
+                           f"checkpoint after linear training ({', '.join(changed[:5])}"
+                           f"{', ...' if len(changed) > 5 else ''}); the evaluation is invalid")
+
+
+def run_linear(backbone: nn.Module, reference: dict, head: nn.Linear, batches: Callable[[int], Iterable],
+               test_f: torch.Tensor, test_y: torch.Tensor, *, epochs: int, lr: float, wd: float,
+               log: Optional[Callable[[str], None]] = None) -> dict:
+    """The protocol around fit_linear: before training, exactly the linear layer's two tensors require
+    gradient and the backbone is in eval mode; after training, every backbone tensor is bit-identical to
+    `reference` (the checkpoint's). Either failure raises RuntimeError: the numbers would be invalid."""
+    check_trainable(backbone, head)
+    check_eval_mode(backbone)
+    res = fit_linear(head, batches, test_f, test_y, epochs=epochs, lr=lr, wd=wd, log=log)
+    check_backbone_unchanged(backbone, reference)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# augmented protocol: frozen backbone on fresh augmentations every epoch
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """ds[i] with the torch and Python RNGs seeded from (seed, epoch, i): a sample's augmentation is the same whichever
+    rank or worker loads it, so the augmented protocol gives the same numbers at every world size."""
+
+    def __init__(self, ds, seed: int):
+        self.ds, self.seed, self.epoch = ds, seed, 0
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        s = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + int(i)) % (1 << 63)
+        # torchvision draws from torch's CPU generator, PIL-based transforms often from `random`; both are
+        # restored afterwards. (torch.manual_seed would also seed CUDA: 0.4 ms per item, 40x slower.)
+        gen = torch.default_generator
+        states = gen.get_state(), random.getstate()
+        try:
+            gen.manual_seed(s)
+            random.seed(s)
+            return self.ds[i]
+        finally:
+            gen.set_state(states[0])
+            random.setstate(states[1])
+
+
+def augmented_batches(backbone: nn.Module, ds, device, *, feat_dim: int, batch_size: int, seed: int,
+                      workers: int = 0) -> Callable[[int], Iterable]:
+    """-> batches(epoch): global batches (features [B, F], labels [B]) of a seeded permutation of the
+    augmented `ds`; this rank runs the backbone on its contiguous slice of each batch, the slices are
+    gathered in rank order. Ranks with an empty slice (a last batch smaller than the world) send 0 rows."""
+    seeded = SeededItems(ds, seed)
+    r, w = _world()
+    pin = torch.device(device).type == "cuda"
+
+    def batches(epoch):
+        seeded.epoch = epoch  # read by the workers, which a new iterator creates
+        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        mine = [b[r * len(b) // w:(r + 1) * len(b) // w] for b in
+                (perm[i:i + batch_size] for i in range(0, len(perm), batch_size))]
+        it = iter(torch.utils.data.DataLoader(seeded, batch_sampler=[m for m in mine if m], num_workers=workers,
+                                              pin_memory=pin))
+        for m in mine:
+            if m:
+                x, y = next(it)
+                with torch.no_grad():
+                    f = backbone(x.to(device, non_blocking=True)).float().flatten(1)
+                y = torch.as_tensor(y).to(device=device, dtype=torch.long)
+            else:
+                f = torch.zeros(0, feat_dim, device=device)
+                y = torch.zeros(0, dtype=torch.long, device=device)
+            yield smog.all_gather_rows(f), smog.all_gather_rows(y)
+
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: a train.py checkpoint or an exported backbone
+
+
+def _name_keys(keys, n: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _match_state(path: str, model: nn.Module, sd: dict, what: str) -> None:
+    """One-line ValueError naming missing, unexpected and shape-mismatched keys."""
+    want = model.state_dict()
+    missing = set(want) - set(sd)
+    unexpected = set(sd) - set(want)
+    shape = [f"{k} {list(sd[k].shape)} vs {list(want[k].shape)}" for k in sorted(set(want) & set(sd))
+             if not isinstance(sd[k], torch.Tensor) or sd[k].shape != want[k].shape]
+    if missing or unexpected or shape:
+        parts = [f"missing keys {_name_keys(missing)}" if missing else "",
+                 f"unexpected keys {_name_keys(unexpected)}" if unexpected else "",
+                 f"shape mismatch {'; '.join(shape[:3])}{' ...' if len(shape) > 3 else ''}" if shape else ""]
+        raise ValueError(f"{path!r} does not match {what}: " + "; ".join(p for p in parts if p))
+
+
+def load_backbone(path: Optional[str], *, arch: Optional[str] = None, cifar_stem: Optional[bool] = None,
+                  width: Optional[int] = None, random_init: bool = False) -> tuple:
+    """-> (backbone, feat_dim, reference state_dict, info dict with arch/cifar_stem/width/source/train config).
+
+    `path` is a train.py checkpoint ("format": "smog-train-v1", online backbone under "model"/"backbone.*";
+    the architecture comes from its config and --arch/--cifar-stem must agree with it) or an exported
+    backbone (a flat {name: tensor} dict as written by `python -m smog export`; the architecture comes
+    from arch/cifar_stem/width). A torchvision classifier (fc.*/head.*) in an exported file is dropped.
+    random_init: the same architecture, untrained (the baseline row). ValueError (one line) otherwise."""
+    train_cfg: dict = {}
+    sd = None
+    source = "random-init"
+    if path is not None:
+        ck = smog.load_checkpoint(path)
+        fmt = ck.get("format")
+        if isinstance(ck.get("model"), dict):
+            if fmt is not None and fmt != "smog-train-v1":
+                raise ValueError(f"{path!r} has checkpoint format {fmt!r}; this eval_linear.py reads 'smog-train-v1'")
+            train_cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
+            mcfg = smog.SMoGConfig.from_dict(train_cfg.get("model") or {})
+            for name, given, saved in (("--arch", arch, mcfg.arch), ("--cifar-stem", cifar_stem, mcfg.cifar_stem),
+                                       ("--width", width, mcfg.width)):
+                if given is not None and given != saved:
+                    raise ValueError(f"{name} {given} contradicts the checkpoint's config ({saved}); drop {name}, "
+                                     f"a train.py checkpoint knows its architecture")
+            arch, cifar_stem, width = mcfg.arch, mcfg.cifar_stem, mcfg.width
+            sd = {k[len("backbone."):]: v for k, v in ck["model"].items() if k.startswith("backbone.")}
+            if not sd:
+                raise ValueError(f"{path!r} has a 'model' entry without online backbone keys ('backbone.*'); "
+                                 f"it is not a train.py checkpoint")
+            source = "train-checkpoint"
+        elif ck and all(isinstance(v, torch.Tensor) for v in ck.values()):
+            if arch is None:
+                raise ValueError(f"{path!r} is an exported backbone, which does not record its architecture; "
+                                 f"pass --arch (and --cifar-stem if it was trained with one)")
+            sd = {k: v for k, v in ck.items() if k not in CLASSIFIER_KEYS}
+            source = "exported-backbone"
+        else:
+            raise ValueError(f"{path!r} is neither a train.py checkpoint (no 'model' dict) nor an exported backbone "
+                             f"(not a flat name->tensor dict); top-level keys: {_name_keys(map(str, ck))}")
+    if arch is None:
+        raise ValueError("no architecture: pass --checkpoint, or --arch with --random-init")
+    cifar_stem, width = bool(cifar_stem), 32 if width is None else int(width)
+    backbone, feat_dim = smog.build_backbone(arch, cifar_stem=cifar_stem, width=width)
+    if sd is not None:
+        _match_state(path, backbone, sd, f"arch {arch} (cifar_stem={cifar_stem}"
+                                         f"{f', width={width}' if arch == 'smallcnn' else ''})")
+        if not random_init:
+            backbone.load_state_dict(sd, strict=True)
+    if random_init:
+        source = "random-init"
+    ref = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    info = dict(arch=arch, cifar_stem=cifar_stem, width=width, source=source, train_config=train_cfg)
+    return freeze(backbone), feat_dim, ref, info
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def _int_list(s: str) -> tuple:
+    try:
+        return tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 10,20,100,200, got {s!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, not argparse's usage block
+        print(f"error: {message} (see python eval_linear.py -h)", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_writable(out_dir: str) -> None:
+    """out_dir (or its nearest existing parent) must be a writable directory; checked before any work."""
+    d = os.path.abspath(out_dir)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to --out-dir {out_dir!r} ({d!r} is not a writable directory); "
+                         f"choose another --out-dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(
+        prog="eval_linear.py",
+        description="Linear (SwAV protocol) and kNN evaluation of a SMoG backbone. Runs as a plain process or "
+                    "under torchrun (identical numbers). Prints a results table and writes OUT_DIR/eval.json.")
+    a = ap.add_argument
+    a("--checkpoint", help="train.py checkpoint (out_dir/checkpoint.pth) or a backbone exported with "
+                           "`python -m smog export` (then pass --arch, and --cifar-stem if used in training)")
+    a("--random-init", action="store_true", help="evaluate an untrained encoder of the same architecture "
+                                                 "(the baseline row); with --checkpoint only its architecture is used")
+    a("--arch", choices=smog.ARCHS, default=None, help="backbone architecture; required for exported backbones and "
+                                                       "--random-init without --checkpoint (default: from the checkpoint)")
+    a("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
+      help="3x3 stride-1 stem without max-pool (ResNets, small images) (default: from the checkpoint, else off)")
+    a("--width", type=int, default=None, help="smallcnn base width (default: from the checkpoint, else 32)")
+    a("--data", default=None, help="demo | imagefolder:PATH | cifar10 | cifar100 | stl10 (default: the checkpoint's "
+                                   "training data, else demo)")
+    a("--data-root", default=None, help="where cifar10/cifar100/stl10 live (or are downloaded to) (default: the "
+                                        "checkpoint's, else data)")
+    a("--download", action="store_true", help="download cifar10/cifar100/stl10 into --data-root if missing")
+    a("--image-size", type=int, default=None, help="evaluation crop size (default: a train.py checkpoint's; for an "
+                                                   "exported backbone the dataset's: 224 for image folders, native "
+                                                   "for demo/CIFAR/STL; pass the training resolution)")
+    a("--out-dir", default=None, help="where eval.json goes (default: the checkpoint's directory; "
+                                      "<that>/random-init with --random-init; runs/random-init without a checkpoint)")
+    a("--cached-features", action="store_true", help="extract features once without augmentation and train the "
+                                                     "linear layer on them (orders of magnitude faster on a CPU); "
+                                                     "the default is the augmented protocol")
+    a("--no-linear", dest="linear", action="store_false", help="skip the linear evaluation (e.g. with --knn)")
+    a("--knn", action="store_true", help="also run weighted kNN (L2-normalised features, votes exp(sim/T))")
+    a("--knn-k", type=_int_list, default=KNN_KS,
+      help="comma-separated k values for --knn (default: 10,20,100,200)")
+    a("--knn-t", type=float, default=0.07, help="kNN temperature T (default: %(default)s)")
+    a("--epochs", type=int, default=None, help="linear epochs (default: 100 ResNet/smallcnn, 150 Swin-T)")
+    a("--lr", type=float, default=None, help="linear learning rate, cosine to 0 per epoch "
+                                             "(default: 0.3 ResNet/smallcnn, 0.1 Swin-T)")
+    a("--wd", type=float, default=None, help="linear weight decay (default: 1e-6 ResNet/smallcnn, 0 Swin-T)")
+    a("--batch-size", type=int, default=256, help="global batch size of the linear layer, split over ranks (default: %(default)s)")
+    a("--seed", type=int, default=0, help="seed of the linear layer's init, the batch order, the augmentations and --random-init "
+                                       "(default: %(default)s)")
+    a("--workers", type=int, default=None, help="data loader workers per rank (default: min(8, cores per rank - 1))")
+    a("--device", default=None, help="cpu | cuda (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    a("--bad-images", choices=("fail", "skip"), default="fail",
+      help="imagefolder: stop at an unreadable image (naming it) or skip it (default: %(default)s)")
+    a("--quiet", action="store_true", help="no per-epoch log lines")
+    return ap
+
+
+def _setup(device_arg: Optional[str]) -> torch.device:
+    """torchrun (RANK set) -> process group (nccl on GPUs, gloo on CPU); plain process -> nothing."""
+    want_cuda = device_arg != "cpu" and (device_arg is not None or torch.cuda.is_available())
+    if device_arg and device_arg.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device_arg} but no CUDA device is available; use --device cpu")
+    if "RANK" in os.environ and not smog.dist_ready():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if want_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+        return torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu")
+    return torch.device(device_arg if device_arg else ("cuda" if want_cuda else "cpu"))
+
+
+def _table(res: dict) -> str:
+    rows = [("method", "top-1", "top-5")]
+    if "linear" in res:
+        lin = res["linear"]
+        rows.append((f"linear, best (epoch {lin['best_epoch']})", f"{lin['best_top1']:.2f}", f"{lin['best_top5']:.2f}"))
+        rows.append((f"linear, last (epoch {lin['epochs']})", f"{lin['top1']:.2f}", f"{lin['top5']:.2f}"))
+    for k, v in res.get("knn", {}).items():
+        rows.append((f"kNN k={k} T={res['knn_t']}", f"{v:.2f}", "-"))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    line = lambda r: f"| {r[0]:<{w[0]}} | {r[1]:>{w[1]}} | {r[2]:>{w[2]}} |"
+    head = (f"{res['source']} {res['checkpoint'] or ''} | arch {res['arch']} | data {res['data']} "
+            f"({res['n_train']} train / {res['n_test']} test, {res['n_classes']} classes, {res['image_size']} px) | "
+            f"{res['protocol']} | world {res['world_size']}")
+    return "\n".join([head, line(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|", *map(line, rows[1:])])
+
+
+def evaluate(args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> dict:
+    import data  # the data sources shared with train.py
+
+    if args.checkpoint is None and not args.random_init:
+        raise ValueError("pass --checkpoint PATH (or --random-init --arch NAME for the untrained baseline)")
+    if args.batch_size < 1 or (args.epochs is not None and args.epochs < 1):
+        raise ValueError("--batch-size and --epochs must be positive")
+    if any(k < 1 for k in args.knn_k):
+        raise ValueError(f"--knn-k values must be positive, got {args.knn_k}")
+    if not args.linear and not args.knn:
+        raise ValueError("--no-linear without --knn evaluates nothing; add --knn")
+    torch.manual_seed(args.seed)  # --random-init weights
+    backbone, feat_dim, ref, info = load_backbone(args.checkpoint, arch=args.arch, cifar_stem=args.cifar_stem,
+                                                  width=args.width, random_init=args.random_init)
+    tcfg = info.pop("train_config")
+    spec = args.data or tcfg.get("data") or "demo"
+    image_size = args.image_size or tcfg.get("image_size") or data.dataset_image_size(spec)
+    lr0, wd0, ep0 = PROTOCOL.get(info["arch"], PROTOCOL_DEFAULT)
+    lr, wd, epochs = (ep if ep is not None else d for ep, d in ((args.lr, lr0), (args.wd, wd0), (args.epochs, ep0)))
+    r, w = _world()
+    workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) // w - 1))
+    kw = dict(root=args.data_root or tcfg.get("data_root") or "data", download=args.download,
+              bad_images=args.bad_images)
+    aug = args.linear and not args.cached_features
+
+    def datasets():
+        return (data.build_dataset(spec, "test", data.eval_transform(image_size), **kw),
+                data.build_dataset(spec, "train", data.eval_transform(image_size), **kw),
+                data.build_dataset(spec, "train", data.train_linear_transform(image_size), **kw) if aug else None)
+
+    if args.download and smog.dist_ready():  # rank 0 downloads, then the others read
+        if r == 0:
+            sets = datasets()
+        dist.barrier()
+        if r != 0:
+            sets = datasets()
+    else:
+        sets = datasets()
+    test_ds, train_plain, train_aug = sets
+    n_classes = data.num_classes(train_plain)
+    backbone = backbone.to(device)
+    pin = device.type == "cuda"
+
+    res = dict(checkpoint=args.checkpoint, source=info["source"], arch=info["arch"], cifar_stem=info["cifar_stem"],
+               width=info["width"], data=spec, image_size=image_size, n_classes=n_classes, n_train=len(train_plain),
+               n_test=len(test_ds), world_size=w, seed=args.seed,
+               protocol="cached-features" if args.cached_features else "augmented")
+    t0 = time.time()
+    test_f, test_y = extract_features(backbone, shard_loader(test_ds, args.batch_size, workers=workers,
+                                                             pin_memory=pin), device)
+    train_f = train_y = None
+    if args.cached_features or args.knn:
+        train_f, train_y = extract_features(backbone, shard_loader(train_plain, args.batch_size, workers=workers,
+                                                                   pin_memory=pin), device)
+    log(f"features: train {None if train_f is None else tuple(train_f.shape)}, test {tuple(test_f.shape)} "
+        f"({time.time() - t0:.1f}s)")
+    if args.knn:
+        res["knn_t"] = args.knn_t
+        res["knn"] = {str(k): v for k, v in knn_eval(train_f, train_y, test_f, test_y, n_classes,
+                                                     ks=args.knn_k, T=args.knn_t).items()}
+    if args.linear:
+        head = new_linear(feat_dim, n_classes, args.seed).to(device)
+        if args.cached_features:
+            batches = cached_batches(train_f, train_y, args.batch_size, args.seed)
+        else:
+            batches = augmented_batches(backbone, train_aug, device, feat_dim=feat_dim, batch_size=args.batch_size,
+                                        seed=args.seed, workers=workers)
+        lin = run_linear(backbone, ref, head, batches, test_f, test_y, epochs=epochs, lr=lr, wd=wd,
+                         log=None if args.quiet else log)
+        res["linear"] = dict(lin, epochs=epochs, lr=lr, wd=wd, batch_size=args.batch_size)
+    res["time_s"] = round(time.time() - t0, 2)
+    return res
+
+
+def _one_line(e: Exception) -> str:
+    """The message of a bad-input error; one re-raised out of a DataLoader worker carries the worker's
+    traceback ("Caught ValueError in DataLoader worker process 0. ... ValueError: msg"): keep msg."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        return lines[-1].split("Error: ", 1)[-1]
+    return lines[0]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = _setup(args.device)
+        r, _ = _world()
+        log = (lambda s: print(s, flush=True)) if r == 0 else (lambda s: None)
+        out_dir = args.out_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint
+                                   else os.path.join("runs", "random-init"))
+        if args.random_init and args.checkpoint and args.out_dir is None:
+            out_dir = os.path.join(out_dir, "random-init")
+        check_writable(out_dir)  # before the evaluation, not after hours of it
+        res = evaluate(args, device, log)
+        if r == 0:
+            print(_table(res), flush=True)
+            os.makedirs(out_dir, exist_ok=True)
+            path = os.path.join(out_dir, "eval.json")
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(dict(res, args=vars(args)), f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: eval.json is complete or absent
+            print(f"wrote {path}", flush=True)
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        if smog.dist_ready():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

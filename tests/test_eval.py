@@ -1,0 +1,407 @@
+"""eval_linear.py (issue 5): kNN against a loop oracle, the linear probe, the frozen-backbone checks, the
+command line on the built-in demo data (trained vs random encoder, train checkpoint vs exported
+backbone, bad inputs), and real 2-process runs (gloo) that must equal the single-process result."""
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eval_linear as E
+import smog
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDTH = 16  # smallcnn width of the test encoders
+
+
+# ---------------------------------------------------------------- kNN against a slow oracle
+
+def oracle_knn(train_f, train_y, test_f, n_classes, k, T):
+    """Plain loops in float64: cosine similarity, k most similar, class votes sum exp(sim / T)."""
+    tr = [[float(v) for v in row / row.norm()] for row in train_f.double()]
+    preds = []
+    for q in test_f.double():
+        q = [float(v) for v in q / q.norm()]
+        sims = sorted(((sum(a * b for a, b in zip(q, t)), i) for i, t in enumerate(tr)), reverse=True)
+        votes = [0.0] * n_classes
+        for s, i in sims[:min(k, len(tr))]:
+            votes[int(train_y[i])] += math.exp(s / T)
+        preds.append(max(range(n_classes), key=lambda c: (votes[c], -c)))  # ties: lowest class
+    return torch.tensor(preds)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+def test_knn_predict_matches_loop_oracle(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    n, m, d, C = 60, 23, 6, 5                 # test set larger than every chunk
+    train_f, test_f = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g) * 3   # norms vary
+    train_y = torch.randint(0, C, (n,), generator=g)
+    ks = (1, 3, 10, 20, 60, 200)              # 200 > n: capped at n
+    got = smog.knn_predict(train_f, train_y, test_f, C, ks=ks, T=0.07, chunk=chunk)
+    for k in ks:
+        assert torch.equal(got[k], oracle_knn(train_f, train_y, test_f, C, k, 0.07)), k
+    # k=1 is nearest-neighbour classification whatever T is; a huge T is an unweighted majority vote
+    assert torch.equal(smog.knn_predict(train_f, train_y, test_f, C, ks=(5,), T=1e4, chunk=chunk)[5],
+                       oracle_knn(train_f, train_y, test_f, C, 5, 1e4))
+
+
+def test_knn_eval_percentages():
+    g = torch.Generator().manual_seed(0)
+    train_f, test_f = torch.randn(50, 4, generator=g), torch.randn(31, 4, generator=g)
+    train_y, test_y = torch.randint(0, 3, (50,), generator=g), torch.randint(0, 3, (31,), generator=g)
+    res = E.knn_eval(train_f, train_y, test_f, test_y, 3, ks=(1, 10), T=0.1)
+    for k in (1, 10):
+        want = 100.0 * float((oracle_knn(train_f, train_y, test_f, 3, k, 0.1) == test_y).sum()) / 31
+        assert res[k] == pytest.approx(want, abs=1e-9)
+    assert E.knn_eval(test_f, test_y, test_f, test_y, 3, ks=(1,))[1] == 100.0   # every point is its own neighbour
+
+
+def test_topk_correct_counts():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
+    y = torch.tensor([1, 2, 0])
+    # row 0: top-1 hit; row 1: label 2 ranks 3rd; row 2: label 0 ranks 3rd; top-5 capped at 3 classes
+    assert E.topk_correct(logits, y, ks=(1, 2, 5)).tolist() == [1.0, 1.0, 3.0]
+
+
+# ---------------------------------------------------------------- linear probe on cached features
+
+def _clusters(n, C, d, sep, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(C, d, generator=torch.Generator().manual_seed(99)) * sep
+    y = torch.randint(0, C, (n,), generator=g)
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+def test_linear_probe_features_learns_and_is_deterministic():
+    C = 8
+    (trf, trl), (tef, tel) = _clusters(600, C, 16, 1.5, 0), _clusters(300, C, 16, 1.5, 1)
+    a = E.linear_probe_features(trf, trl, tef, tel, C, epochs=15, batch_size=64)
+    b = E.linear_probe_features(trf, trl, tef, tel, C, epochs=15, batch_size=64)
+    assert a == b                                                     # seeded: bit-identical reruns
+    assert a["top1"] > 90 and a["top5"] >= a["top1"] and a["best_top1"] >= a["top1"]
+    assert len(a["top1_history"]) == 15 and a["best_top1"] == max(a["top1_history"])
+    # shuffled training labels carry no information: chance level (12.5 %), far from the above
+    shuffled = trl[torch.randperm(len(trl), generator=torch.Generator().manual_seed(3))]
+    c = E.linear_probe_features(trf, shuffled, tef, tel, C, epochs=15, batch_size=64)
+    assert c["top1"] < 35
+    # the layer starts at N(0, 0.01) with zero bias and the lr follows a cosine to 0
+    head = E.new_linear(16, C, seed=0)
+    assert torch.all(head.bias == 0) and 0.007 < float(head.weight.detach().std()) < 0.013
+    assert E.cosine_lr(0.3, 0, 100) == 0.3 and E.cosine_lr(0.3, 50, 100) == pytest.approx(0.15)
+    assert E.cosine_lr(0.3, 99, 100) < 1e-3
+
+
+# ---------------------------------------------------------------- frozen-backbone protocol
+
+def _image_batches(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, 3, 16, 16, generator=g), torch.arange(n) % 4)
+
+
+def _run_protocol(backbone, ref, feat_dim, epochs=2):
+    ds = _image_batches()
+    test_f, test_y = E.extract_features(backbone, E.shard_loader(ds, 16), "cpu")
+    head = E.new_linear(feat_dim, 4)
+    batches = E.augmented_batches(backbone, ds, "cpu", feat_dim=feat_dim, batch_size=16, seed=0)
+    return head, E.run_linear(backbone, ref, head, batches, test_f, test_y, epochs=epochs, lr=0.3, wd=1e-6)
+
+
+def test_frozen_backbone_passes_for_a_frozen_backbone():
+    backbone, feat_dim = smog.build_backbone("smallcnn", width=8)
+    backbone.train()                                              # BN would move its statistics in train mode
+    ref = {k: v.clone() for k, v in backbone.state_dict().items()}
+    E.freeze(backbone)
+    head, res = _run_protocol(backbone, ref, feat_dim)
+    assert res["best_epoch"] >= 1 and not backbone.training
+    assert not torch.all(head.bias == 0)                          # the linear layer did train
+
+
+def test_frozen_backbone_check_catches_unfrozen_parameter():
+    backbone, feat_dim = smog.build_backbone("smallcnn", width=8)
+    ref = {k: v.clone() for k, v in backbone.state_dict().items()}
+    E.freeze(backbone)
+    backbone.features[0].weight.requires_grad_(True)              # deliberately unfrozen
+    with pytest.raises(RuntimeError, match="frozen-backbone check failed.*features.0.weight"):
+        _run_protocol(backbone, ref, feat_dim)
+
+
+def test_frozen_backbone_check_catches_train_mode():
+    backbone, feat_dim = smog.build_backbone("smallcnn", width=8)
+    ref = {k: v.clone() for k, v in backbone.state_dict().items()}
+    E.freeze(backbone)
+    backbone.features[1].train()                                  # one BatchNorm left in train mode
+    with pytest.raises(RuntimeError, match="train mode.*features.1"):
+        _run_protocol(backbone, ref, feat_dim)
+
+
+class DriftingBackbone(nn.Module):
+    """A buggy backbone: its forward changes its own weights in place, even frozen and in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.proj.weight.mul_(0.999)
+        return self.proj(x).mean(dim=(2, 3))
+
+
+def test_frozen_backbone_check_catches_changed_weights_after_training():
+    backbone = DriftingBackbone()
+    ref = {k: v.clone() for k, v in backbone.state_dict().items()}
+    E.freeze(backbone)
+    with pytest.raises(RuntimeError, match="differ from the checkpoint.*proj.weight"):
+        _run_protocol(backbone, ref, 8)
+
+
+# ---------------------------------------------------------------- command line on the demo data
+
+def _write_train_checkpoint(path, backbone_state=None, width=WIDTH):
+    """train.py's real checkpoint format: SMoG.state_dict() plus the plain config dict."""
+    cfg = smog.SMoGConfig(arch="smallcnn", width=width, dim=16, hidden_dim=32, n_groups=8, n_heads=1)
+    model = smog.SMoG(cfg)
+    if backbone_state is not None:
+        model.backbone.load_state_dict(backbone_state)
+    torch.save({"format": "smog-train-v1", "model": model.state_dict(),
+                "config": {"model": asdict(cfg), "data": "demo", "image_size": 32}}, path)
+    return model
+
+
+def _normalised(images):
+    """uint8 [N, H, W, 3] -> the eval transform's tensors [N, 3, H, W] (32 px: ToTensor + Normalize only)."""
+    import data
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(data.MEAN).view(1, 3, 1, 1)) / torch.tensor(data.STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    """A smallcnn trained with labels for 3 epochs on 4000 images of the demo training split (seconds):
+    a representation clearly better than a random one, stored as a train.py checkpoint."""
+    import data
+    ds = data.build_dataset("demo", "train")                       # generated once per process, then cached
+    x, y = _normalised(ds.images[:4000]), torch.from_numpy(ds.labels[:4000]).long()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net, head = smog.SmallCNN(WIDTH), nn.Linear(8 * WIDTH, 10)
+        opt = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=3e-3)
+        for _ in range(3):
+            for idx in torch.randperm(len(x)).split(128):
+                loss = F.cross_entropy(head(net(x[idx])), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    d = tmp_path_factory.mktemp("trained")
+    _write_train_checkpoint(d / "checkpoint.pth", net.state_dict())
+    return d / "checkpoint.pth"
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    """imagefolder:PATH with 120 train / 40 val demo images as PNGs: the same images, but small enough
+    for the tests that start several processes."""
+    import data
+    from PIL import Image
+    root = tmp_path_factory.mktemp("folder")
+    for split, (ds, lo, hi) in {"train": (data.build_dataset("demo", "train"), 4000, 4120),
+                                "val": (data.build_dataset("demo", "test"), 0, 40)}.items():
+        for i in range(lo, hi):
+            d = root / split / data.DEMO_CLASSES[int(ds.labels[i])]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(ds.images[i]).save(d / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def _eval(args, capsys):
+    rc = E.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+FAST = ["--cached-features", "--knn", "--knn-k", "10,20", "--epochs", "10", "--workers", "0", "--quiet"]
+
+
+def test_cli_trained_encoder_beats_random_init(trained_ckpt, tmp_path, capsys):
+    rc, out, err = _eval(["--checkpoint", trained_ckpt, "--out-dir", tmp_path / "t", *FAST], capsys)
+    assert rc == 0, err
+    t = json.loads((tmp_path / "t" / "eval.json").read_text())
+    assert "| linear, best" in out and "| kNN k=20 T=0.07" in out
+    rc, out, err = _eval(["--checkpoint", trained_ckpt, "--random-init", "--out-dir", tmp_path / "r", *FAST], capsys)
+    assert rc == 0, err
+    r = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert (t["source"], r["source"]) == ("train-checkpoint", "random-init")
+    assert t["n_classes"] == 10 and (t["n_train"], t["n_test"]) == (8000, 2000)
+    assert t["data"] == "demo" and t["protocol"] == "cached-features"
+    # the demo is built so that a random encoder is weak (chance 10 %); supervised training helps a lot
+    assert t["linear"]["best_top1"] > r["linear"]["best_top1"] + 15, (t["linear"], r["linear"])
+    assert t["knn"]["20"] > r["knn"]["20"] + 10, (t["knn"], r["knn"])
+    assert t["linear"]["top5"] >= t["linear"]["top1"] and t["linear"]["epochs"] == 10
+    assert (t["linear"]["lr"], t["linear"]["wd"]) == (0.3, 1e-6)       # ResNet/smallcnn protocol defaults
+
+
+def test_cli_exported_backbone_gives_the_same_numbers(trained_ckpt, demo_folder, tmp_path, capsys):
+    exported = tmp_path / "backbone.pth"
+    assert smog._main(["export", str(trained_ckpt), str(exported)]) == 0
+    capsys.readouterr()
+    args = ["--data", demo_folder, "--cached-features", "--epochs", "3", "--knn", "--workers", "0", "--quiet"]
+    rc, _, err = _eval(["--checkpoint", trained_ckpt, "--out-dir", tmp_path / "a", *args], capsys)
+    assert rc == 0, err
+    # an exported file records no training resolution: a folder's default would be 224 (Resize 256 + crop)
+    rc, _, err = _eval(["--checkpoint", exported, "--arch", "smallcnn", "--width", WIDTH, "--image-size", 32,
+                        "--out-dir", tmp_path / "b", *args], capsys)
+    assert rc == 0, err
+    a, b = (json.loads((tmp_path / d / "eval.json").read_text()) for d in "ab")
+    assert (a["source"], b["source"]) == ("train-checkpoint", "exported-backbone")
+    assert (a["n_train"], a["n_test"], a["n_classes"], a["image_size"], b["image_size"]) == (120, 40, 10, 32, 32)
+    assert set(a["knn"]) == {"10", "20", "100", "200"} and a["knn"] == b["knn"] and a["linear"] == b["linear"]
+
+
+def _bad_inputs(tmp_path, trained_ckpt):
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    other = tmp_path / "other.pth"
+    torch.save({"epoch": 3, "lr": [0.1]}, other)
+    exported = tmp_path / "backbone.pth"
+    smog.export_backbone(str(trained_ckpt), str(exported))
+    return [
+        (["--checkpoint", tmp_path / "missing.pth"], "does not exist"),
+        (["--checkpoint", text], "cannot load"),
+        (["--checkpoint", other], "neither a train.py checkpoint"),
+        (["--checkpoint", exported], "pass --arch"),
+        (["--checkpoint", exported, "--arch", "resnet18"], "does not match arch resnet18.*missing keys.*bn1"),
+        (["--checkpoint", exported, "--arch", "smallcnn", "--width", "8"], "shape mismatch features.0.weight"),
+        (["--checkpoint", trained_ckpt, "--arch", "resnet50"], "--arch resnet50 contradicts"),
+        (["--checkpoint", trained_ckpt, "--data", "nosuchdata"], "unknown dataset"),
+        (["--checkpoint", trained_ckpt, "--data", f"imagefolder:{tmp_path / 'nothing'}"], "does not exist|no held-out split"),
+        (["--random-init"], "no architecture"),
+        ([], "pass --checkpoint"),
+    ]
+
+
+def test_cli_bad_inputs_one_line_exit_2_nothing_written(trained_ckpt, tmp_path, capsys):
+    for args, msg in _bad_inputs(tmp_path, trained_ckpt):
+        out_dir = tmp_path / "out"
+        rc, _, err = _eval([*args, "--out-dir", out_dir, "--workers", "0"], capsys)
+        assert rc == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), (args, err)
+        assert re.search(msg, err), (args, err)
+        assert not out_dir.exists(), args
+
+
+def test_cli_subprocess_help_and_error(tmp_path):
+    r = subprocess.run([sys.executable, "eval_linear.py", "-h"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0
+    for opt in ("--checkpoint", "--cached-features", "--knn", "--random-init", "--arch", "--cifar-stem", "--out-dir"):
+        assert opt in r.stdout
+    bad = tmp_path / "x.pth"
+    bad.write_bytes(b"\x00garbage")
+    r = subprocess.run([sys.executable, "eval_linear.py", "--checkpoint", str(bad), "--out-dir", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- two processes (gloo) equal one
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _indexed_images(n):
+    """n random 16 px images labelled with their own index, so any order can be undone."""
+    g = torch.Generator().manual_seed(n)
+    return torch.utils.data.TensorDataset(torch.randn(n, 3, 16, 16, generator=g), torch.arange(n))
+
+
+def _extract_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = smog.SmallCNN(4)
+        out = {}
+        for n in (5, 1):                                  # 5: padded by DistributedSampler; 1: rank 1 gets nothing
+            ds = _indexed_images(n)
+            sampler = torch.utils.data.DistributedSampler(ds, shuffle=True, seed=1)
+            out[f"dist{n}"] = E.extract_features(net, torch.utils.data.DataLoader(ds, 2, sampler=sampler), "cpu")
+            out[f"shard{n}"] = E.extract_features(net, E.shard_loader(ds, 2), "cpu")
+            f, y = out[f"shard{n}"]
+            out[f"knn{n}"] = torch.tensor(E.knn_eval(f, y, f, y, n, ks=(1,))[1])   # test rows split over ranks
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_extract_features_two_ranks_counts_every_sample_once(tmp_path):
+    mp.spawn(_extract_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    torch.manual_seed(0)
+    net = smog.SmallCNN(4)
+    for n in (5, 1):
+        want_f, want_y = E.extract_features(net, E.shard_loader(_indexed_images(n), 2), "cpu")   # one process
+        assert torch.equal(want_y, torch.arange(n))
+        for r in range(2):
+            f, y = got[r][f"shard{n}"]                    # contiguous shards gathered in rank order: dataset order
+            assert torch.equal(y, want_y)
+            torch.testing.assert_close(f, want_f, rtol=1e-5, atol=1e-6)
+            f, y = got[r][f"dist{n}"]                     # DistributedSampler order, its padding dropped
+            assert sorted(y.tolist()) == list(range(n)), y
+            torch.testing.assert_close(f[y.argsort()], want_f, rtol=1e-5, atol=1e-6)
+            assert float(got[r][f"knn{n}"]) == 100.0
+
+
+def _torchrun(args, cwd, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+           str(_free_port()), "eval_linear.py", *args] if nproc > 1 else [sys.executable, "eval_linear.py", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_torchrun_two_processes_equal_single_process(trained_ckpt, demo_folder, tmp_path):
+    """The augmented protocol (per-sample seeded augmentations, global batches split over ranks, an
+    uneven last batch) and kNN: the same numbers from `torchrun --nproc_per_node=2` as from a plain process."""
+    common = ["--checkpoint", trained_ckpt, "--data", demo_folder, "--knn", "--knn-k", "10,20", "--epochs", "4",
+              "--batch-size", "25", "--workers", "0", "--device", "cpu", "--quiet"]
+    _torchrun([*common, "--out-dir", tmp_path / "one"], ROOT, 1)
+    r = _torchrun([*common, "--out-dir", tmp_path / "two"], ROOT, 2)
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("one", "two"))
+    assert (one["world_size"], two["world_size"], one["protocol"]) == (1, 2, "augmented")
+    assert r.stdout.count("| linear, best") == 1                     # only rank 0 prints
+    assert two["knn"] == one["knn"]
+    for key in ("top1", "top5", "best_top1", "best_top5", "best_epoch", "top1_history"):
+        assert two["linear"][key] == one["linear"][key], key
+
+
+def test_cli_unreadable_image_in_a_loader_worker_is_one_line(trained_ckpt, tmp_path, capsys):
+    """A bad image met inside a DataLoader worker (whose exception carries the worker traceback) still ends
+    as one line naming the file, exit code 2, nothing written."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "imgs" / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (32, 32), (40 * i, 100, 200 if c == "a" else 0)).save(d / f"{i}.png")
+    (tmp_path / "imgs" / "val" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    rc, _, err = _eval(["--checkpoint", trained_ckpt, "--data", f"imagefolder:{tmp_path / 'imgs'}", "--knn",
+                        "--no-linear", "--workers", "1", "--out-dir", tmp_path / "o"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot read image" in err and "broken.png" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

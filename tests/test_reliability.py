@@ -1,0 +1,688 @@
+"""Issue 6: reliability of train.py and eval_linear.py, with real processes and real signals.
+
+Faults: SIGKILL (through train.py's test-only hooks, documented in its module docstring) mid-iteration,
+mid-regroup and half-way through a checkpoint write, for one process and for 2 gloo processes under
+`python -m torch.distributed.run`, then the same command again; `--max-restarts`; SIGTERM; a
+non-finite loss, with and without --skip-nonfinite. After every resume the final checkpoint must be
+*bitwise* identical (weights, groups, memory bank, optimiser, RNG states, counters) to an uninterrupted
+run of the same command, and log.jsonl must hold the same records (timings aside).
+
+Safe loading: a crafted checkpoint whose pickle would create a file on load is refused by train.py,
+eval_linear.py and `python -m smog export` with one clear line, and the file is never created.
+
+Bad input: one line on stderr (`error: ...`) naming the problem and the fix, exit code 2, no traceback,
+and out_dir untouched (names, sizes, mtimes and contents compared before and after).
+
+Runs are tiny (64 demo images of 16 px, smallcnn width 8, K=8, 2 heads, 2 epochs of 4 steps); the two
+uninterrupted reference runs (1 and 2 processes) are computed once per module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import smog
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRAIN = 64
+# 64 images / batch 16 = 4 steps per epoch, 2 epochs = 8 steps (global steps 0..7).
+# Checkpoints (--save-every 3): after step 2 (step=3), end of epoch 0 (step=4), after step 5 (step=6),
+# end of epoch 1 (step=8) -- the 1st, 2nd, 3rd and 4th checkpoint write of an uninterrupted run.
+TINY = ["--data", f"demo:{N_TRAIN}", "--arch", "smallcnn", "--width", "8", "--dim", "16", "--hidden-dim", "32",
+        "--n-groups", "8", "--n-heads", "2", "--image-size", "16", "--local-size", "8", "--n-local", "1",
+        "--epochs", "2", "--batch-size", "16", "--kmeans-iters", "3", "--knn-every", "0", "--no-final-eval",
+        "--device", "cpu", "--workers", "0", "--threads", "1", "--log-every", "1", "--save-every", "3"]
+TOTAL_STEPS = 8
+VOLATILE_LOG_KEYS = {"time", "img_s", "data_frac"}          # wall-clock measurements in log.jsonl
+RUNTIME_CONFIG_KEYS = {"out_dir", "resume", "git", "workers", "save_every"}   # may differ between runs
+
+
+# ----------------------------------------------------------------------------------------------
+# running train.py
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMOG_TEST_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONWARNINGS="ignore::FutureWarning")
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
+
+
+def train_cmd(out_dir, *extra, nproc: int = 1, torchrun: tuple = ()) -> list:
+    args = [*TINY, "--out-dir", str(out_dir), *map(str, extra)]
+    if nproc == 1:
+        return [sys.executable, "train.py", *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+            str(_free_port()), *torchrun, "train.py", *args]
+
+
+def run(cmd: list, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run in its own session; on a timeout the whole process group (torchrun and workers) is killed."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-2000:]}\n{err[-4000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tmp_files(out_dir) -> list:
+    return sorted(p.name for p in Path(out_dir).iterdir() if ".tmp" in p.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing final states
+
+
+def _assert_same(a, b, path: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs (max abs diff "\
+                                  f"{(a.double() - b.double()).abs().max().item() if a.numel() else 0})"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys {sorted(map(str, set(a) ^ set(b)))}"
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def log_records(out_dir) -> list:
+    recs = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in VOLATILE_LOG_KEYS} for r in recs]
+
+
+def assert_same_final(ref_dir, out_dir) -> None:
+    """Bitwise-identical final checkpoints (every tensor: weights, BN statistics, groups, memory bank,
+    optimiser state, every rank's RNG states; every counter) and the same log records."""
+    ref, got = load(Path(ref_dir) / "checkpoint.pth"), load(Path(out_dir) / "checkpoint.pth")
+    assert got["step"] == TOTAL_STEPS and got["epoch"] == 2, (got["step"], got["epoch"])
+    assert set(ref) == set(got)
+    for k in ref:
+        if k == "log_offset":                     # byte length of log.jsonl: its timing fields vary
+            continue
+        if k == "config":
+            strip = lambda c: {f: v for f, v in c.items() if f not in RUNTIME_CONFIG_KEYS}  # noqa: E731
+            _assert_same(strip(ref[k]), strip(got[k]), "config")
+            continue
+        _assert_same(ref[k], got[k], k)
+    assert "groups" in got["model"] and got["bank"].shape == (2, N_TRAIN, 16) and got["optimizer"]["state"]
+    assert log_records(out_dir) == log_records(ref_dir)
+    assert tmp_files(out_dir) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# the uninterrupted references (once per module)
+
+
+@pytest.fixture(scope="module")
+def ref1(tmp_path_factory):
+    """One process, uninterrupted, checkpointing after *every* step (--save-every is a runtime field, so
+    the result must not depend on it) while this process keeps loading out_dir/checkpoint.pth: every
+    load must succeed (atomic writes: at every instant the newest complete checkpoint loads)."""
+    out = tmp_path_factory.mktemp("ref1") / "run"
+    cmd = train_cmd(out, "--save-every", "1")
+    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    loads, failures = [], []
+
+    def poll():
+        ck = out / "checkpoint.pth"
+        while p.poll() is None:
+            if ck.exists():
+                try:
+                    loads.append(smog.load_checkpoint(str(ck))["step"])
+                except ValueError as e:
+                    failures.append(str(e))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    stdout, stderr = p.communicate(timeout=300)
+    t.join()
+    ok(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
+    assert stdout.count("saved ") == TOTAL_STEPS              # 3 mid-epoch saves + 1 end-of-epoch save, twice
+    return dict(dir=out, loads=loads, failures=failures)
+
+
+@pytest.fixture(scope="module")
+def ref2(tmp_path_factory):
+    """2 gloo processes under torchrun, uninterrupted."""
+    out = tmp_path_factory.mktemp("ref2") / "run"
+    ok(run(train_cmd(out, nproc=2)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# one process: SIGKILL at several points, then the same command again
+
+
+def test_checkpoint_loads_at_every_instant_of_a_run(ref1):
+    assert ref1["failures"] == [], ref1["failures"][:3]
+    assert len(ref1["loads"]) > 0 and sorted(ref1["loads"]) == ref1["loads"]    # never goes back
+    assert tmp_files(ref1["dir"]) == []
+
+
+@pytest.mark.parametrize("die_at,last_ck", [(2, None), (7, 6)],
+                         ids=["before-first-checkpoint", "after-mid-epoch-checkpoint"])
+def test_sigkill_mid_iteration_resumes_bitwise(ref1, tmp_path, die_at, last_ck):
+    """SIGKILL after the backward of step `die_at`, before its optimiser step. The rerun resumes from the
+    last complete checkpoint (or starts over when there is none) and, with a data-loader worker this
+    time (--workers is a runtime field), ends bitwise identical to the uninterrupted run."""
+    out = tmp_path / "run"
+    r = run(train_cmd(out), env={"SMOG_TEST_DIE_AT_STEP": die_at})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    assert f"[test] SIGKILL self: at step {die_at}" in r.stderr
+    ck = out / "checkpoint.pth"
+    assert (load(ck)["step"] if ck.exists() else None) == last_ck
+    r = ok(run(train_cmd(out, "--workers", "1")))
+    assert (f"resuming at step {last_ck}" in r.stdout) == (last_ck is not None)
+    assert_same_final(ref1["dir"], out)
+
+
+def test_sigkill_mid_regroup_resumes_bitwise(ref1, tmp_path):
+    """SIGKILL inside the k-means regroup at the start of epoch 1 (after its first head): the groups in
+    memory are half re-clustered; the rerun starts again from the end-of-epoch-0 checkpoint."""
+    out = tmp_path / "run"
+    r = run(train_cmd(out), env={"SMOG_TEST_DIE_IN_REGROUP": 1})
+    assert r.returncode == -signal.SIGKILL and "SIGKILL self: in regroup of epoch 1" in r.stderr, r.stderr[-3000:]
+    ck = load(out / "checkpoint.pth")
+    assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (4, 1, 0)
+    r = ok(run(train_cmd(out)))
+    assert "resuming at step 4" in r.stdout and "epoch 1: regrouped" in r.stdout
+    assert_same_final(ref1["dir"], out)
+
+
+@pytest.mark.parametrize("n_save,last_ck", [(1, None), (3, 4)], ids=["first-write", "third-write"])
+def test_sigkill_during_checkpoint_write(ref1, tmp_path, n_save, last_ck):
+    """SIGKILL half-way through writing a checkpoint. checkpoint.pth is still the previous complete one
+    (or absent), the half-written temporary file does not load; the rerun ignores it, deletes it and ends
+    bitwise identical to the uninterrupted run."""
+    out = tmp_path / "run"
+    r = run(train_cmd(out), env={"SMOG_TEST_DIE_IN_SAVE": n_save})
+    assert r.returncode == -signal.SIGKILL and f"in checkpoint write {n_save}" in r.stderr, r.stderr[-3000:]
+    tmps = tmp_files(out)
+    assert len(tmps) == 1 and tmps[0].startswith(".checkpoint.pth.tmp-"), tmps
+    with pytest.raises(ValueError, match="cannot load"):
+        smog.load_checkpoint(str(out / tmps[0]))
+    ck = out / "checkpoint.pth"
+    assert (smog.load_checkpoint(str(ck))["step"] if ck.exists() else None) == last_ck
+    r = ok(run(train_cmd(out)))
+    assert (f"resuming at step {last_ck}" in r.stdout) == (last_ck is not None)
+    assert_same_final(ref1["dir"], out)                      # also: no temporary file left
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(ref1, tmp_path):
+    """A real SIGTERM (the handler train.py installs) at the start of step 5: the step finishes, a
+    checkpoint is written, the exit code is 0; the rerun continues to the uninterrupted result."""
+    out = tmp_path / "run"
+    r = ok(run(train_cmd(out), env={"SMOG_TEST_SIGTERM_AT_STEP": 5}))
+    assert "SIGTERM: checkpoint written" in r.stdout and "saved" in r.stdout
+    ck = load(out / "checkpoint.pth")
+    assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (6, 1, 2)
+    r = ok(run(train_cmd(out)))
+    assert "resuming at step 6" in r.stdout
+    assert_same_final(ref1["dir"], out)
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite loss
+
+
+def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(ref1, tmp_path):
+    """NaN loss in step 5: exit code 3, one line naming step 5 and the last good checkpoint (written
+    after step 3, i.e. `step 4`), which is left as it was: rerunning without the fault continues from it
+    to the bitwise result of the uninterrupted run."""
+    out = tmp_path / "run"
+    r = run(train_cmd(out), env={"SMOG_TEST_NAN_AT_STEP": 5})
+    assert r.returncode == 3, r.stderr[-3000:]
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    ck_path = out / "checkpoint.pth"
+    assert re.search(r"non-finite loss at step 5\b", err[0]) and "--skip-nonfinite" in err[0], err[0]
+    assert f"last good checkpoint: {ck_path} (step 4)" in err[0], err[0]
+    assert load(ck_path)["step"] == 4 and tmp_files(out) == []
+    r = ok(run(train_cmd(out)))
+    assert "resuming at step 4" in r.stdout
+    assert_same_final(ref1["dir"], out)
+
+
+def test_skip_nonfinite_skips_the_step_and_leaves_every_state_untouched(tmp_path):
+    """--skip-nonfinite 1: the NaN step changes nothing (weights, momentum network, BN statistics,
+    groups, memory bank, optimiser state); the run goes on and records the skip. Shown on the last
+    step: the state saved just before it (the stop of a run without the flag) equals the final state."""
+    out = tmp_path / "run"
+    r = run(train_cmd(out, "--save-every", "7"), env={"SMOG_TEST_NAN_AT_STEP": 7})
+    assert r.returncode == 3 and "non-finite loss at step 7" in r.stderr, r.stderr[-3000:]
+    before = load(out / "checkpoint.pth")
+    assert before["step"] == 7
+    r = ok(run(train_cmd(out, "--save-every", "7", "--skip-nonfinite", "1"), env={"SMOG_TEST_NAN_AT_STEP": 7}))
+    assert "warning: non-finite loss at step 7, step skipped (1/1)" in r.stdout
+    after = load(out / "checkpoint.pth")
+    assert (after["step"], after["skipped_nonfinite"]) == (TOTAL_STEPS, 1)
+    for k in ("model", "bank"):
+        _assert_same(before[k], after[k], k)
+    _assert_same(before["optimizer"]["state"], after["optimizer"]["state"], "optimizer/state")
+    assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------------------------
+# two gloo processes under torchrun
+
+
+def test_2proc_sigkill_one_rank_mid_iteration_resumes_bitwise(ref2, tmp_path):
+    """Rank 1 is SIGKILLed in step 7; torchrun takes the job down; the same command again resumes
+    from the checkpoint after step 5 and ends bitwise identical to the uninterrupted 2-process run."""
+    out = tmp_path / "run"
+    r = run(train_cmd(out, nproc=2), env={"SMOG_TEST_DIE_AT_STEP": 7, "SMOG_TEST_DIE_RANK": 1})
+    assert r.returncode != 0 and "SIGKILL self: at step 7" in r.stderr, r.stderr[-3000:]
+    assert load(out / "checkpoint.pth")["step"] == 6
+    r = ok(run(train_cmd(out, nproc=2)))
+    assert "resuming at step 6" in r.stdout
+    assert_same_final(ref2, out)
+
+
+def test_2proc_sigkill_during_checkpoint_write_resumes_bitwise(ref2, tmp_path):
+    """Rank 0 (the writer) is SIGKILLed half-way through the 3rd checkpoint write."""
+    out = tmp_path / "run"
+    r = run(train_cmd(out, nproc=2), env={"SMOG_TEST_DIE_IN_SAVE": 3, "SMOG_TEST_DIE_RANK": 0})
+    assert r.returncode != 0 and "in checkpoint write 3" in r.stderr, r.stderr[-3000:]
+    assert len(tmp_files(out)) == 1 and load(out / "checkpoint.pth")["step"] == 4
+    r = ok(run(train_cmd(out, nproc=2)))
+    assert "resuming at step 4" in r.stdout
+    assert_same_final(ref2, out)
+
+
+def test_2proc_max_restarts_after_sigkill_mid_regroup(ref2, tmp_path):
+    """`torchrun --max-restarts=1`: rank 1 is SIGKILLed inside the regroup of epoch 1; torchrun restarts
+    both workers, which resume from the end-of-epoch-0 checkpoint -- one command, exit code 0, and the
+    bitwise result of the uninterrupted run."""
+    out, once = tmp_path / "run", tmp_path / "died-once"
+    r = ok(run(train_cmd(out, nproc=2, torchrun=("--max-restarts=1",)),
+               env={"SMOG_TEST_DIE_IN_REGROUP": 1, "SMOG_TEST_DIE_RANK": 1, "SMOG_TEST_DIE_ONCE": once}))
+    assert once.exists() and "SIGKILL self: in regroup of epoch 1" in r.stderr
+    assert "resuming at step 4" in r.stdout
+    assert_same_final(ref2, out)
+
+
+def test_2proc_sigterm_on_one_rank_checkpoints_exits_0_and_resumes(ref2, tmp_path):
+    """SIGTERM reaches rank 1 only: the ranks agree at the end of the step (all-reduced flag), write one
+    checkpoint and exit 0 together; the rerun ends bitwise identical to the uninterrupted run."""
+    out = tmp_path / "run"
+    r = ok(run(train_cmd(out, nproc=2), env={"SMOG_TEST_SIGTERM_AT_STEP": 5, "SMOG_TEST_DIE_RANK": 1}))
+    assert "SIGTERM: checkpoint written" in r.stdout
+    assert load(out / "checkpoint.pth")["step"] == 6
+    r = ok(run(train_cmd(out, nproc=2)))
+    assert "resuming at step 6" in r.stdout
+    assert_same_final(ref2, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes (unit level)
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full (simulated)")
+
+
+def test_save_atomic_failed_write_keeps_previous_checkpoint_and_no_temp_file(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    smog.save_atomic({"step": 1, "w": torch.ones(3)}, str(path))
+    with pytest.raises(RuntimeError, match="disk full"):
+        smog.save_atomic({"step": 2, "w": torch.zeros(3), "bad": _Unpicklable()}, str(path))
+    ck = smog.load_checkpoint(str(path))
+    assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+
+
+def test_truncated_checkpoint_is_refused_with_one_line(ref1, tmp_path):
+    good = (ref1["dir"] / "checkpoint.pth").read_bytes()
+    for n in (0, 100, len(good) // 2, len(good) - 1):
+        p = tmp_path / f"cut{n}.pth"
+        p.write_bytes(good[:n])
+        with pytest.raises(ValueError, match="cannot load") as e:
+            smog.load_checkpoint(str(p))
+        assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# safe loading: a checkpoint that would run code
+
+
+class _Payload:
+    """Unpickling this calls os.makedirs(path): the marker shows whether code from the file ran."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def snapshot(d) -> dict | None:
+    """Everything about a directory tree that a write would change (None if it does not exist)."""
+    d = Path(d)
+    if not d.exists():
+        return None
+    snap = {".": d.stat().st_mtime_ns}
+    for p in sorted(d.rglob("*")):
+        st = p.stat()
+        snap[str(p.relative_to(d))] = (st.st_mtime_ns, st.st_size,
+                                       hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+    return snap
+
+
+def one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert r.returncode == code, f"exit {r.returncode}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    return lines[0]
+
+
+def test_malicious_checkpoint_is_refused_and_runs_nothing(ref1, tmp_path):
+    marker = tmp_path / "PWNED"
+    evil = load(ref1["dir"] / "checkpoint.pth")
+    evil["extra"] = _Payload(str(marker))                   # a real train.py checkpoint plus one object
+    evil_path = tmp_path / "evil.pth"
+    torch.save(evil, evil_path)
+
+    # train.py --resume PATH
+    out = tmp_path / "out"
+    line = one_line_error(run(train_cmd(out, "--resume", evil_path)))
+    assert "evil.pth" in line and "weights-only" in line and "refused for safety" in line, line
+    assert not marker.exists() and not out.exists()
+    # train.py auto-resume from out_dir/checkpoint.pth
+    auto = tmp_path / "auto"
+    auto.mkdir()
+    shutil.copy(evil_path, auto / "checkpoint.pth")
+    before = snapshot(auto)
+    line = one_line_error(run(train_cmd(auto)))
+    assert "refused for safety" in line and not marker.exists() and snapshot(auto) == before
+    # eval_linear.py --checkpoint PATH
+    r = run([sys.executable, "eval_linear.py", "--checkpoint", str(evil_path), "--out-dir", str(out), "--workers", "0",
+             "--device", "cpu"])
+    assert "refused for safety" in one_line_error(r) and not marker.exists() and not out.exists()
+    # python -m smog export
+    r = run([sys.executable, "-m", "smog", "export", str(evil_path), str(tmp_path / "backbone.pth")])
+    assert "refused for safety" in one_line_error(r) and not marker.exists()
+    assert not (tmp_path / "backbone.pth").exists()
+    # control: the payload is live -- an unsafe load (weights_only=False) does run it
+    r = run([sys.executable, "-c", f"import torch, sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+                                   f"torch.load({str(evil_path)!r}, weights_only=False)"])
+    assert marker.exists(), r.stderr[-2000:]
+
+
+def test_every_torch_load_in_the_project_is_weights_only():
+    calls = []
+    for f in [*ROOT.glob("*.py"), *ROOT.glob("spec/*.py"), *ROOT.glob("tests/*.py")]:
+        src = f.read_text()
+        for m in re.finditer(r"torch\.load\(", src):
+            depth, i = 1, m.end()                             # the call's argument text
+            while depth and i < len(src):
+                depth += {"(": 1, ")": -1}.get(src[i], 0)
+                i += 1
+            calls.append((f.name, src[m.end():i - 1]))
+    assert calls
+    unsafe = [(f, a) for f, a in calls if not re.search(r"weights_only\s*=\s*True", a)
+              and not (f == Path(__file__).name and "weights_only=False" in a)]   # the control load above
+    assert unsafe == [], unsafe
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one line naming the problem and the fix, exit 2, no traceback, out_dir untouched
+
+
+def _png_tree(root: Path, n_per_class: int = 17, size: int = 16) -> None:
+    from PIL import Image
+    for c in range(2):
+        d = root / f"class{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.new("RGB", (size, size), (15 * i, 200 * c, 90)).save(d / f"{i:02d}.png")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    (root / "empty").mkdir()
+    (root / "classes_no_images" / "a").mkdir(parents=True)
+    (root / "classes_no_images" / "a" / "readme.txt").write_text("not an image")
+    for name in ("corrupt", "truncated", "bad_skip"):
+        _png_tree(root / name / "train")
+    (root / "corrupt" / "train" / "class1" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    full = (root / "truncated" / "train" / "class0" / "00.png").read_bytes()
+    (root / "truncated" / "train" / "class0" / "zz_truncated.png").write_bytes(full[: len(full) // 2])
+    shutil.copy(root / "corrupt" / "train" / "class1" / "zz_corrupt.png", root / "bad_skip" / "train" / "class1")
+    shutil.copy(root / "truncated" / "train" / "class0" / "zz_truncated.png", root / "bad_skip" / "train" / "class0")
+    (root / "not_a_dir").write_text("a file")
+    (root / "read_only").mkdir(mode=0o555)
+    (root / "cifar_root").mkdir()
+    return root
+
+
+def _train_bad_inputs(folders, ref1, ref2):
+    """(extra args, problem regex, fix regex, out_dir state: 'absent' | 'ref1' | 'ref2')."""
+    f = folders
+    return [
+        (["--data", f"imagefolder:{f / 'missing'}"], r"'.*missing' does not exist", r"pass --data imagefolder:PATH"),
+        (["--data", "imagefolder:"], r"empty path", r"--data imagefolder:PATH"),
+        (["--data", f"imagefolder:{f / 'empty'}"], r"no images in '.*empty'", r"expected .*<class>/<image>"),
+        (["--data", f"imagefolder:{f / 'classes_no_images'}"], r"no images in", r"expected .*<class>/<image>"),
+        (["--data", f"imagefolder:{f / 'corrupt'}"], r"cannot read image '.*zz_corrupt\.png'",
+         r"delete or replace it, or pass --bad-images skip"),
+        (["--data", f"imagefolder:{f / 'truncated'}"], r"cannot read image '.*zz_truncated\.png'",
+         r"--bad-images skip"),
+        (["--n-groups", "65"], r"--n-groups 65 is more than the 64 samples in the memory bank", r"use fewer groups"),
+        (["--batch-size", "128"], r"global batch 128 is larger than the dataset \(64 images", r"smaller --batch-size"),
+        (["--beta-end", "1.5"], r"--beta-start/--beta-end must be in \[0, 1\], got 1.0, 1.5", r"in \[0, 1\]"),
+        (["--beta-start", "-0.1"], r"must be in \[0, 1\], got -0.1", r"in \[0, 1\]"),
+        (["--tau", "0"], r"--tau must be > 0, got 0", r"> 0"),
+        (["--tau", "-0.1"], r"--tau must be > 0", r"> 0"),
+        (["--lr", "-0.1"], r"--lr must be >= 0", r">= 0"),
+        (["--preset", "nope"], r"unknown preset 'nope'", r"choose one of demo, cifar10-r18"),
+        (["--arch", "nope"], r"unknown architecture 'nope'", r"choose one of .*resnet50"),
+        (["--no-such-flag"], r"unrecognized arguments: --no-such-flag", r"see python train.py -h"),
+        (["--data", "cifar10", "--data-root", f / "cifar_root"], r"cifar10 not found under '.*cifar_root'",
+         r"pass --download"),
+        (["--data", "stl10", "--data-root", f / "cifar_root", "--image-size", "16"], r"stl10 not found",
+         r"pass --download"),
+        (["--resume", f / "missing.pth"], r"'.*missing.pth' does not exist", r"pass the path of a \.pth"),
+        (["--resume", f / "not_a_dir"], r"cannot load '.*not_a_dir' as a weights-only checkpoint", r"not a checkpoint"),
+        (["--out-dir", f / "not_a_dir" / "sub"],
+         r"cannot write to --out-dir '.*not_a_dir/sub'.*not a writable directory", r"choose another --out-dir"),
+        *([(["--out-dir", f / "read_only" / "run"], r"cannot write to --out-dir '.*read_only/run'",
+            r"choose another --out-dir")] if os.geteuid() != 0 else []),      # root may write anywhere
+        # resuming a run that this command cannot continue: out_dir holds the reference's checkpoint
+        (["--n-groups", "6"], r"config field 'n_groups' is 8 in the checkpoint but 6 now",
+         r"pass --n-groups 8 or use a new --out-dir", "ref1"),
+        (["--epochs", "3"], r"config field 'epochs' is 2 in the checkpoint but 3 now", r"--epochs 2", "ref1"),
+        (["--seed", "1"], r"config field 'seed'", r"--seed 0", "ref1"),
+        ([], r"written with world size 2, this run has 1", r"rerun with the same number of processes", "ref2"),
+    ]
+
+
+def _prepare_out(state, tmp_path, ref1, ref2, i) -> Path:
+    out = tmp_path / f"out{i}"
+    if state != "absent":
+        shutil.copytree(ref1["dir"] if state == "ref1" else ref2, out)
+    return out
+
+
+def _call_train_main(argv, capfd) -> tuple:
+    import train
+    threads = torch.get_num_threads()
+    try:
+        rc = train.main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+def test_train_bad_inputs_one_line_exit_2_nothing_written(folders, ref1, ref2, tmp_path, capfd):
+    """Every bad input of issue 6 (in this process, train.main): exit 2, exactly one stderr line that
+    names the problem and the fix, no traceback, out_dir (absent, or holding a run) unchanged."""
+    failures = []
+    for i, case in enumerate(_train_bad_inputs(folders, ref1, ref2)):
+        extra, problem, fix, state = (*case, "absent")[:4]
+        out = _prepare_out(state, tmp_path, ref1, ref2, i)
+        if "--out-dir" in map(str, extra):
+            out = Path(str(extra[[str(e) for e in extra].index("--out-dir") + 1]))
+        before = snapshot(out)
+        rc, stdout, err = _call_train_main([*TINY, "--out-dir", out, *extra], capfd)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        why = []
+        if rc != 2:
+            why.append(f"exit {rc}")
+        if len(lines) != 1 or not lines[0].startswith("error: "):
+            why.append(f"stderr is not one 'error: ' line: {err!r}")
+        elif not re.search(problem, lines[0]) or not re.search(fix, lines[0]):
+            why.append(f"message does not match /{problem}/ and /{fix}/: {lines[0]!r}")
+        if "Traceback" in err + stdout:
+            why.append("traceback")
+        if snapshot(out) != before:
+            why.append(f"out_dir changed: {before} -> {snapshot(out)}")
+        if why:
+            failures.append((extra, why))
+    assert failures == [], "\n".join(map(str, failures))
+
+
+def test_train_bad_inputs_as_real_processes(folders, tmp_path):
+    """The same contract seen from outside: a plain process, and a data-loader worker process meeting
+    the corrupt image (its exception carries a worker traceback that must not leak)."""
+    for i, extra in enumerate((["--tau", "0"], ["--data", f"imagefolder:{folders / 'corrupt'}", "--workers", "1"])):
+        out = tmp_path / f"o{i}"
+        line = one_line_error(run(train_cmd(out, *extra)))
+        assert ("tau" in line) if i == 0 else ("zz_corrupt.png" in line and "--bad-images skip" in line), line
+        assert not out.exists()
+
+
+def test_2proc_batch_not_divisible_by_world_size(tmp_path):
+    """Global batch 17 on 2 processes: every worker exits 2 with the same one line (its own stderr, kept
+    apart by --redirects), no worker traceback, nothing written. (The failure report that torchrun
+    itself prints for a worker exiting non-zero is torchrun's, not train.py's.)"""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    r = run(train_cmd(out, "--batch-size", "17", nproc=2, torchrun=("--log-dir", str(logs), "--redirects", "3")))
+    assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
+    errs = sorted(logs.rglob("stderr.log"))
+    assert len(errs) == 2, errs
+    for e in errs:
+        lines = [ln for ln in e.read_text().splitlines() if ln.strip()]
+        assert len(lines) == 1, lines
+        assert re.search(r"^error: --batch-size 17 is not divisible by world size 2 x --accum 1", lines[0]), lines
+    assert not out.exists()
+
+
+def test_bad_images_skip_logs_each_file_once_and_counts(folders, tmp_path):
+    """--bad-images skip: the run completes, each unreadable file is reported once on stderr, listed once
+    in out_dir/skipped_images.txt, and every epoch record counts them."""
+    out = tmp_path / "run"
+    r = ok(run(train_cmd(out, "--data", f"imagefolder:{folders / 'bad_skip'}", "--bad-images", "skip")))
+    for name in ("zz_corrupt.png", "zz_truncated.png"):
+        assert len(re.findall(rf"warning: skipping unreadable image '.*{name}'", r.stderr)) == 1, r.stderr
+    listed = (out / "skipped_images.txt").read_text().split()
+    assert sorted(Path(p).name for p in listed) == ["zz_corrupt.png", "zz_truncated.png"], listed
+    epochs = [rec for rec in log_records(out) if rec["type"] == "epoch"]
+    assert [rec.get("skipped_images") for rec in epochs] == [2, 2], epochs
+
+
+# ----------------------------------------------------------------------------------------------
+# eval_linear.py bad input
+
+
+def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_path, capfd):
+    """eval_linear.py on a file that is not a checkpoint (text, truncated, a half-written temporary
+    checkpoint), on a checkpoint of another architecture, on missing CIFAR/STL files, an unknown
+    architecture and an out_dir that cannot be written: exit 2, one line, no traceback; an existing
+    out_dir with a previous eval.json is left exactly as it was."""
+    import eval_linear
+    ck = ref1["dir"] / "checkpoint.pth"
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(ck.read_bytes()[:5000])
+    exported = tmp_path / "backbone.pth"
+    smog.export_backbone(str(ck), str(exported))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "eval.json").write_text('{"previous": "result"}')
+    cases = [
+        (["--checkpoint", text], r"cannot load .*notes.pth", r"not a checkpoint of this project"),
+        (["--checkpoint", cut], r"cannot load .*cut.pth", r"truncated"),
+        (["--checkpoint", ck, "--arch", "resnet18"],
+         r"--arch resnet18 contradicts the checkpoint's config \(smallcnn\)", r"drop --arch"),
+        (["--checkpoint", exported, "--arch", "resnet18"], r"does not match arch resnet18", r"missing keys"),
+        (["--checkpoint", exported, "--arch", "smallcnn", "--width", "16"], r"shape mismatch", r"width=16"),
+        (["--checkpoint", ck, "--data", "cifar10", "--data-root", folders / "cifar_root"],
+         r"cifar10 not found under", r"pass --download"),
+        (["--checkpoint", ck, "--data", "stl10", "--data-root", folders / "cifar_root"], r"stl10 not found",
+         r"pass --download"),
+        (["--checkpoint", ck, "--arch", "nope"], r"--arch.*'nope'", r"choose|smallcnn"),
+        (["--checkpoint", ck, "--out-dir", folders / "not_a_dir" / "sub"],
+         r"cannot write to --out-dir '.*not_a_dir/sub'", r"choose another --out-dir"),
+    ]
+    failures = []
+    before = snapshot(out)
+    for extra, problem, fix in cases:
+        argv = [str(a) for a in ["--out-dir", out, "--cached-features", "--epochs", "1", "--workers", "0",
+                                 "--device", "cpu", "--quiet", *extra]]
+        threads = torch.get_num_threads()
+        try:
+            rc = eval_linear.main(argv)
+        except SystemExit as e:                                  # argparse
+            rc = e.code
+        finally:
+            torch.set_num_threads(threads)
+        stdout, err = capfd.readouterr()
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        why = []
+        if rc != 2:
+            why.append(f"exit {rc}")
+        if len(lines) != 1 or not lines[0].startswith("error: "):
+            why.append(f"stderr is not one 'error: ' line: {err!r}")
+        elif not re.search(problem, lines[0]) or not re.search(fix, lines[0]):
+            why.append(f"message does not match /{problem}/ and /{fix}/: {lines[0]!r}")
+        if "Traceback" in err + stdout:
+            why.append("traceback")
+        if snapshot(out) != before:
+            why.append("out_dir changed")
+        if why:
+            failures.append((extra[-2:], why))
+    assert failures == [], "\n".join(map(str, failures))
+    assert not (folders / "cifar_root").exists() or not any((folders / "cifar_root").iterdir())
