@@ -594,19 +594,22 @@ def test_train_bad_inputs_as_real_processes(folders, tmp_path):
 
 
 def test_2proc_batch_not_divisible_by_world_size(tmp_path):
-    """Global batch 17 on 2 processes: every worker exits 2 with the same one line (its own stderr, kept
-    apart by --redirects), no worker traceback, nothing written. (The failure report that torchrun
+    """Global batch 17 on 2 processes: the workers exit 2 with the same one line (each its own stderr,
+    kept apart by --redirects), no worker traceback, nothing written. (The failure report that torchrun
     itself prints for a worker exiting non-zero is torchrun's, not train.py's.)"""
     out, logs = tmp_path / "out", tmp_path / "logs"
     r = run(train_cmd(out, "--batch-size", "17", nproc=2, torchrun=("--log-dir", str(logs), "--redirects", "3")))
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
     errs = sorted(logs.rglob("stderr.log"))
     assert len(errs) == 2, errs
-    for e in errs:
+    said = 0
+    for e in errs:   # a worker still starting up when the other one exits is stopped by torchrun: empty log
         lines = [ln for ln in e.read_text().splitlines() if ln.strip()]
-        assert len(lines) == 1, lines
-        assert re.search(r"^error: --batch-size 17 is not divisible by world size 2 x --accum 1", lines[0]), lines
-    assert not out.exists()
+        assert len(lines) <= 1, lines
+        if lines:
+            assert re.search(r"^error: --batch-size 17 is not divisible by world size 2 x --accum 1", lines[0]), lines
+            said += 1
+    assert said >= 1 and not out.exists()
 
 
 def test_bad_images_skip_logs_each_file_once_and_counts(folders, tmp_path):
