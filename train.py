@@ -445,7 +445,7 @@ def schedules(cfg: Config, steps_per_epoch: int) -> dict:
 class StepBatches(torch.utils.data.Sampler):
     """Micro-batches of this rank for one epoch: a DistributedSampler permutation (seed + epoch,
     drop_last), cut into steps of `accum` micro-batches of `micro` samples; incomplete steps dropped.
-    Items are (index, online set of the step, item seed). set_epoch(epoch, start_step) fast-forwards
+    Items are (index, item seed, online set of the step). set_epoch(epoch, start_step) fast-forwards
     to an exact position, so a resumed run sees the same micro-batches as an uninterrupted one."""
 
     def __init__(self, n: int, rank: int, world: int, micro: int, accum: int, seed: int):
@@ -468,7 +468,7 @@ class StepBatches(torch.utils.data.Sampler):
             online = "A" if (self.epoch * self.steps + s) % 2 == 0 else "B"
             for a in range(self.accum):
                 chunk = idx[(s * self.accum + a) * self.micro:(s * self.accum + a + 1) * self.micro]
-                yield [(i, online, item_seed(self.seed, self.epoch, i)) for i in chunk]
+                yield [(i, item_seed(self.seed, self.epoch, i), online) for i in chunk]
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -819,7 +819,6 @@ def knn_monitor(backbone: nn.Module, train_plain, test_ds, n_classes: int, cfg: 
 def train_supervised(cfg: Config, train_raw, n_classes: int, steps: int, device, autocast) -> nn.Module:
     """The same backbone trained with labels (cross-entropy, linear head) for `steps` steps of the same
     global batch, on the global-crop augmentation of set A; SGD momentum 0.9, cosine lr, wd 5e-4."""
-    import eval_linear
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 2)
         backbone, fdim = smog.build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, drop_path=cfg.drop_path,
@@ -829,20 +828,14 @@ def train_supervised(cfg: Config, train_raw, n_classes: int, steps: int, device,
     rank = dist.get_rank() if smog.dist_ready() else 0
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     aug = data.augmentation("A", cfg.image_size, (cfg.global_scale_min, cfg.global_scale_max), blur_scale=cfg.blur_scale)
-    ds = eval_linear.SeededItems(with_transform(train_raw, aug), cfg.seed + 2)
-    per_rank = cfg.batch_size // world
+    sampler = StepBatches(len(train_raw), rank, world, cfg.batch_size // world, 1, cfg.seed + 2)
+    dl = loader(data.AugmentedDataset(train_raw, aug), sampler, cfg, device, persistent=True)
     opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4, nesterov=True)
     peak = cfg.sup_lr * cfg.batch_size / 256
     step, epoch = 0, 0
     net.train()
     while step < steps:
-        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, seed=cfg.seed + 2,
-                                                      drop_last=True)
         sampler.set_epoch(epoch)
-        ds.epoch = epoch
-        dl = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.workers, worker_init_fn=_worker_init,
-                                         generator=torch.Generator())
         for x, y in dl:
             if step >= steps:
                 break
