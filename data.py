@@ -390,7 +390,7 @@ class seeded:
 
 
 class ViewsDataset(torch.utils.data.Dataset):
-    """Indexed by (dataset index, item seed, online set "A"/"B") -- what train.py's batch sampler yields
+    """Indexed by (dataset index, online set "A"/"B", item seed) -- what train.py's batch sampler yields
     -> (online crops, momentum crops, dataset index). The crops are drawn with torch's RNG seeded from
     the item seed, so they do not depend on which worker or rank makes them, nor on where a run resumed.
     `base` must return PIL images (transform=None)."""
@@ -402,7 +402,7 @@ class ViewsDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        i, seed, online = key
+        i, online, seed = key
         img, _ = self.base[i]
         with seeded(seed):
             on, mo = self.views(img, online)
@@ -410,8 +410,9 @@ class ViewsDataset(torch.utils.data.Dataset):
 
 
 class AugmentedDataset(torch.utils.data.Dataset):
-    """Indexed by (dataset index, item seed, ...) -> (transform(img), label), the transform's randomness
-    seeded per item like ViewsDataset (train.py's supervised baseline)."""
+    """Indexed by (dataset index, ..., item seed) -- first and last element, so train.py's ViewsDataset keys
+    serve -> (transform(img), label), the transform's randomness seeded per item like ViewsDataset
+    (train.py's supervised baseline)."""
 
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
@@ -421,5 +422,5 @@ class AugmentedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         img, label = self.base[key[0]]
-        with seeded(key[1]):
+        with seeded(key[-1]):
             return self.transform(img), label

@@ -1,6 +1,6 @@
 """SMoG pretraining (algorithm.md), from a 2-core laptop to many GPUs and nodes with the same file.
 
-    python train.py                                         # main job: the built-in demo, ~4 min on 2 CPU cores
+    python train.py                                         # main job: the built-in demo, ~2.5 min on 2 CPU cores
     python train.py --preset cifar10-r18 --download         # one GPU (or CPU)
     torchrun --nproc_per_node=8 train.py --preset imagenet-r50 --data imagefolder:/data/imagenet
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py --preset ...
@@ -445,7 +445,7 @@ def schedules(cfg: Config, steps_per_epoch: int) -> dict:
 class StepBatches(torch.utils.data.Sampler):
     """Micro-batches of this rank for one epoch: a DistributedSampler permutation (seed + epoch,
     drop_last), cut into steps of `accum` micro-batches of `micro` samples; incomplete steps dropped.
-    Items are (index, item seed, online set of the step). set_epoch(epoch, start_step) fast-forwards
+    Items are (index, online set of the step, item seed). set_epoch(epoch, start_step) fast-forwards
     to an exact position, so a resumed run sees the same micro-batches as an uninterrupted one."""
 
     def __init__(self, n: int, rank: int, world: int, micro: int, accum: int, seed: int):
@@ -468,7 +468,7 @@ class StepBatches(torch.utils.data.Sampler):
             online = "A" if (self.epoch * self.steps + s) % 2 == 0 else "B"
             for a in range(self.accum):
                 chunk = idx[(s * self.accum + a) * self.micro:(s * self.accum + a + 1) * self.micro]
-                yield [(i, item_seed(self.seed, self.epoch, i), online) for i in chunk]
+                yield [(i, online, item_seed(self.seed, self.epoch, i)) for i in chunk]
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -1033,6 +1033,9 @@ def train(cfg: Config) -> int:
                 f"{n} training images, {spe} steps/epoch of {cfg.batch_size} (micro-batch {micro} x accum "
                 f"{cfg.accum} x world {world}), {total_steps} steps")
 
+    if cfg.knn_every and test_ds is None:
+        rank0_print(f"note: {cfg.data} has no held-out split (PATH/val); the per-epoch kNN monitor is off")
+
     def log(rec: dict) -> None:
         if rank == 0:
             with open(log_path, "a") as fh:
@@ -1195,7 +1198,9 @@ def train(cfg: Config) -> int:
     if cfg.final_eval and os.path.exists(done) and last_feats is None and st["step"] == total_steps:  # all ranks see it
         if rank == 0:                                                    # is started by one rank alone
             with open(done) as fh:
-                print("run already complete; stored results:\n" + results_table(json.load(fh), cfg), flush=True)
+                res = json.load(fh)
+            print("run already complete; stored results:\n" + results_table(res, cfg), flush=True)
+            log(dict(type="final", **res, knn=st["knn"]))                # the log was truncated to the checkpoint
         cfg = dataclasses.replace(cfg, final_eval=False)
     if cfg.final_eval:
         res = final_eval(cfg, model, train_raw, train_plain, test_ds, n_classes, total_steps, device, autocast,

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import data
 import smog
 import train
 
