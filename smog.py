@@ -139,16 +139,22 @@ def smog_step(groups: torch.Tensor, z_update: torch.Tensor, z_target: torch.Tens
     through the (1 - beta) mean term (authors' README); assignments never carry gradient.
     """
     J, B, D = z_target.shape
-    C = p.shape[0]
     g0 = groups.detach()
     targets = assign_groups(z_target.reshape(J * B, D), g0).view(J, B)
     a = assign_groups(z_update.detach(), g0)
     new = update_groups(g0, z_update if group_grad else z_update.detach(), a, beta, all_reduce=all_reduce)
     if not group_grad:
         new = new.detach()
-    logp = group_logits(p.reshape(C * B, D), new, tau).log_softmax(-1).view(C, B, -1)  # (C, B, K)
-    nll = -logp.gather(2, targets.T.unsqueeze(0).expand(C, B, J))                       # (C, B, J)
-    return nll.mean(), new, targets
+    return multi_target_loss(p, new, targets, tau), new, targets
+
+
+def multi_target_loss(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
+    """(S2) every online prediction against every target: p [C, B, D], groups [K, D], targets [J, B]
+    -> mean over (c, j, b) of cross-entropy(group_logits(p[c]), targets[j])."""
+    C, B, D = p.shape
+    J = targets.shape[0]
+    logp = group_logits(p.reshape(C * B, D), groups, tau).log_softmax(-1).view(C, B, -1)  # (C, B, K)
+    return -logp.gather(2, targets.T.unsqueeze(0).expand(C, B, J)).mean()                 # (C, B, J)
 
 
 def _nearest(x: torch.Tensor, c: torch.Tensor, chunk_elems: Optional[int] = None) -> torch.Tensor:

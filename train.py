@@ -601,14 +601,10 @@ class StepModule(nn.Module):
         if targets is None:
             return m(online, momentum, beta)
         p = m.predictor(m.projector(smog.encode_crops(m.backbone, online)))          # (C*b, D)
-        C, b = len(online), online[0].shape[0]
+        p = p.float().view(len(online), online[0].shape[0], -1)                        # (C, b, D)
         with torch.autocast(p.device.type, enabled=False):
-            losses = []
-            for h, t in enumerate(targets):                                           # t (J, b)
-                logp = smog.group_logits(p.float(), m.groups[h], m.cfg.tau).log_softmax(-1).view(C, b, -1)
-                nll = -logp.gather(2, t.T.unsqueeze(0).expand(C, b, t.shape[0]))      # (C, b, J)
-                losses.append(nll.mean())
-            return torch.stack(losses).mean()
+            return torch.stack([smog.multi_target_loss(p, m.groups[h], t, m.cfg.tau)   # t (J, b)
+                                for h, t in enumerate(targets)]).mean()
 
 
 def _rng_get(device) -> torch.Tensor:
@@ -786,12 +782,11 @@ def check_resume(ck: dict, cfg: Config, world: int, path: str) -> None:
 
 def check_writable(out_dir: str) -> None:
     """out_dir (or its nearest existing parent) must be a writable directory; nothing is created here."""
-    d = os.path.abspath(out_dir)
-    while not os.path.exists(d):
-        d = os.path.dirname(d)
-    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to --out-dir {out_dir!r} ({d!r} is not a writable directory); "
-                         f"choose another --out-dir")
+    import eval_linear
+    try:
+        eval_linear.check_writable(out_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------------------------
