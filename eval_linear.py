@@ -682,9 +682,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    if "RANK" in os.environ:  # under torchrun: skip interpreter finalisation (see the same block in train.py:
-        sys.stdout.flush()    # gloo's worker threads can abort a finalising interpreter after a finished run)
-        sys.stderr.flush()
-        os._exit(rc)
-    sys.exit(rc)
+    smog.exit_process(main())

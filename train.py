@@ -1224,13 +1224,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    if "RANK" in os.environ:
-        # under torchrun, skip interpreter finalisation: gloo's worker threads may still be releasing the
-        # tensors of the last collectives, need the GIL of a finalising interpreter and abort the process
-        # (exit -6 after a finished run; seen ~1 run in 10 on a busy 2-core machine). Everything is
-        # written, flushed and the process group destroyed by now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-    sys.exit(rc)
+    smog.exit_process(main())

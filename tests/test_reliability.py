@@ -35,6 +35,7 @@ import pytest
 import torch
 
 import smog
+from state_compare import assert_same
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 64
@@ -105,23 +106,6 @@ def tmp_files(out_dir) -> list:
 # comparing final states
 
 
-def _assert_same(a, b, path: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs (max abs diff "\
-                                  f"{(a.double() - b.double()).abs().max().item() if a.numel() else 0})"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys {sorted(map(str, set(a) ^ set(b)))}"
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 def log_records(out_dir) -> list:
     recs = [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in VOLATILE_LOG_KEYS} for r in recs]
@@ -138,9 +122,9 @@ def assert_same_final(ref_dir, out_dir) -> None:
             continue
         if k == "config":
             strip = lambda c: {f: v for f, v in c.items() if f not in RUNTIME_CONFIG_KEYS}  # noqa: E731
-            _assert_same(strip(ref[k]), strip(got[k]), "config")
+            assert_same(strip(ref[k]), strip(got[k]), "config")
             continue
-        _assert_same(ref[k], got[k], k)
+        assert_same(ref[k], got[k], k)
     assert "groups" in got["model"] and got["bank"].shape == (2, N_TRAIN, 16) and got["optimizer"]["state"]
     assert log_records(out_dir) == log_records(ref_dir)
     assert tmp_files(out_dir) == []
@@ -295,8 +279,8 @@ def test_skip_nonfinite_skips_the_step_and_leaves_every_state_untouched(tmp_path
     after = load(out / "checkpoint.pth")
     assert (after["step"], after["skipped_nonfinite"]) == (TOTAL_STEPS, 1)
     for k in ("model", "bank"):
-        _assert_same(before[k], after[k], k)
-    _assert_same(before["optimizer"]["state"], after["optimizer"]["state"], "optimizer/state")
+        assert_same(before[k], after[k], k)
+    assert_same(before["optimizer"]["state"], after["optimizer"]["state"], "optimizer/state")
     assert all(torch.isfinite(v).all() for v in after["model"].values() if v.is_floating_point())
 
 
@@ -544,6 +528,22 @@ def _prepare_out(state, tmp_path, ref1, ref2, i) -> Path:
     return out
 
 
+def _one_line_error_problems(rc, stdout, err, problem, fix) -> list:
+    """What is wrong with a bad-input exit: not code 2, not exactly one 'error: ' line naming the problem
+    (regex) and the fix (regex), or a traceback. [] when all is right."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    why = []
+    if rc != 2:
+        why.append(f"exit {rc}")
+    if len(lines) != 1 or not lines[0].startswith("error: "):
+        why.append(f"stderr is not one 'error: ' line: {err!r}")
+    elif not re.search(problem, lines[0]) or not re.search(fix, lines[0]):
+        why.append(f"message does not match /{problem}/ and /{fix}/: {lines[0]!r}")
+    if "Traceback" in err + stdout:
+        why.append("traceback")
+    return why
+
+
 def _call_train_main(argv, capfd) -> tuple:
     import train
     threads = torch.get_num_threads()
@@ -566,16 +566,7 @@ def test_train_bad_inputs_one_line_exit_2_nothing_written(folders, ref1, ref2, t
             out = Path(str(extra[[str(e) for e in extra].index("--out-dir") + 1]))
         before = snapshot(out)
         rc, stdout, err = _call_train_main([*TINY, "--out-dir", out, *extra], capfd)
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        why = []
-        if rc != 2:
-            why.append(f"exit {rc}")
-        if len(lines) != 1 or not lines[0].startswith("error: "):
-            why.append(f"stderr is not one 'error: ' line: {err!r}")
-        elif not re.search(problem, lines[0]) or not re.search(fix, lines[0]):
-            why.append(f"message does not match /{problem}/ and /{fix}/: {lines[0]!r}")
-        if "Traceback" in err + stdout:
-            why.append("traceback")
+        why = _one_line_error_problems(rc, stdout, err, problem, fix)
         if snapshot(out) != before:
             why.append(f"out_dir changed: {before} -> {snapshot(out)}")
         if why:
@@ -673,16 +664,7 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
         finally:
             torch.set_num_threads(threads)
         stdout, err = capfd.readouterr()
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        why = []
-        if rc != 2:
-            why.append(f"exit {rc}")
-        if len(lines) != 1 or not lines[0].startswith("error: "):
-            why.append(f"stderr is not one 'error: ' line: {err!r}")
-        elif not re.search(problem, lines[0]) or not re.search(fix, lines[0]):
-            why.append(f"message does not match /{problem}/ and /{fix}/: {lines[0]!r}")
-        if "Traceback" in err + stdout:
-            why.append("traceback")
+        why = _one_line_error_problems(rc, stdout, err, problem, fix)
         if snapshot(out) != before:
             why.append("out_dir changed")
         if why:

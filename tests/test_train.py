@@ -17,6 +17,7 @@ from PIL import Image
 
 import smog
 import train
+from state_compare import assert_same
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny run: 96 images, 6 steps per epoch of 16, a 4-wide CNN, 2 heads of 8 groups
@@ -187,21 +188,6 @@ def test_accumulated_step_updates_groups_once_on_the_concatenation():
 # real runs
 
 
-def _tensors_equal(a, b, path=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _tensors_equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _tensors_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 DETERMINISTIC = ("step", "epoch", "loss", "lr", "beta", "m", "nonempty", "entropy", "knn_top1", "peak_group_hit")
 
 
@@ -217,7 +203,7 @@ def test_kill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     b = smog.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pth"))
     assert a["step"] == 12
     for k in ("model", "optimizer", "bank", "rng", "knn", "step", "epoch"):
-        _tensors_equal(a[k], b[k], k)
+        assert_same(a[k], b[k], k)
     la = [{k: r[k] for k in DETERMINISTIC if k in r} for r in records(tmp_path / "full", "step") + records(
         tmp_path / "full", "epoch")]
     lb = [{k: r[k] for k in DETERMINISTIC if k in r} for r in records(tmp_path / "cut", "step") + records(
