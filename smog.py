@@ -167,8 +167,9 @@ def smog_multihead_step(groups: torch.Tensor, z: torch.Tensor, z_target: torch.T
     Returns (loss [], new_groups [H, K, D], targets [H, J, B]).
       (H1) loss = mean over heads of the per-head smog_step losses
       (H2) head h updates from the online global crop h mod 2, z[h % 2]
-      (H3) the incoming groups never receive gradient (each head detaches them)
-    The caller copies new_groups into its buffer after all heads are done (S7)."""
+      (H3) head h's targets come from its own groups, before its update
+      (H4) the incoming groups never receive gradient (each head detaches them)
+    The caller copies new_groups into its buffer after all heads are done (H5, S7)."""
     H, C = groups.shape[0], z.shape[0]
     if C < 2:
         raise ValueError(f"smog_multihead_step: z holds {C} online crop(s); head h updates from global crop "

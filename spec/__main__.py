@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     import pytest
     col = Collector()
     cmd = [str(SPEC_DIR), "-qq", "--tb=no", "-p", "no:cacheprovider", "-p", "no:warnings", "-o", "addopts=",
-           f"--hypothesis-profile={args.profile}", f"--ignore={SPEC_DIR / 'test_meta.py'}",
+           f"--hypothesis-profile=verdict-{args.profile}", f"--ignore={SPEC_DIR / 'test_meta.py'}",
            f"--ignore={SPEC_DIR / 'test_mutants.py'}", f"--ignore={SPEC_DIR / 'test_peers.py'}",
            f"--rootdir={SPEC_DIR.parent}"]
     if args.select:

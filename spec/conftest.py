@@ -3,7 +3,9 @@
 - `impl`: the implementation under test, from SMOG_IMPL ("module" or "module:attr"; default smog).
   SMOG_IMPL=spec.mutants:* runs every mutant of spec/mutants.py in one session (see test_mutants.py).
 - Hypothesis profiles: `ci` (default: deterministic, quick) and `thorough`; pick with
-  --hypothesis-profile=thorough. `kill` is `ci` without shrinking, for the mutation check.
+  --hypothesis-profile=thorough. `kill` is `ci` without shrinking, for the mutation check, and
+  `verdict-ci` / `verdict-thorough` the same for `python -m spec` (a verdict needs a failure, not the
+  smallest one).
 - SMOG_XFAIL=path: a file of test names or invariant ids (one a line, # comments) to mark xfail,
   for implementations that knowingly deviate (array-api-tests style).
 - Every invariant id is also a marker: `pytest spec -m G5`, `pytest spec -m "S2 or L6"`.
@@ -23,8 +25,10 @@ _quiet = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_to
 settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None, database=None,
                           print_blob=False, suppress_health_check=_quiet)
 settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=_quiet)
-settings.register_profile("kill", parent=settings.get_profile("ci"),
-                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+_no_shrink = [Phase.explicit, Phase.reuse, Phase.generate]   # a verdict needs a failure, not the smallest one
+settings.register_profile("kill", parent=settings.get_profile("ci"), phases=_no_shrink)
+settings.register_profile("verdict-ci", parent=settings.get_profile("ci"), phases=_no_shrink)
+settings.register_profile("verdict-thorough", parent=settings.get_profile("thorough"), phases=_no_shrink)
 
 
 def pytest_configure(config):
