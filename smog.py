@@ -160,6 +160,30 @@ def smog_step(groups: torch.Tensor, z_update: torch.Tensor, z_target: torch.Tens
     return multi_target_loss(p, new, targets, tau), new, targets
 
 
+def smog_multihead_step(groups: torch.Tensor, z: torch.Tensor, z_target: torch.Tensor, p: torch.Tensor,
+                        beta, tau: float, *, all_reduce: Optional[Reduce] = None, group_grad: bool = False):
+    """One iteration of all H heads (spec/heads.md): groups [H, K, D]; z [C, B, D] online projector
+    embeddings of every online crop (C >= 2); z_target [J, B, D]; p [C, B, D].
+    Returns (loss [], new_groups [H, K, D], targets [H, J, B]).
+      (H1) loss = mean over heads of the per-head smog_step losses
+      (H2) head h updates from the online global crop h mod 2, z[h % 2]
+      (H3) head h's targets come from its own groups, before its update
+      (H4) the incoming groups never receive gradient (each head detaches them)
+    The caller copies new_groups into its buffer after all heads are done (H5, S7)."""
+    H, C = groups.shape[0], z.shape[0]
+    if C < 2:
+        raise ValueError(f"smog_multihead_step: z holds {C} online crop(s); head h updates from global crop "
+                         f"h mod 2, so pass at least the 2 global crops")
+    losses, new_groups, targets = [], [], []
+    for h in range(H):
+        loss, g, t = smog_step(groups[h], z[h % 2], z_target, p, beta, tau, all_reduce=all_reduce,
+                               group_grad=group_grad)
+        losses.append(loss)
+        new_groups.append(g)
+        targets.append(t)
+    return torch.stack(losses).mean(), torch.stack(new_groups), torch.stack(targets)
+
+
 def multi_target_loss(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
     """(S2) every online prediction against every target: p [C, B, D], groups [K, D], targets [J, B]
     -> mean over (c, j, b) of cross-entropy(group_logits(p[c]), targets[j])."""
@@ -414,21 +438,17 @@ class SMoG(nn.Module):
             zt = F.normalize(zt.float(), dim=-1).view(J, B, -1)
             z = F.normalize(z.float(), dim=-1).view(C, B, -1)
             p = p.float().view(C, B, -1)
-            losses, new_groups, hits = [], [], []
-            for h in range(self.cfg.n_heads):
-                loss, g, t = smog_step(self.groups[h], z[h % 2], zt, p, beta, self.cfg.tau,
-                                       all_reduce=all_reduce, group_grad=self.cfg.group_grad)
-                losses.append(loss)
-                new_groups.append(g)
-                hits.append(torch.zeros(self.cfg.n_groups, device=t.device).index_add_(
-                    0, t.flatten(), torch.ones(t.numel(), device=t.device)))
+            loss, new_groups, targets = smog_multihead_step(self.groups, z, zt, p, beta, self.cfg.tau,
+                                                            all_reduce=all_reduce, group_grad=self.cfg.group_grad)
             with torch.no_grad():
-                self.groups.copy_(torch.stack(new_groups))
+                self.groups.copy_(new_groups)
+                hits = [torch.zeros(self.cfg.n_groups, device=t.device).index_add_(
+                    0, t.flatten(), torch.ones(t.numel(), device=t.device)) for t in targets]
                 counts = _resolve(all_reduce, _dist_sum)(torch.stack(hits))  # (H, K) global histogram
                 prob = counts / counts.sum(1, keepdim=True)
                 stats = {"nonempty": (counts > 0).float().mean(1),
                          "entropy": -(prob * prob.clamp_min(1e-12).log()).sum(1)}
-        return torch.stack(losses).mean(), stats
+        return loss, stats
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,9 +3,12 @@
 - `impl`: the implementation under test, from SMOG_IMPL ("module" or "module:attr"; default smog).
   SMOG_IMPL=spec.mutants:* runs every mutant of spec/mutants.py in one session (see test_mutants.py).
 - Hypothesis profiles: `ci` (default: deterministic, quick) and `thorough`; pick with
-  --hypothesis-profile=thorough. `kill` is `ci` without shrinking, for the mutation check.
+  --hypothesis-profile=thorough. `kill` is `ci` without shrinking, for the mutation check, and
+  `verdict-ci` / `verdict-thorough` the same for `python -m spec` (a verdict needs a failure, not the
+  smallest one).
 - SMOG_XFAIL=path: a file of test names or invariant ids (one a line, # comments) to mark xfail,
   for implementations that knowingly deviate (array-api-tests style).
+- Every invariant id is also a marker: `pytest spec -m G5`, `pytest spec -m "S2 or L6"`.
 """
 from __future__ import annotations
 
@@ -16,18 +19,22 @@ import re
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from spec.harness import ALL_MUTANTS, Impl, impl_name
+from spec.harness import ALL_MUTANTS, ASSERTS, Impl, cited_ids, impl_name, invariant_ids
 
 _quiet = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None, database=None,
                           print_blob=False, suppress_health_check=_quiet)
 settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=_quiet)
-settings.register_profile("kill", parent=settings.get_profile("ci"),
-                          phases=[Phase.explicit, Phase.reuse, Phase.generate])
+_no_shrink = [Phase.explicit, Phase.reuse, Phase.generate]   # a verdict needs a failure, not the smallest one
+settings.register_profile("kill", parent=settings.get_profile("ci"), phases=_no_shrink)
+settings.register_profile("verdict-ci", parent=settings.get_profile("ci"), phases=_no_shrink)
+settings.register_profile("verdict-thorough", parent=settings.get_profile("thorough"), phases=_no_shrink)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "invariant(*ids): the spec/*.md invariants this test checks")
+    for i, doc in invariant_ids().items():
+        config.addinivalue_line("markers", f"{i}: tests of invariant ({i}) of spec/{doc}")
     if not config.getoption("hypothesis_profile", None):
         settings.load_profile("ci")
 
@@ -54,6 +61,9 @@ def impl(request):
 # -- per-implementation expected failures -----------------------------------------------------------
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:   # each cited id as a marker of its own, for -m selection
+        for i in sorted(cited_ids(item)):
+            item.add_marker(getattr(pytest.mark, i))
     if impl_name() == ALL_MUTANTS:
         _order_for_mutants(items)
     path = os.environ.get("SMOG_XFAIL")
@@ -62,7 +72,7 @@ def pytest_collection_modifyitems(config, items):
     with open(path) as f:
         entries = {line.split("#")[0].strip() for line in f} - {""}
     for item in items:
-        ids = {i for m in item.iter_markers("invariant") for i in m.args}
+        ids = cited_ids(item)
         hit = sorted(e for e in entries if e in ids or (not re.fullmatch(r"[A-Z]\d+", e) and
                                                          (e == item.originalname or e in item.nodeid)))
         if hit:
@@ -71,23 +81,26 @@ def pytest_collection_modifyitems(config, items):
 
 # -- mutation check bookkeeping (SMOG_IMPL=spec.mutants:*) ------------------------------------------
 
-_killed: dict = {}
+_killed: dict = {}   # mutant -> its first assertion failure
+_hit: dict = {}      # mutant -> the invariant ids cited by every test it failed with an assertion
+
+
+def _expected(name) -> set:
+    from spec.mutants import MUTANTS
+    return {s.strip() for s in MUTANTS[name][1].split(",")}
 
 
 def _order_for_mutants(items):
     """Group the items by mutant and run first the tests citing the invariants that the mutant is
     expected to break (MUTANTS[name][1]): the kill rate is the same, the session much shorter."""
-    from spec.mutants import MUTANTS
-    names = list(MUTANTS)
+    names = _mutant_names()
 
     def key(pair):
         pos, item = pair
         name = _mutant_of(item)
         if name is None:
             return (-1, 0, pos)
-        expected = {s.strip() for s in MUTANTS[name][1].split(",")}
-        cited = {i for m in item.iter_markers("invariant") for i in m.args}
-        return (names.index(name), 0 if cited & expected else 1, pos)
+        return (names.index(name), 0 if cited_ids(item) & _expected(name) else 1, pos)
 
     items[:] = [item for _, item in sorted(enumerate(items), key=key)]
 
@@ -98,8 +111,9 @@ def _mutant_of(item):
 
 
 def pytest_runtest_setup(item):
+    """Once a mutant is killed, run only its tests of expected invariants that no test has failed yet."""
     name = _mutant_of(item)
-    if name is not None and name in _killed:
+    if name is not None and name in _killed and not cited_ids(item) & (_expected(name) - _hit.get(name, set())):
         pytest.skip(f"mutant {name} already killed by {_killed[name]['test']}")
 
 
@@ -108,13 +122,19 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     name = _mutant_of(item)
-    if name is not None and rep.failed and name not in _killed:
-        reason = call.excinfo.typename if call.excinfo is not None else "failed"
-        _killed[name] = {"test": item.nodeid.split("[")[0], "when": rep.when, "reason": reason}
+    if name is None or not rep.failed:
+        return
+    reason = call.excinfo.typename if call.excinfo is not None else "failed"
+    if reason not in ASSERTS:
+        return
+    _hit.setdefault(name, set()).update(cited_ids(item))
+    _killed.setdefault(name, {"test": item.nodeid.split("[")[0], "when": rep.when, "reason": reason})
 
 
 def pytest_sessionfinish(session):
     out = os.environ.get("SMOG_MUTANT_REPORT")
     if out and impl_name() == ALL_MUTANTS:
+        report = {name: None if name not in _killed else {**_killed[name], "invariants": sorted(_hit[name])}
+                  for name in _mutant_names()}
         with open(out, "w") as f:
-            json.dump({name: _killed.get(name) for name in _mutant_names()}, f, indent=1)
+            json.dump(report, f, indent=1)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +19,49 @@ import torch
 IMPL_ENV = "SMOG_IMPL"
 DEFAULT_IMPL = "smog"
 ALL_MUTANTS = "spec.mutants:*"
-PROTOCOL = ("assign_groups", "update_groups", "group_logits", "smog_loss", "smog_step", "spherical_kmeans",
-            "momentum_update_", "beta_schedule")   # the functional core, see spec/README.md
+PROTOCOL = ("assign_groups", "update_groups", "group_logits", "smog_loss", "smog_step", "smog_multihead_step",
+            "spherical_kmeans", "momentum_update_", "beta_schedule")   # the functional core, see spec/README.md
+
+
+# -- the invariants ----------------------------------------------------------------------------------
+
+SPEC_DIR = Path(__file__).resolve().parent
+DOCS = {"grouping.md": "G", "loss.md": "L", "kmeans.md": "K", "step.md": "S", "momentum.md": "M", "heads.md": "H"}
+DEFINITION = re.compile(r"^#{2,4}\s+\(([A-Z]\d+)\)", re.M)      # "### (G2) The momentum update"
+
+# What each invariant's tests also exercise: when one of these fails too, this failure probably follows
+# from it (python -m spec marks it so). S2's loss, say, is computed with the groups of G2/G3.
+DEPENDS = {
+    "G3": ["G2"], "G5": ["G2"], "G6": ["G5"], "G7": ["G2"], "G8": ["G1", "G2"], "G9": ["G2"],
+    "G11": ["G1", "G2"], "G12": ["G1", "G2"],
+    "L2": ["L1"], "L3": ["L1"], "L4": ["L1"], "L5": ["S2"], "L6": ["G2", "G3", "L1", "S1"], "L7": ["L6", "G5"],
+    "L8": ["L1"],
+    "K2": ["K1", "G1"], "K3": ["K1", "K2"], "K4": ["K3"], "K5": ["K3"], "K6": ["K1", "K3"], "K7": ["K1"],
+    "K8": ["K1", "K3"],
+    "S1": ["G1"], "S2": ["S1", "S3", "L1"], "S3": ["G1", "G2", "G3"], "S4": ["S2", "S3"], "S5": ["S3"],
+    "S6": ["S2", "S3", "G5"], "S7": ["G10"],
+    "M2": ["M1"], "M4": ["M1"],
+    "H1": ["S2"], "H2": ["S3"], "H3": ["S1"], "H4": ["L5", "L6"], "H5": ["S1", "S2", "S3", "S7"],
+}
+
+
+ASSERTS = {"AssertionError", "Failed"}   # a failure that is an assertion (a kill), not a crash
+
+
+def invariant_ids() -> dict:
+    """{id: document} for every invariant defined in spec/*.md, in document order."""
+    ids = {}
+    for doc, letter in DOCS.items():
+        for i in DEFINITION.findall((SPEC_DIR / doc).read_text()):
+            assert i[0] == letter, f"{i} is defined in {doc}, which holds the {letter}* invariants"
+            assert i not in ids, f"{i} is defined twice ({ids[i]} and {doc})"
+            ids[i] = doc
+    return ids
+
+
+def cited_ids(item) -> set:
+    """The invariant ids a collected pytest item cites with @pytest.mark.invariant."""
+    return {i for m in item.iter_markers("invariant") for i in m.args}
 
 
 def impl_name() -> str:
@@ -66,17 +109,23 @@ class Impl:
 
 def run_ranks(world: int, fn, timeout: float = 10.0):
     """Run fn(rank, all_reduce, broadcast) on `world` threads, one per simulated rank, and return the
-    list of results in rank order. all_reduce returns a *new* tensor holding the sum over ranks
-    (summed in rank order, so every rank gets the same bits); broadcast returns a copy of rank 0's
-    tensor. Neither touches its argument: an implementation that ignores the return value fails.
-    Collectives called a different number of times on different ranks end in a BrokenBarrierError."""
+    list of results in rank order.
+
+    all_reduce(t) returns a *new* tensor, the sum over ranks of their t, added in rank order (so every
+    rank gets the same bits), and it is differentiable: the sum is an autograd sum of every rank's own
+    tensor, so a backward through any rank's result reaches every rank's input. The adjoint of a SUM
+    all-reduce is a SUM over ranks, which is what torch.distributed.nn's all_reduce computes when every
+    rank backpropagates its own loss; here the test backpropagates the sum of the ranks' losses once.
+    broadcast(t) returns a detached copy of rank 0's t. Neither touches its argument: an implementation
+    that ignores the return value fails. Collectives called a different number of times on different
+    ranks end in a BrokenBarrierError."""
     barrier = threading.Barrier(world, timeout=timeout)
     slots: list = [None] * world
     results: list = [None] * world
     errors: list = [None] * world
 
     def exchange(rank, t):
-        slots[rank] = t.detach().clone()
+        slots[rank] = t.clone()          # keeps t's graph; a copy, so later writes to t do not leak
         barrier.wait()
         got = list(slots)
         barrier.wait()
@@ -91,7 +140,7 @@ def run_ranks(world: int, fn, timeout: float = 10.0):
             return out
 
         def broadcast(t):
-            return exchange(rank, t)[0].clone()
+            return exchange(rank, t)[0].detach().clone()
 
         try:
             results[rank] = fn(rank, all_reduce, broadcast)
@@ -136,6 +185,14 @@ def close(a, b, dtype, scale: float = 1.0, msg: str = ""):
     t = tol(dtype)
     torch.testing.assert_close(a.double(), b.double(), atol=t["atol"] * scale, rtol=t["rtol"],
                                msg=(lambda m: f"{msg}\n{m}") if msg else None)
+
+
+def close_with_grad(got, want, wrt, dtype, scale: float = 1.0):
+    """`got` equals `want`, and so do their gradients with respect to `wrt` (a leaf of both graphs)."""
+    close(got, want, dtype, scale=scale)
+    g_got, = torch.autograd.grad(got, wrt, retain_graph=True)
+    g_want, = torch.autograd.grad(want, wrt, retain_graph=True)
+    close(g_got, g_want, dtype, scale=scale)
 
 
 # -- references: the equations of spec/*.md, vectorised, float64 ------------------------------------

@@ -42,16 +42,30 @@ def _derive(name: str, mistake: str, catches: str, **replacements):
 # -- grouping -------------------------------------------------------------------------------------
 
 def _update(groups, z, assign, beta, *, all_reduce=None, members="normalised", renormalise=True,
-            empty="keep", combine="sums", beta_on="group", in_place=False):
+            empty="keep", combine="sums", beta_on="group", in_place=False, promote=True, accumulate="add",
+            differentiable_reduce=True):
     """The oracle's update_groups with switches for the classic mistakes."""
     reduce = _sum_over_ranks(all_reduce)
+    if not differentiable_reduce:   # dist.all_reduce in place: right values, autograd sees no reduction
+        inner = reduce
+        reduce = lambda t: t + (inner(t.detach()) - t).detach()  # noqa: E731
     K, D = groups.shape
-    dt = _dtype(groups)
+    dt = _dtype(groups) if promote else groups.dtype
     sums = [torch.zeros(D, dtype=dt) for _ in range(K)]
     counts = [0.0] * K
+    seen = [[] for _ in range(K)]
     for i in range(z.shape[0]):
         k = int(assign[i])
-        sums[k] = sums[k] + (normalise(z[i].to(dt)) if members == "normalised" else z[i].to(dt))
+        v = normalise(z[i].to(dt)) if members == "normalised" else z[i].to(dt)
+        if accumulate == "skip zero rows" and not z[i].any():
+            continue
+        if accumulate == "distinct" and any(torch.equal(v, w) for w in seen[k]):
+            continue
+        seen[k].append(v)
+        if accumulate == "last wins":   # index_copy / index_put instead of index_add
+            sums[k], counts[k] = v, 1.0
+            continue
+        sums[k] = sums[k] + v
         counts[k] += 1.0
     sums, local = torch.stack(sums), torch.tensor(counts, dtype=dt)
     if combine == "sums":
@@ -94,12 +108,22 @@ _derive("mean_of_rank_means", "per-rank means averaged instead of reducing sums 
         update_groups=_mk_update(combine="mean of means"))
 _derive("counts_not_reduced", "sums are all-reduced, counts are not", "G5",
         update_groups=_mk_update(combine="local counts"))
-_derive("raw_members", "raw (un-normalised) members averaged into unit groups", "G2, G8",
+_derive("raw_members", "raw (un-normalised) members averaged into unit groups", "G2, G8, S3",
         update_groups=_mk_update(members="raw"))
-_derive("beta_swapped", "beta and 1 - beta swapped", "G2, G7",
+_derive("beta_swapped", "beta and 1 - beta swapped", "G2, G7, S3",
         update_groups=_mk_update(beta_on="mean"))
 _derive("update_in_place", "update_groups writes into its input", "G10",
         update_groups=_mk_update(in_place=True))
+_derive("update_last_member_wins", "member sums written with index_copy: the last member of a group wins", "G9",
+        update_groups=_mk_update(accumulate="last wins"))
+_derive("update_in_low_precision", "bf16/fp16 member sums accumulated in the input dtype", "G11",
+        update_groups=_mk_update(promote=False))
+_derive("zero_rows_not_counted", "zero rows skipped (treated as padding) instead of counted in group 0", "G12",
+        update_groups=_mk_update(accumulate="skip zero rows"))
+_derive("duplicates_counted_once", "a group's mean over its distinct members (a repeated sample counts once)", "S5",
+        update_groups=_mk_update(accumulate="distinct"))
+_derive("reduce_not_differentiable", "in-place all-reduce of the sums: gradient stays on its own rank", "L7",
+        update_groups=_mk_update(differentiable_reduce=False))
 
 
 def _assign_ties_last(z, groups):
@@ -119,6 +143,30 @@ def _assign_ties_last(z, groups):
 _derive("ties_to_last_index", "assignment ties go to the highest index", "G1", assign_groups=_assign_ties_last)
 
 
+def _assign_fp16_raw(z, groups):
+    """Scores of the raw rows in float16 (autocast): tiny rows underflow to 0, huge ones overflow."""
+    scores = z.detach().to(torch.float16) @ groups.detach().to(torch.float16).T
+    return scores.float().nan_to_num(0.0).argmax(dim=1)
+
+
+def _assign_chunk_tail_lost(z, groups, chunk=1 << 21):
+    """The E-step in row chunks of 2^21 scores (smog._nearest's size); the last partial chunk is dropped
+    and its rows left at 0."""
+    dt = _dtype(groups)
+    zn = torch.nn.functional.normalize(z.detach().to(dt), dim=-1)
+    step = max(1, chunk // max(1, groups.shape[0]))
+    out = torch.zeros(z.shape[0], dtype=torch.long)
+    for lo in range(0, z.shape[0] - step + 1, step):
+        out[lo:lo + step] = (zn[lo:lo + step] @ groups.detach().to(dt).T).argmax(1)
+    if z.shape[0] < step:   # one partial chunk only: computed (small inputs are unaffected)
+        out = (zn @ groups.detach().to(dt).T).argmax(1)
+    return out
+
+
+_derive("assign_fp16_raw_scores", "assignment scores of raw rows computed in float16", "G8",
+        assign_groups=_assign_fp16_raw)
+
+
 # -- loss -----------------------------------------------------------------------------------------
 
 def _logits_unnormalised_p(p, groups, tau):
@@ -131,21 +179,47 @@ def _logits_times_tau(p, groups, tau):
     return oracle.group_logits(p, groups, 1.0) * tau
 
 
+def _logits_norm_detached(p, groups, tau):
+    dt = _dtype(groups)
+    pd = p.to(dt)
+    return (pd / pd.norm(dim=1, keepdim=True).detach().clamp_min(1e-12)) @ groups.to(dt).T / tau
+
+
+def _logits_low_precision(p, groups, tau):
+    return torch.nn.functional.normalize(p, dim=-1) @ groups.T / tau
+
+
+def _loss_softmax_over_batch(p, groups, targets, tau):
+    logp = torch.log_softmax(group_logits(p, groups, tau), dim=0)  # noqa: F821 - over samples, not groups
+    return -logp.gather(1, targets.view(-1, 1)).mean()
+
+
 _derive("p_not_normalised", "logits use the raw prediction p", "L1, L3", group_logits=_logits_unnormalised_p)
+_derive("norm_of_p_detached", "p / ||p||.detach(): right logits, gradient without the projection", "L2",
+        group_logits=_logits_norm_detached)
+_derive("softmax_over_batch", "log-softmax taken over the samples instead of the groups", "L4",
+        smog_loss=_loss_softmax_over_batch)
+_derive("logits_in_low_precision", "logits computed in the inputs' bf16/fp16", "L8",
+        group_logits=_logits_low_precision)
 _derive("tau_multiplies", "logits multiplied by tau instead of divided", "L1", group_logits=_logits_times_tau)
 
 
 # -- step -----------------------------------------------------------------------------------------
 
 def _step(groups, z_update, z_target, p, beta, tau, *, all_reduce=None, group_grad=False,
-          targets_from="old", loss_groups="new", detach="auto", average="all"):
-    old = groups.detach()
+          targets_from="old", loss_groups="new", detach="auto", average="all", pass_reduce=True,
+          normalise_targets_in_place=False, detach_groups=True):
+    if normalise_targets_in_place:   # a no-grad momentum output, so "why not" -- but it is the caller's tensor
+        z_target.div_(z_target.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    if not pass_reduce:
+        all_reduce = lambda t: t  # noqa: E731 - the step forgets to hand all_reduce to update_groups
+    old = groups.detach() if detach_groups else groups
     J, C = z_target.shape[0], p.shape[0]
     a = assign_groups(z_update, old)  # noqa: F821 - resolved in the mutant's namespace
     leak = group_grad if detach == "auto" else detach == "never"
     new = update_groups(old, z_update if leak else z_update.detach(), a, beta,  # noqa: F821
                         all_reduce=all_reduce)
-    if not leak:
+    if not leak and detach_groups:
         new = new.detach()
     tg = old if targets_from == "old" else new.detach()
     targets = torch.stack([assign_groups(z_target[j], tg) for j in range(J)])  # noqa: F821
@@ -154,7 +228,9 @@ def _step(groups, z_update, z_target, p, beta, tau, *, all_reduce=None, group_gr
     for c in range(C):
         for j in range(J):
             total = total + smog_loss(p[c], lg, targets[j], tau)  # noqa: F821
-    return (total / (C * J) if average == "all" else total), new, targets
+    if average == "per sample sum":
+        total = total * z_update.shape[0]
+    return (total / (C * J) if average != "none" else total), new, targets
 
 
 def _mk_step(**switches):
@@ -174,28 +250,89 @@ _derive("gradient_leaks_through_groups", "group_grad=False still lets gradient t
         smog_step=_mk_step(detach="never"))
 _derive("group_grad_ignored", "group_grad=True still detaches the update", "L6",
         smog_step=_mk_step(detach="always"))
+_derive("loss_summed_over_samples", "loss summed over the batch (reduction='sum') instead of averaged", "S4",
+        smog_step=_mk_step(average="per sample sum"))
+_derive("all_reduce_not_passed_down", "smog_step does not hand all_reduce to update_groups", "S6",
+        smog_step=_mk_step(pass_reduce=False))
+_derive("targets_normalised_in_place", "smog_step normalises z_target in place", "S7",
+        smog_step=_mk_step(normalise_targets_in_place=True))
+
+
+# -- heads ----------------------------------------------------------------------------------------
+
+def _multihead(groups, z, z_target, p, beta, tau, *, all_reduce=None, group_grad=False, crop="h mod 2",
+               update_from="z", targets_head="own", combine="mean", in_place=False, step_switches=None):
+    def step(*args, **kw):
+        if step_switches:
+            return _step(*args, **kw, **step_switches)
+        return smog_step(*args, **kw)  # noqa: F821 - resolved in the mutant's namespace
+    total, new, targets = 0.0, [], []
+    for h in range(groups.shape[0]):
+        c = h % 2 if crop == "h mod 2" else 0
+        src = {"z": z, "p": p, "z_target": z_target}[update_from]
+        loss, g, t = step(groups[h], src[c % src.shape[0]], z_target, p, beta, tau, all_reduce=all_reduce,
+                          group_grad=group_grad)
+        if targets_head == "head 0" and h > 0:
+            t = targets[0]
+            loss = sum(smog_loss(p[ci], g, t[j], tau) for ci in range(p.shape[0])  # noqa: F821
+                       for j in range(t.shape[0])) / (p.shape[0] * t.shape[0])
+        if in_place:
+            groups[h].copy_(g.detach())
+        total = total + loss
+        new.append(g)
+        targets.append(t)
+    return (total / groups.shape[0] if combine == "mean" else total), torch.stack(new), torch.stack(targets)
+
+
+def _mk_heads(**switches):
+    def smog_multihead_step(groups, z, z_target, p, beta, tau, *, all_reduce=None, group_grad=False):
+        return _multihead(groups, z, z_target, p, beta, tau, all_reduce=all_reduce, group_grad=group_grad,
+                          **switches)
+    return smog_multihead_step
+
+
+_derive("heads_summed", "losses of the heads summed instead of averaged", "H1", smog_multihead_step=_mk_heads(combine="sum"))
+_derive("heads_all_from_crop0", "every head updates from online crop 0", "H2",
+        smog_multihead_step=_mk_heads(crop="0"))
+_derive("heads_update_from_predictions", "groups updated from the predictor output p", "H2",
+        smog_multihead_step=_mk_heads(update_from="p"))
+_derive("heads_update_from_momentum", "groups updated from the momentum embeddings", "H2",
+        smog_multihead_step=_mk_heads(update_from="z_target"))
+_derive("heads_share_targets_of_head0", "every head's targets computed with head 0's groups", "H3",
+        smog_multihead_step=_mk_heads(targets_head="head 0"))
+_derive("groups_trained", "incoming groups not detached: the optimiser trains them", "H4",
+        smog_multihead_step=_mk_heads(step_switches=dict(detach_groups=False)))
+_derive("heads_update_buffer_in_loop", "each head writes its new groups into the input inside the loop", "H5",
+        smog_multihead_step=_mk_heads(in_place=True))
 
 
 # -- k-means --------------------------------------------------------------------------------------
 
+def _assign_farthest(x, centres):
+    return torch.cdist(torch.nn.functional.normalize(x.double(), dim=-1), centres.double()).argmax(dim=1)
+
+
 def _kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadcast=None, init="rank0", mstep="reduced",
-            empty="keep", normalise_x=True, final_estep=True):
+            empty="keep", normalise_x=True, final_estep=True, check_rows=True, estep="nearest", centre="normalised"):
     reduce, bcast = _sum_over_ranks(all_reduce), _rank0(broadcast)
+    assign = assign_groups if estep == "nearest" else _assign_farthest  # noqa: F821
     dt = _dtype(x)
     N, D = x.shape
     rows = [normalise(x[i].to(dt)) if normalise_x else x[i].to(dt) for i in range(N)]
-    if int(reduce(torch.tensor([float(N)], dtype=torch.float64)).item()) < k:
+    if int(reduce(torch.tensor([float(N)], dtype=torch.float64)).item()) < k and check_rows:
         raise ValueError("fewer rows than k")
     if init == "with replacement":
         idx = torch.randint(0, N, (k,), generator=generator)
+    elif init == "global rng":
+        idx = torch.randperm(N)[:k] if N >= k else torch.arange(N)
     else:
         idx = torch.randperm(N, generator=generator)[:k] if N >= k else torch.arange(N)
     centres = torch.stack([rows[int(i)] for i in idx]) if N >= k else torch.zeros(k, D, dtype=dt)
     if init != "local":
         centres = bcast(centres)
-    a = assign_groups(x, centres)  # noqa: F821
+    a = assign(x, centres)
     for _ in range(iters):
-        a = assign_groups(x, centres)  # noqa: F821
+        a = assign(x, centres)
         sums = [torch.zeros(D, dtype=dt) for _ in range(k)]
         counts = [0.0] * k
         for i in range(N):
@@ -207,7 +344,7 @@ def _kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadcast=None, 
         new = []
         for j in range(k):
             if float(counts[j]) > 0:
-                new.append(normalise(sums[j]))
+                new.append(normalise(sums[j]) if centre == "normalised" else sums[j] / counts[j])
             elif empty == "keep":
                 new.append(centres[j])
             else:   # re-seed with the row farthest from its centre
@@ -215,7 +352,7 @@ def _kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadcast=None, 
                 new.append(rows[far])
         centres = torch.stack(new)
     if final_estep:
-        a = assign_groups(x, centres)  # noqa: F821
+        a = assign(x, centres)
     return centres, a
 
 
@@ -237,6 +374,16 @@ _derive("kmeans_rows_not_normalised", "k-means on raw rows", "K1, K8",
         spherical_kmeans=_mk_kmeans(normalise_x=False))
 _derive("kmeans_stale_assignment", "returns the assignment from before the last M-step", "K2",
         spherical_kmeans=_mk_kmeans(final_estep=False))
+_derive("kmeans_farthest_centre", "E-step takes the argmax of the distance (cdist) instead of the argmin", "K4",
+        spherical_kmeans=_mk_kmeans(estep="farthest"))
+_derive("kmeans_mean_not_normalised", "M-step centre is the plain mean of the members", "K5",
+        spherical_kmeans=_mk_kmeans(centre="mean"))
+_derive("kmeans_global_rng", "initial draw from the global RNG, the generator ignored", "K7",
+        spherical_kmeans=_mk_kmeans(init="global rng"))
+_derive("kmeans_no_row_check", "fewer rows than k not checked (zero centres padded in)", "K9",
+        spherical_kmeans=_mk_kmeans(check_rows=False))
+_derive("estep_chunk_tail_lost", "E-step in row chunks whose last partial chunk is dropped", "K2, K3",
+        assign_groups=_assign_chunk_tail_lost)
 
 
 # -- momentum -------------------------------------------------------------------------------------
@@ -253,6 +400,12 @@ def _ema_rebinds(target, online, m):
         tk = m * tk + (1 - m) * tq   # noqa: F841 - rebinds the loop name, the parameter never changes
 
 
+@torch.no_grad()
+def _ema_by_difference(target, online, m):
+    for tk, tq in zip(target, online):
+        tk.copy_(tk + (1 - m) * (tq - tk))   # the same in exact arithmetic; m = 0 no longer copies exactly
+
+
 def _schedule_off_by_one(beta_start, beta_end, total_steps):
     t = torch.arange(total_steps, dtype=torch.float64)
     return beta_start + (beta_end - beta_start) * t / total_steps
@@ -265,6 +418,8 @@ def _schedule_float32(beta_start, beta_end, total_steps):
 _derive("ema_swapped", "m and 1 - m swapped in the EMA", "M1, M4", momentum_update_=_ema_swapped)
 _derive("ema_not_in_place", "the EMA rebinds a name instead of writing the parameter", "M1",
         momentum_update_=_ema_rebinds)
+_derive("ema_by_difference", "EMA written as theta_k + (1 - m)(theta_q - theta_k)", "M2",
+        momentum_update_=_ema_by_difference)
 _derive("beta_schedule_off_by_one", "schedule divides by T instead of T - 1 (never reaches beta_end)", "M3",
         beta_schedule=_schedule_off_by_one)
 _derive("beta_schedule_float32", "schedule built in float32 (0.99 is not hit exactly)", "M3",

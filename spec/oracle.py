@@ -68,10 +68,12 @@ def _argmax(scores):
 def assign_groups(z, groups):
     """(G1) a_i = argmax_k <z_i / ||z_i||, c_k>, lowest index on ties. z [N, D], groups [K, D] -> [N]."""
     dt = _dtype(groups)
+    g = groups.detach().to(dt)
     out = []
     for i in range(z.shape[0]):
         zi = normalise(z[i].detach().to(dt))
-        out.append(_argmax([float(dot(zi, groups[k].detach().to(dt))) for k in range(groups.shape[0])]))
+        scores = (g * zi).sum(dim=1)   # <z^_i, c_k> for every k: each a sum over D, as dot() computes it
+        out.append(_argmax(scores.tolist()))
     return torch.tensor(out, dtype=torch.long, device=z.device)
 
 
@@ -151,6 +153,24 @@ def smog_step(groups, z_update, z_target, p, beta, tau, *, all_reduce=None, grou
     return total / (C * J), new, targets
 
 
+# -- heads.md -----------------------------------------------------------------------------------
+
+def smog_multihead_step(groups, z, z_target, p, beta, tau, *, all_reduce=None, group_grad=False):
+    """All H heads of one iteration. groups [H, K, D], z [C, B, D] online projector embeddings,
+    z_target [J, B, D], p [C, B, D] -> (loss [], new_groups [H, K, D], targets [H, J, B]).
+    (H2) head h updates from z[h mod 2]; (H1) loss = mean over heads; (H5) each head is smog_step."""
+    if z.shape[0] < 2:
+        raise ValueError("smog_multihead_step: head h updates from global crop h mod 2; pass at least 2 crops")
+    total, new, targets = 0.0, [], []
+    for h in range(groups.shape[0]):
+        loss, g, t = smog_step(groups[h], z[h % 2], z_target, p, beta, tau, all_reduce=all_reduce,
+                               group_grad=group_grad)
+        total = total + loss
+        new.append(g)
+        targets.append(t)
+    return total / groups.shape[0], torch.stack(new), torch.stack(targets)
+
+
 # -- kmeans.md -----------------------------------------------------------------------------------
 
 def spherical_kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadcast=None):
@@ -207,5 +227,5 @@ def beta_schedule(beta_start, beta_end, total_steps):
     return torch.tensor(out, dtype=torch.float64)
 
 
-__all__ = ["assign_groups", "update_groups", "group_logits", "smog_loss", "smog_step",
+__all__ = ["assign_groups", "update_groups", "group_logits", "smog_loss", "smog_step", "smog_multihead_step",
            "spherical_kmeans", "momentum_update_", "beta_schedule"]

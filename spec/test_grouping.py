@@ -57,11 +57,13 @@ def test_assign_ties_go_to_lowest_index(impl, n, k, d, seed, dtype):
 @given(data=st.data())
 def test_assign_and_update_invariant_to_positive_row_scaling(impl, data):
     dtype, z, g = _problem(data)
-    s = data.draw(positive_scales(z.shape[0]), "scales").to(dtype)
-    assume(torch.isfinite(z * s).all())
+    s = (data.draw(positive_scales(z.shape[0]), "scales") *    # [1e-3, 1e3] times 2^[-30, 30]: far from 1
+         data.draw(positive_scales(z.shape[0], powers_of_two=True), "powers")).to(dtype)
+    assume(torch.isfinite(z * s).all() and bool(((z * s).double().norm(dim=1) > 1e-10).all()))   # above eps of n()
     ref, margin = ref_assign(z, g)
     ok = unambiguous(margin, dtype)
-    assert torch.equal(impl.assign_groups(z * s, g)[ok], impl.assign_groups(z, g)[ok])
+    scaled = impl.assign_groups(z * s, g)
+    assert torch.equal(scaled[ok], ref[ok]), f"assignment of rescaled rows {scaled.tolist()} != {ref.tolist()}"
     a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
     beta = data.draw(betas, "beta")
     _, smallest = ref_update(g, z, a, beta)
@@ -186,3 +188,71 @@ def test_grouping_functions_are_pure(impl, data):
         assert torch.equal(t, t0), f"update_groups/assign_groups modified its input {name}"
     assert new.dtype == g.dtype and new.shape == g.shape
     assert new.data_ptr() != g.data_ptr(), "update_groups must return a new tensor, not its input"
+
+
+def _cone(n, d, seed, dtype):
+    """[n, d] rows around the first axis (every coordinate of the mean is far from 0), n large."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[:, 0] += 3.0
+    return x.to(dtype)
+
+
+LOW = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}   # half an ulp of 1, the rounding of a unit entry
+
+
+@invariant("G11")
+@pytest.mark.parametrize("dtype, beta, seed", [(torch.bfloat16, 0.5, 0), (torch.float16, 0.0, 1)])
+def test_low_precision_inputs_are_accumulated_in_fp32(impl, dtype, beta, seed):
+    """4096 bf16/fp16 members: a bf16 sum stops growing at 256 (its spacing there is 2), an fp16 one at
+    2048. Promoted to float32, the new groups are the float64 update of the (exactly upcast) inputs,
+    rounded once to the groups' dtype; the assignment is float32's."""
+    K, D, N = 3, 4, 4096
+    g = _cone(K, D, seed, torch.float64)
+    g = ref_normalise(g).to(dtype)
+    z = _cone(N, D, seed + 1, dtype)
+    ref_a, margin = ref_assign(z, g)
+    ok = unambiguous(margin, torch.float32)
+    assert torch.equal(impl.assign_groups(z, g)[ok], ref_a[ok]), "assignment of low-precision rows"
+    a = torch.randint(0, K - 1, (N,), generator=torch.Generator().manual_seed(seed))   # group K-1 is empty
+    new = impl.update_groups(g, z, a, beta)
+    assert new.dtype == dtype and new.shape == g.shape
+    expected, _ = ref_update(g, z, a, beta)
+    torch.testing.assert_close(new.double(), expected, atol=LOW[dtype], rtol=0)
+    assert torch.equal(new[K - 1], g[K - 1]), "a group without members changed"
+
+
+@invariant("G12")
+@given(data=st.data())
+def test_zero_rows_join_group_0_and_count(impl, data):
+    """A zero row scores exactly 0 against every group, so it joins group 0 (the tie rule), adds the
+    zero vector n(0) = 0 to S_0 and 1 to n_0: it pulls group 0 towards its old value."""
+    dtype, z, g = _problem(data)
+    where = torch.randint(0, 2, (z.shape[0],), generator=torch.Generator().manual_seed(data.draw(seeds, "zeros")))
+    z = torch.where(where.bool().unsqueeze(1), torch.zeros_like(z), z)
+    a = impl.assign_groups(z, g)
+    assert (a[where.bool()] == 0).all(), "a zero row did not join group 0"
+    ref, margin = ref_assign(z, g)
+    ok = unambiguous(margin, dtype) | where.bool()
+    assert torch.equal(a[ok], ref[ok])
+    beta = data.draw(betas, "beta")
+    expected, smallest = ref_update(g, z, ref, beta)
+    assume(smallest > 1e-2)
+    close(impl.update_groups(g, z, ref, beta), expected, dtype)
+
+
+@invariant("G12")
+@given(data=st.data(), beta=st.sampled_from([0.0, 0.3, 0.99, 1.0]))
+def test_members_that_cancel(impl, data, beta):
+    """Members v and -v of one group sum to exactly 0 (n(-v) = -n(v) bit for bit), so u_k = beta c_k:
+    the group keeps its direction for beta > 0 and becomes the zero vector n(0) = 0 for beta = 0."""
+    dtype, z, g = _problem(data)
+    k = int(torch.randint(0, g.shape[0], (1,), generator=torch.Generator().manual_seed(data.draw(seeds, "k"))))
+    v = z[:1]
+    new = impl.update_groups(g, torch.cat([v, -v]), torch.tensor([k, k]), beta)
+    if beta > 0:
+        close(new[k], g[k], dtype)
+    else:
+        assert not new[k].any(), f"beta = 0 and cancelling members: expected the zero vector, got {new[k].tolist()}"
+    others = torch.arange(g.shape[0]) != k
+    assert torch.equal(new[others], g[others])

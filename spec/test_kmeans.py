@@ -7,7 +7,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from spec.harness import close, kmeans_objective, ref_assign, ref_kmeans_from, ref_mstep, ref_normalise, \
-    run_ranks, split_rows, tol, unambiguous
+    margin_threshold, run_ranks, split_rows, tol, unambiguous
 from spec.strategies import DTYPES, matrices, seeds
 
 invariant = pytest.mark.invariant
@@ -197,3 +197,18 @@ def test_sharded_row_count_is_global(impl, data, world):
         return "returned"
 
     assert run_ranks(world, too_few) == ["raised"] * world
+
+
+@invariant("K2", "K3")
+def test_large_run_crosses_the_estep_chunk_boundary(impl):
+    """4096 rows x 600 centres = 2.46M scores: more than one chunk of smog._nearest (2^21 scores on the
+    CPU), so an E-step computed in row chunks must stitch them back in order. One iteration from the
+    K1 draw is compared with the float64 reference: centres, and the returned assignment."""
+    N, k, D = 4096, 600, 8
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    c0 = ref_normalise(x)[torch.randperm(N, generator=_gen(5))[:k]]
+    c1, a1, worst = ref_kmeans_from(x, c0, 1)
+    assert worst > margin_threshold(torch.float64), "the fixed data has a near-tie; pick another seed"
+    c, a = impl.spherical_kmeans(x, k, 1, generator=_gen(5))
+    close(c, c1, torch.float64)
+    assert torch.equal(a, a1), f"{int((a != a1).sum())} of {N} rows assigned differently"

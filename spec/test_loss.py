@@ -8,8 +8,8 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from spec.harness import close, ref_assign, ref_normalise, unambiguous
-from spec.strategies import DTYPES, matrices, positive_scales, seeds, taus, unit_rows
+from spec.harness import close, ref_assign, ref_normalise, ref_update, run_ranks, unambiguous
+from spec.strategies import DTYPES, matrices, positive_scales, seeds, shard_sizes, taus, unit_rows
 
 invariant = pytest.mark.invariant
 
@@ -82,14 +82,36 @@ def test_loss_bounds(impl, data):
 @invariant("L4")
 @given(data=st.data())
 def test_loss_is_ln_k_when_all_logits_are_equal(impl, data):
+    """Three ways to make every logit of a row equal: K copies of one group, zero predictions (n(0) = 0),
+    predictions orthogonal to every group. Each gives exactly ln K, whatever the targets."""
     dtype, p, g, t, tau = _problem(data)
+    K, D = g.shape
+    expected = torch.tensor(math.log(K), dtype=torch.float64)
     same = g[:1].expand_as(g).contiguous()         # K copies of one group: every logit of a row is equal
-    expected = torch.tensor(math.log(g.shape[0]), dtype=torch.float64)
     close(impl.smog_loss(p, same, t, tau), expected, dtype, scale=1 / tau)
+    close(impl.smog_loss(torch.zeros_like(p), g, t, tau), expected, dtype, scale=1 / tau)
+    axis = torch.zeros(K, D + 1, dtype=dtype)
+    axis[:, :D] = g                                 # groups in the first D coordinates ...
+    ortho = torch.zeros(p.shape[0], D + 1, dtype=dtype)
+    ortho[:, D] = p[:, 0].abs() + 1                 # ... predictions along the last one
+    close(impl.smog_loss(ortho, axis, t, tau), expected, dtype, scale=1 / tau)
 
 
-def _step_problem(data):
-    B, C, J = data.draw(st.integers(1, 5), "B"), data.draw(st.integers(1, 3), "C"), data.draw(st.integers(1, 2), "J")
+@invariant("L4")
+@given(data=st.data())
+def test_loss_below_ln_k_for_argmax_targets_above_for_argmin(impl, data):
+    """Each term is log sum_k exp(l_k - l_t): at most ln K when t is the row's largest logit, at least
+    ln K when it is the smallest (and at most ln K + 2/tau always)."""
+    dtype, p, g, _, tau = _problem(data)
+    ref = ref_logits(p, g, tau)
+    slack = 1e-9 if dtype == torch.float64 else 1e-4 / tau
+    ln_k = math.log(g.shape[0])
+    assert float(impl.smog_loss(p, g, ref.argmax(1), tau)) <= ln_k + slack
+    assert ln_k - slack <= float(impl.smog_loss(p, g, ref.argmin(1), tau)) <= ln_k + 2 / tau + slack
+
+
+def _step_problem(data, b_min=1, b_max=5):
+    B, C, J = data.draw(st.integers(b_min, b_max), "B"), data.draw(st.integers(1, 3), "C"), data.draw(st.integers(1, 2), "J")
     k, d = data.draw(st.integers(1, 5), "K"), data.draw(st.integers(1, 4), "D")
     f64 = torch.float64
     g = data.draw(unit_rows(k, d, f64), "groups")
@@ -145,3 +167,41 @@ def test_gradient_through_update_when_group_grad_true(impl, data):
     loss.backward()
     assert zg.grad is not None, "no gradient reached z_update although group_grad=True"
     torch.testing.assert_close(zg.grad, expected, atol=1e-10 / tau, rtol=1e-7)
+
+
+@invariant("L7")
+@given(data=st.data())
+def test_group_grad_across_ranks_gives_the_single_process_gradient(impl, data):
+    """Rank r backpropagates (B_r / B) L_r through a differentiable SUM all-reduce (harness.run_ranks):
+    every sample's gradient, in z_update and in p, is that of the whole-batch loss in one process."""
+    g, z, zt, p, beta, tau = _step_problem(data, b_min=2, b_max=8)
+    sizes = data.draw(shard_sizes(z.shape[0], min_size=1), "shards")
+    for rows in (z, zt.reshape(-1, z.shape[1])):
+        assume(bool(unambiguous(ref_assign(rows, g)[1], torch.float64).all()))
+    assume(ref_update(g, z, ref_assign(z, g)[0], beta)[1] > 1e-2)
+    zw, pw = z.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    impl.smog_step(g, zw, zt, pw, beta, tau, group_grad=True)[0].backward()
+    zs = [t.clone().requires_grad_(True) for t in torch.split(z, sizes)]
+    ps = [t.clone().requires_grad_(True) for t in torch.split(p, sizes, 1)]
+    zts = torch.split(zt, sizes, 1)
+    out = run_ranks(len(sizes), lambda r, ar, _: impl.smog_step(g, zs[r], zts[r], ps[r], beta, tau,
+                                                                 all_reduce=ar, group_grad=True))
+    sum(o[0] * n / z.shape[0] for o, n in zip(out, sizes)).backward()
+    assert all(t.grad is not None for t in zs), "no gradient reached z_update on some rank"
+    torch.testing.assert_close(torch.cat([t.grad for t in zs]), zw.grad, atol=1e-10 / tau, rtol=1e-7)
+    torch.testing.assert_close(torch.cat([t.grad for t in ps], 1), pw.grad, atol=1e-10 / tau, rtol=1e-7)
+
+
+@invariant("L8")
+@given(data=st.data(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_low_precision_inputs_give_fp32_logits(impl, data, dtype):
+    """bf16/fp16 p and groups are promoted: the logits and the loss are those of the exactly upcast
+    inputs, within float32 tolerance, and come back in at least float32."""
+    _, p, g, t, tau = _problem(data, torch.float64)
+    p, g = p.to(dtype), g.to(dtype)
+    logits = impl.group_logits(p, g, tau)
+    assert logits.dtype in (torch.float32, torch.float64), f"logits in {logits.dtype}"
+    close(logits, ref_logits(p, g, tau), torch.float32, scale=1 / tau)
+    ref = ref_logits(p, g, tau)
+    ref_loss = (torch.logsumexp(ref, dim=1) - ref.gather(1, t.view(-1, 1)).squeeze(1)).mean()
+    close(impl.smog_loss(p, g, t, tau), ref_loss, torch.float32, scale=1 / tau)

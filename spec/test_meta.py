@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import importlib
 import re
-from pathlib import Path
 
 import pytest
 
-from spec.harness import PROTOCOL, Impl
+from spec.harness import DEPENDS, DOCS, PROTOCOL, SPEC_DIR as SPEC, Impl, invariant_ids as defined
 
-SPEC = Path(__file__).resolve().parent
-DOCS = {"grouping.md": "G", "loss.md": "L", "kmeans.md": "K", "step.md": "S", "momentum.md": "M"}
-DEFINITION = re.compile(r"^#{2,4}\s+\(([A-Z]\d+)\)", re.M)      # "### (G2) The momentum update"
-REFERENCE = re.compile(r"\(([GLKSM]\d+)\)")
-TEST_MODULES = ("test_grouping", "test_loss", "test_kmeans", "test_step", "test_momentum")
-
-
-def defined():
-    ids = {}
-    for doc, letter in DOCS.items():
-        for i in DEFINITION.findall((SPEC / doc).read_text()):
-            assert i[0] == letter, f"{i} is defined in {doc}, which holds the {letter}* invariants"
-            assert i not in ids, f"{i} is defined twice ({ids[i]} and {doc})"
-            ids[i] = doc
-    return ids
+REFERENCE = re.compile(r"\(([GLKSMH]\d+)\)")
+TEST_MODULES = ("test_grouping", "test_loss", "test_kmeans", "test_step", "test_momentum", "test_heads")
 
 
 def cited():
@@ -70,3 +56,14 @@ def test_missing_function_fails_by_name():
     with pytest.raises(pytest.fail.Exception, match="assign_groups is not defined in spec.strategies"):
         lacking.assign_groups
     assert "assign_groups" in PROTOCOL
+
+
+def test_dependencies_name_defined_invariants():
+    ids = defined()
+    bad = {k: v for k, v in DEPENDS.items() if k not in ids or set(v) - set(ids) or k in v}
+    assert not bad, f"DEPENDS names undefined invariants or a self-dependency: {bad}"
+
+
+def test_every_invariant_is_a_marker(pytestconfig):
+    registered = {line.split(":")[0] for line in pytestconfig.getini("markers")}
+    assert set(defined()) <= registered

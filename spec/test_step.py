@@ -6,7 +6,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from spec.harness import close, ref_assign, ref_step_loss, ref_update, run_ranks, unambiguous
+from spec.harness import close, close_with_grad, ref_assign, ref_step_loss, ref_update, run_ranks, unambiguous
 from spec.strategies import DTYPES, betas, matrices, seeds, shard_sizes, taus, unit_rows
 
 invariant = pytest.mark.invariant
@@ -65,13 +65,10 @@ def test_loss_is_mean_over_crops_targets_samples_with_new_groups(impl, data):
     loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
     assert loss.dim() == 0
     ref = ref_step_loss(p, new.detach(), targets, tau)
-    close(loss, ref, dtype, scale=1 / tau)
+    close_with_grad(loss, ref, p, dtype, scale=1 / tau)
     per_pair = torch.stack([impl.smog_loss(p[c], new, targets[j], tau)
                             for c in range(p.shape[0]) for j in range(zt.shape[0])])
     close(loss, per_pair.mean(), dtype, scale=1 / tau)
-    got, = torch.autograd.grad(loss, p)
-    want, = torch.autograd.grad(ref, p)
-    close(got, want, dtype, scale=1 / tau)
 
 
 @invariant("S3")
@@ -92,7 +89,7 @@ def test_new_groups_are_update_of_old_groups(impl, data):
 @given(data=st.data())
 def test_duplicating_the_whole_batch_changes_nothing(impl, data):
     dtype, g, z, zt, p, beta, tau = _problem(data)
-    _decided(dtype, g, z)
+    _decided(dtype, g, z, zt)
     assume(ref_update(g, z, ref_assign(z, g)[0], beta)[1] > 1e-2)
     loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
     loss2, new2, targets2 = impl.smog_step(g, torch.cat([z, z]), torch.cat([zt, zt], 1), torch.cat([p, p], 1),
@@ -130,7 +127,7 @@ def test_split_across_ranks_equals_one_batch(impl, data):
     loss whose sample-weighted mean over ranks is the whole batch's loss."""
     dtype, g, z, zt, p, beta, tau = _problem(data, b_min=2, b_max=8)
     sizes = data.draw(shard_sizes(z.shape[0], min_size=1), "shards")
-    _decided(dtype, g, z)
+    _decided(dtype, g, z, zt)
     assume(ref_update(g, z, ref_assign(z, g)[0], beta)[1] > 1e-2)
     zs, zts, ps = torch.split(z, sizes), torch.split(zt, sizes, 1), torch.split(p, sizes, 1)
     out = run_ranks(len(sizes), lambda r, ar, _: impl.smog_step(g, zs[r], zts[r], ps[r], beta, tau, all_reduce=ar))
