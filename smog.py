@@ -377,46 +377,52 @@ def _each(layer: nn.Module, xs: list) -> list:
     return [layer(x) for x in xs]
 
 
-def joint_bn(bn: nn.Module, xs: list) -> list:
+def joint_bn(bn: nn.Module, xs: list, act: Optional[nn.Module] = None) -> list:
     """One BatchNorm over the activations of all crop sizes (released ResNet, "unified bn on different
-    input size"): xs [N_r, C, H_r, W_r] per resolution -> the same shapes, normalised with ONE mean and
-    variance over all sum_r N_r*H_r*W_r pixels. The layer itself is called once on [1, C, sum NHW, 1],
-    so its running statistics are updated once with the joint statistics (unbiased variance, n = all
-    pixels) and a SyncBatchNorm reduces its sums and counts over all ranks exactly as for one tensor."""
-    flat = torch.cat([x.transpose(0, 1).flatten(1) for x in xs], 1)                # (C, sum NHW)
-    y = bn(flat[None, :, :, None])[0, :, :, 0]                                     # (C, sum NHW)
+    input size"): xs [N_r, C, H_r, W_r] per resolution -> act(BN(x)) in the same shapes, normalised with
+    ONE mean and variance over all sum_r N_r*H_r*W_r pixels. The layer itself is called once on all
+    pixels ([1, C, L, 1], or [L, C, 1, 1] for channels_last inputs, where that view is free), so its
+    running statistics are updated once with the joint statistics (unbiased variance, n = all pixels)
+    and a SyncBatchNorm reduces its sums and counts over all ranks exactly as for one tensor.
+    The outputs are views of one tensor: `act` (in place or not) runs on the whole before it is cut up;
+    callers must not modify the outputs in place."""
+    C = xs[0].shape[1]
+    rows = all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in xs)
+    if rows:                                                                       # pixels as rows: free views
+        y = bn(torch.cat([x.permute(0, 2, 3, 1).reshape(-1, C) for x in xs])[:, :, None, None])[:, :, 0, 0]
+    else:                                                                          # (C, sum NHW)
+        y = bn(torch.cat([x.transpose(0, 1).flatten(1) for x in xs], 1)[None, :, :, None])[0, :, :, 0]
+    if act is not None:
+        y = act(y)
     out, start = [], 0
-    for x in xs:      # own memory per output (not views of y): the callers' ReLUs work in place
-        n = x.shape[0] * x.shape[2] * x.shape[3]
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-            else torch.contiguous_format
-        out.append(y[:, start:start + n].reshape(x.shape[1], x.shape[0], *x.shape[2:]).transpose(0, 1)
-                   .contiguous(memory_format=fmt))
-        start += n
+    for x in xs:
+        N, _, H, W = x.shape
+        if rows:                                                                   # (N, C, H, W) channels_last
+            out.append(y[start:start + N * H * W].view(N, H, W, C).permute(0, 3, 1, 2))
+        else:
+            out.append(y[:, start:start + N * H * W].view(C, N, H, W).transpose(0, 1))
+        start += N * H * W
     return out
-
-
-def _conv_bn(conv: nn.Module, bn: nn.Module, xs: list) -> list:
-    return joint_bn(bn, _each(conv, xs))
 
 
 def forward_joint_bn(net: nn.Module, xs: list) -> list:
     """The backbone on a list of per-resolution batches: convolutions, pooling and activations per
-    resolution, every BatchNorm joint over all of them (joint_bn). torchvision ResNets and SmallCNN;
-    -> pooled features [N_r, F] per resolution. Same layers and parameters as net(x)."""
-    if isinstance(net, SmallCNN):
-        for layer in net.features:
-            xs = joint_bn(layer, xs) if isinstance(layer, nn.modules.batchnorm._BatchNorm) else _each(layer, xs)
+    resolution, every BatchNorm joint over all of them (joint_bn, with the ReLU that follows it).
+    torchvision ResNets and SmallCNN; -> pooled features [N_r, F] per resolution. Same layers and
+    parameters as net(x)."""
+    if isinstance(net, SmallCNN):                                                  # (conv, BN, ReLU) x 4
+        layers = list(net.features)
+        for conv, bn, relu in zip(layers[0::3], layers[1::3], layers[2::3]):
+            xs = joint_bn(bn, _each(conv, xs), relu)
         return [x.mean(dim=(2, 3)) for x in xs]
-    xs = _each(net.maxpool, _each(net.relu, _conv_bn(net.conv1, net.bn1, xs)))     # stem
+    xs = _each(net.maxpool, joint_bn(net.bn1, _each(net.conv1, xs), net.relu))    # stem
     for block in [*net.layer1, *net.layer2, *net.layer3, *net.layer4]:
         convs = ["1", "2", "3"] if isinstance(block, tv_resnet.Bottleneck) else ["1", "2"]
         out = xs
-        for i, k in enumerate(convs):
-            out = _conv_bn(getattr(block, "conv" + k), getattr(block, "bn" + k), out)
-            if i < len(convs) - 1:
-                out = _each(block.relu, out)
-        skip = xs if block.downsample is None else _conv_bn(block.downsample[0], block.downsample[1], xs)
+        for i, k in enumerate(convs):                                              # last BN: no ReLU before +
+            out = joint_bn(getattr(block, "bn" + k), _each(getattr(block, "conv" + k), out),
+                           block.relu if i < len(convs) - 1 else None)
+        skip = xs if block.downsample is None else joint_bn(block.downsample[1], _each(block.downsample[0], xs))
         xs = [block.relu(o + s) for o, s in zip(out, skip)]
     return [net.fc(torch.flatten(net.avgpool(x), 1)) for x in xs]
 

@@ -145,8 +145,9 @@ def test_joint_bn_first_and_late_layer_resnet18():
         assert (sep - out).abs().max() > 1e-3
 
 
-def test_joint_bn_smallcnn_all_layers_against_hand_chain():
-    """The demo network end to end: every conv by hand, every BN by _hand_bn."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_joint_bn_smallcnn_all_layers_against_hand_chain(channels_last):
+    """The demo network end to end: every conv by hand, every BN by _hand_bn (both memory layouts)."""
     torch.manual_seed(1)
     net = smog.SmallCNN(8)
     _scramble_bn_(net)
@@ -159,6 +160,9 @@ def test_joint_bn_smallcnn_all_layers_against_hand_chain():
             acts = [F.relu(a) for a in acts]
         ref = [a.mean(dim=(2, 3)) for a in acts]
         ref = torch.cat([ref[0], ref[1]])
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         out = smog.encode_crops(net.train(), crops)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
