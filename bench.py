@@ -16,6 +16,9 @@ warm-up (CUDA timed with events). Sections (`--sections`):
               bootstrap 95% interval; the ratio of the two medians is reported beside it (it is the
               same quantity, but load that shifts between runs moves it far more on a shared machine).
               A low-noise cross-check: the extra ms of the full step with stub backbones.
+  jointbn     one BatchNorm across crop sizes (the released ResNet recipe, smog.encode_crops) against
+              one backbone pass per size: forward + backward, the preset's backbone and resnet18;
+              `joint_bn_ratio[arch]` = median over interleaved pairs of joint / per-size.
   update   3. smog.update_groups against `update_groups_loop` (a Python loop over the groups hit, the
               style of existing implementations), K in {300, 3000} x N in {512, 4096}, D = 128; the two
               are checked to agree before timing. `update_speedup["K=..,N=.."]` = loop / vectorised.
@@ -25,7 +28,7 @@ warm-up (CUDA timed with events). Sections (`--sections`):
   input    5. multi-crop images/s of a DataLoader over data.py's views (MultiCropViews, ViewsDataset)
               with the preset's workers, against the full step's images/s (is the device starved?).
 Output: a table on stdout and every figure in `--out` (bench.json): device name, torch version, the
-config and the command, and the top-level keys `step_ratio` and `update_speedup`.
+config and the command, and the top-level keys `step_ratio`, `joint_bn_ratio` and `update_speedup`.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ class BenchConfig:
     device: str = "auto"            # auto (cuda if available) | cpu | cuda
     threads: int = 1                # torch intra-op threads; 0 keeps torch's default
     malloc_top_pad_mb: int = 0      # >0: glibc mallopt(M_TOP_PAD) before anything runs (see BENCHMARKS.md)
-    sections: str = "step,update,kmeans,input"
+    sections: str = "step,jointbn,update,kmeans,input"
     out: str = "bench.json"
     profile: bool = False           # torch.profiler tables of both steps after the timed runs
     # model, crops and optimiser of the step (smog.SMoGConfig fields + the crops)
@@ -251,11 +254,10 @@ def ideal_loss(model: smog.SMoG, online_crops, momentum_crops) -> torch.Tensor:
     the same networks and crops, targets by one matmul + argmax over all heads, the same cross-entropy
     (every online crop against every target, mean over crops, targets, samples and heads). No update,
     no statistics. At beta = 1 the update is the identity and SMoG.forward returns this same loss."""
-    C, J, B = len(online_crops), len(momentum_crops), online_crops[0].shape[0]
+    C, J, B = len(online_crops), 2, online_crops[0].shape[0]
     H, K, D = model.groups.shape
-    with torch.no_grad():
-        zt = model.momentum_projector(smog.encode_crops(model.momentum_backbone, momentum_crops))  # (J*B, D)
-    p = model.predictor(model.projector(smog.encode_crops(model.backbone, online_crops)))        # (C*B, D)
+    zt = model.momentum_embed(momentum_crops)[:J * B]               # (J*B, D): targets from the global crops
+    p = model.online_forward(online_crops)[1]                       # (C*B, D)
     with torch.autocast(p.device.type, enabled=False):
         g = model.groups.view(H * K, D)
         t = (F.normalize(zt.float(), dim=-1) @ g.T).view(J, B, H, K).argmax(-1)                  # (J, B, H)
@@ -265,16 +267,16 @@ def ideal_loss(model: smog.SMoG, online_crops, momentum_crops) -> torch.Tensor:
 
 
 def build_optimizer(cfg: BenchConfig, model: smog.SMoG) -> torch.optim.Optimizer:
-    """train.py's parameter groups: weight decay (and LARS adaptation) only on weights with ndim > 1."""
+    """train.py's choices: SGD with weight decay only on weights with ndim > 1; LARS (the released recipe)
+    over every parameter with weight decay on all."""
     train = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in train if p.ndim > 1], weight_decay=cfg.weight_decay),
-              dict(params=[p for p in train if p.ndim <= 1], weight_decay=0.0)]
     if cfg.optimizer == "sgd":
+        groups = [dict(params=[p for p in train if p.ndim > 1], weight_decay=cfg.weight_decay),
+                  dict(params=[p for p in train if p.ndim <= 1], weight_decay=0.0)]
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     if cfg.optimizer == "lars":
         from train import LARS
-        groups[0]["lars"], groups[1]["lars"] = True, False
-        return LARS(groups, lr=cfg.lr, momentum=0.9)
+        return LARS(train, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     raise ValueError(f"--optimizer must be sgd or lars, not {cfg.optimizer!r}")
 
 
@@ -312,7 +314,8 @@ def build_step(cfg: BenchConfig, dev: torch.device, stub_backbone: bool = False)
         return [torch.randn(cfg.batch, 3, px, px, generator=g).to(dev).contiguous(memory_format=fmt)
                 for _ in range(n)]
 
-    online, momentum = crops(2, cfg.global_px) + crops(cfg.n_local, cfg.local_px), crops(2, cfg.global_px)
+    online = crops(2, cfg.global_px) + crops(cfg.n_local, cfg.local_px)
+    momentum = crops(2, cfg.global_px) + crops(cfg.n_local, cfg.local_px)     # both sets: 2 global + n_local
     if cfg.amp not in ("none", "bf16"):
         raise ValueError(f"--amp must be none or bf16, not {cfg.amp!r}")
 
@@ -374,7 +377,7 @@ def bench_step(cfg: BenchConfig, dev: torch.device, clock: Clock) -> dict:
            "ratio_ci95": bootstrap_median_ci(ratios), "ratio_of_medians": full["median"] / ideal["median"],
            "ideal_images_per_s": cfg.batch * 1e3 / ideal["median"],
            "full_images_per_s": cfg.batch * 1e3 / full["median"],
-           "crops": {"online": [2, cfg.global_px, cfg.n_local, cfg.local_px], "momentum": [2, cfg.global_px]},
+           "crops": {"online": [2, cfg.global_px, cfg.n_local, cfg.local_px], "momentum": [2, cfg.global_px, cfg.n_local, cfg.local_px]},
            "beta1_check": check, "samples_ms": ms,
            "loadavg_1min": [load0, os.getloadavg()[0] if load0 is not None else None]}
     if ru0 is not None:                                 # user vs kernel time: page faults show up as sys
@@ -415,6 +418,55 @@ def bench_overhead(cfg: BenchConfig, dev: torch.device, clock: Clock, ideal_ms: 
     extra = summary([f - i for f, i in zip(ms["full"], ms["ideal"])])["median"]
     return {"stub_ideal_ms": ideal, "stub_full_ms": full, "extra_ms": extra,
             "implied_ratio": 1 + extra / ideal_ms}
+
+
+def bench_joint_bn(cfg: BenchConfig, dev: torch.device, clock: Clock) -> list:
+    """Cost of one BatchNorm across crop sizes: forward + backward of smog.encode_crops (joint BN, training
+    mode) against one plain net() call per crop size (separate BN statistics, what SwAV does), on the
+    preset's crops (2 global + n_local local, batch cfg.batch), for the preset's backbone and resnet18
+    (3x3 stem below 64 px). Interleaved pairs; `ratio` = median over pairs of joint / separate."""
+    out = []
+    for arch in dict.fromkeys([cfg.arch, "resnet18"]):
+        torch.manual_seed(0)
+        net, _ = smog.build_backbone(arch, width=cfg.width, cifar_stem=arch.startswith("resnet") and cfg.global_px <= 64)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        net = net.to(dev, memory_format=fmt).train()
+        g = torch.Generator().manual_seed(1)
+        sizes = [cfg.global_px] * 2 + [cfg.local_px] * cfg.n_local
+        crops = [torch.randn(cfg.batch, 3, px, px, generator=g).to(dev).contiguous(memory_format=fmt) for px in sizes]
+        per_size = [torch.cat(crops[:2]), torch.cat(crops[2:])] if cfg.n_local else [torch.cat(crops)]
+
+        def autocast():
+            return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+
+        def joint():
+            with autocast():
+                y = smog.encode_crops(net, crops)
+            y.float().square().mean().backward()
+
+        def separate():
+            with autocast():
+                y = torch.cat([net(x) for x in per_size])
+            y.float().square().mean().backward()
+
+        fns = {"joint": joint, "separate": separate}
+        for _ in range(max(1, cfg.step_warmup)):
+            joint()
+            separate()
+        clock.sync()
+        ms = {"joint": [], "separate": []}
+        t0 = time.perf_counter()
+        for i in range(cfg.step_pairs):
+            for name in (("joint", "separate") if i % 2 == 0 else ("separate", "joint")):
+                ms[name].append(clock.ms(fns[name]))
+            if time.perf_counter() - t0 > 60 and i >= 4:
+                break
+        ratios = [j / s for j, s in zip(ms["joint"], ms["separate"])]
+        out.append({"arch": arch, "batch": cfg.batch, "crops": [2, cfg.global_px, cfg.n_local, cfg.local_px],
+                    "joint_ms": summary(ms["joint"]), "separate_ms": summary(ms["separate"]),
+                    "ratio": summary(ratios)["median"], "ratio_ci95": bootstrap_median_ci(ratios)})
+        net.zero_grad(set_to_none=True)
+    return out
 
 
 def profile_steps(steps: dict, clock: Clock, dev: torch.device, n: int = 3, top: int = 25) -> dict:
@@ -595,7 +647,7 @@ def bench_input(cfg: BenchConfig, dev: torch.device, step_images_per_s: Optional
     dt = time.perf_counter() - t0
     del it
     ips = nb * cfg.batch / dt
-    crops = 2 + cfg.n_local + 2
+    crops = 2 * (2 + cfg.n_local)
     return {"source": source, "workers": workers, "batches": nb, "images_per_s": ips,
             "crops_per_image": crops, "crops_per_s": ips * crops, "step_images_per_s": step_images_per_s,
             "loader_over_step": ips / step_images_per_s if step_images_per_s else None,
@@ -654,6 +706,12 @@ def report(res: dict) -> str:
         la = s["loadavg_1min"]
         if la[0] is not None:
             L.append(f"  1-min load average before / after: {la[0]:.2f} / {la[1]:.2f} (cores: {res['machine']['cpu_cores']})")
+    for r in res.get("joint_bn", []):
+        c = r["crops"]
+        L.append(f"joint BN, {r['arch']} forward+backward, batch {r['batch']} x ({c[0]}x{c[1]} + {c[2]}x{c[3]} px): "
+                 f"joint {r['joint_ms']['median']:.2f} ms, per size {r['separate_ms']['median']:.2f} ms, "
+                 f"ratio {r['ratio']:.3f} (95% CI {r['ratio_ci95'][0]:.3f}-{r['ratio_ci95'][1]:.3f}, "
+                 f"n={r['joint_ms']['n']})")
     if "update" in res:
         L.append("group update, D=128          vectorised ms     loop ms   speed-up   groups hit   max|diff|")
         for r in res["update"]:
@@ -696,14 +754,14 @@ def run(cfg: BenchConfig, argv_display: str) -> dict:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     sections = [s.strip() for s in cfg.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"step", "update", "kmeans", "input"}
+    unknown = set(sections) - {"step", "jointbn", "update", "kmeans", "input"}
     if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)}; choose from step, update, kmeans, input")
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from step, jointbn, update, kmeans, input")
     clock = Clock(dev)
     info = machine_info(dev)
     res: dict = {"preset": cfg.preset, "command": argv_display, "device_name": info["device_name"],
                  "torch_version": torch.__version__, "machine": info, "config": asdict(cfg),
-                 "step_ratio": None, "update_speedup": {}}
+                 "step_ratio": None, "joint_bn_ratio": {}, "update_speedup": {}}
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
@@ -712,6 +770,10 @@ def run(cfg: BenchConfig, argv_display: str) -> dict:
         log("step: ideal vs full")
         res["step"] = bench_step(cfg, dev, clock)
         res["step_ratio"] = res["step"]["ratio"]
+    if "jointbn" in sections:
+        log("jointbn: one BatchNorm across crop sizes vs one pass per size")
+        res["joint_bn"] = bench_joint_bn(cfg, dev, clock)
+        res["joint_bn_ratio"] = {r["arch"]: r["ratio"] for r in res["joint_bn"]}
     if "update" in sections:
         log("update: vectorised vs loop")
         res["update"] = bench_update(cfg, dev, clock)

@@ -356,8 +356,9 @@ def augmentation(kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0)
 
 class MultiCropViews:
     """SMoG's views of one image (algorithm.md): the online network sees 2 global + n_local local crops
-    of one augmentation set, the momentum network 2 global crops of the other. Which set is online
-    alternates every iteration, so the caller says which (see ViewsDataset); only used crops are made."""
+    of one augmentation set, the momentum network 2 global + n_local local crops of the other (targets
+    come from its global crops; its local crops take part in its BatchNorm statistics, as released).
+    Which set is online alternates every iteration, so the caller says which (see ViewsDataset)."""
 
     def __init__(self, global_size: int, local_size: int, n_local: int, global_scale=(0.2, 1.0),
                  local_scale=(0.05, 0.2), blur_scale: float = 1.0):
@@ -365,12 +366,13 @@ class MultiCropViews:
         self.loc = {k: augmentation(k, local_size, tuple(local_scale), blur_scale=blur_scale) for k in "AB"}
         self.n_local = n_local
 
+    def crops(self, img, s: str) -> list:
+        """2 global + n_local local crops of augmentation set `s`, global first."""
+        return [self.glob[s](img) for _ in range(2)] + [self.loc[s](img) for _ in range(self.n_local)]
+
     def __call__(self, img, online: str):
-        """-> (online crops [2 + n_local] of set `online`, momentum crops [2] of the other set)."""
-        other = "B" if online == "A" else "A"
-        on = [self.glob[online](img) for _ in range(2)] + [self.loc[online](img) for _ in range(self.n_local)]
-        mo = [self.glob[other](img) for _ in range(2)]
-        return on, mo
+        """-> (online crops [2 + n_local] of set `online`, momentum crops [2 + n_local] of the other set)."""
+        return self.crops(img, online), self.crops(img, "B" if online == "A" else "A")
 
 
 class seeded:

@@ -15,6 +15,7 @@ H heads, K groups, D embedding dim.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -25,6 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models import resnet as tv_resnet
+from torchvision.models import swin_transformer as tv_swin
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # returns the SUM over ranks (use the return value)
 
@@ -300,37 +303,75 @@ class SmallCNN(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
-ARCHS = ("smallcnn", "resnet18", "resnet34", "resnet50", "wide_resnet50_2", "swin_t")
+def resnet50w2() -> tv_resnet.ResNet:
+    """The released ResNet-50w2 (SwAV's, SimCLR-style 2x): *every* width of ResNet-50 doubled -- stem 128
+    channels, stage widths 128/256/512/1024, bottleneck expansion 4 -> 4096-d pooled features. torchvision
+    key names and forward. (torchvision's wide_resnet50_2 only doubles the bottleneck's inner width: 2048-d.)"""
+    m = tv_resnet.ResNet(tv_resnet.Bottleneck, [3, 4, 6, 3])
+    m.inplanes = 128
+    m.conv1, m.bn1 = nn.Conv2d(3, 128, 7, 2, 3, bias=False), nn.BatchNorm2d(128)
+    m.layer1 = m._make_layer(tv_resnet.Bottleneck, 128, 3)
+    m.layer2 = m._make_layer(tv_resnet.Bottleneck, 256, 4, stride=2)
+    m.layer3 = m._make_layer(tv_resnet.Bottleneck, 512, 6, stride=2)
+    m.layer4 = m._make_layer(tv_resnet.Bottleneck, 1024, 3, stride=2)
+    m.fc = nn.Linear(4096, 1000)
+    for mod in m.modules():                          # torchvision's initialisation, no zero-init residual
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+    return m
+
+
+class SwinBlockBN(tv_swin.SwinTransformerBlock):
+    """The released Swin-T block: LayerNorm before the attention, BatchNorm1d over channels before the MLP
+    (every token of every image is one sample of the BN). As released, the MLP's residual adds to the
+    *normalised* stream: x <- BN(x); x <- x + MLP(x). x: [B, H, W, C]."""
+
+    def __init__(self, dim: int, *args, **kw):
+        super().__init__(dim, *args, **kw)
+        self.norm2 = nn.BatchNorm1d(dim)
+
+    def forward(self, x):
+        x = x + self.stochastic_depth(self.attn(self.norm1(x)))
+        x = self.norm2(x.reshape(-1, x.shape[-1])).view_as(x)                       # (B*H*W, C) tokens as batch
+        return x + self.stochastic_depth(self.mlp(x))
+
+
+ARCHS = ("smallcnn", "resnet18", "resnet34", "resnet50", "resnet50w2", "wide_resnet50_2", "swin_t")
 
 
 def build_backbone(name: str, *, cifar_stem: bool = False, drop_path: float = 0.0, width: int = 32):
     """-> (module mapping [B, 3, h, w] to pooled features [B, feat_dim], feat_dim).
-    torchvision models keep torchvision key names (classifier replaced by Identity, so absent).
+    ResNets as released: no zero-init of the residual branches' last BN. They keep torchvision's stem
+    padding 3 (released: 2) and torchvision key names, so an exported backbone loads into torchvision
+    unchanged (the classifier is replaced by Identity, so absent). resnet50w2 is the released 2x network,
+    wide_resnet50_2 torchvision's (another network). swin_t is the released Swin-T (SwinBlockBN blocks).
     cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32-96 px images (ResNets only)."""
     import torchvision.models as tvm
     if name == "smallcnn":
         m = SmallCNN(width)
         return m, m.out_dim
-    if name in ("resnet18", "resnet34", "resnet50", "wide_resnet50_2"):
-        m = getattr(tvm, name)(weights=None, zero_init_residual=True)
+    if name in ("resnet18", "resnet34", "resnet50", "resnet50w2", "wide_resnet50_2"):
+        m = resnet50w2() if name == "resnet50w2" else getattr(tvm, name)(weights=None, zero_init_residual=False)
         if cifar_stem:
-            m.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            m.conv1 = nn.Conv2d(3, m.conv1.out_channels, 3, 1, 1, bias=False)
+            nn.init.kaiming_normal_(m.conv1.weight, mode="fan_out", nonlinearity="relu")
             m.maxpool = nn.Identity()
         dim, m.fc = m.fc.in_features, nn.Identity()
         return m, dim
-    if name == "swin_t":
-        from torchvision.models.swin_transformer import SwinTransformer  # swin_t's shape, our drop-path
-        m = SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-                            window_size=[7, 7], stochastic_depth_prob=drop_path)
+    if name == "swin_t":   # torchvision's SwinTransformer: Linear weights trunc-normal(0.02), biases 0
+        m = tv_swin.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
+                                    window_size=[7, 7], stochastic_depth_prob=drop_path, block=SwinBlockBN)
         dim, m.head = m.head.in_features, nn.Identity()
         return m, dim
     raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
 
 
-def build_mlp(d_in: int, d_hidden: int, d_out: int, *, first_bias: bool, last_bn: bool) -> nn.Sequential:
-    """Linear -> BN -> ReLU -> Linear (-> BN without affine, for the projector)."""
-    layers = [nn.Linear(d_in, d_hidden, bias=first_bias), nn.BatchNorm1d(d_hidden), nn.ReLU(inplace=True),
-              nn.Linear(d_hidden, d_out)]
+def build_mlp(d_in: int, d_hidden: int, d_out: int, *, last_bn: bool, act=nn.ReLU) -> nn.Sequential:
+    """Linear -> BN -> act -> Linear (-> BN without affine, for the projector); every Linear with a bias."""
+    layers = [nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), act(), nn.Linear(d_hidden, d_out)]
     if last_bn:
         layers.append(nn.BatchNorm1d(d_out, affine=False))
     return nn.Sequential(*layers)
@@ -356,17 +397,95 @@ class SMoGConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _each(layer: nn.Module, xs: list) -> list:
+    return [layer(x) for x in xs]
+
+
+def joint_bn(bn: nn.Module, xs: list, act: Optional[nn.Module] = None) -> list:
+    """One BatchNorm over the activations of all crop sizes (released ResNet, "unified bn on different
+    input size"): xs [N_r, C, H_r, W_r] per resolution -> act(BN(x)) in the same shapes, normalised with
+    ONE mean and variance over all sum_r N_r*H_r*W_r pixels. The layer itself is called once on all
+    pixels ([1, C, L, 1], or [L, C, 1, 1] for channels_last inputs, where that view is free), so its
+    running statistics are updated once with the joint statistics (unbiased variance, n = all pixels)
+    and a SyncBatchNorm reduces its sums and counts over all ranks exactly as for one tensor.
+    The outputs are views of one tensor: `act` (in place or not) runs on the whole before it is cut up;
+    callers must not modify the outputs in place."""
+    C = xs[0].shape[1]
+    rows = all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in xs)
+    if rows:                                                                       # pixels as rows: free views
+        y = bn(torch.cat([x.permute(0, 2, 3, 1).reshape(-1, C) for x in xs])[:, :, None, None])[:, :, 0, 0]
+    else:                                                                          # (C, sum NHW)
+        y = bn(torch.cat([x.transpose(0, 1).flatten(1) for x in xs], 1)[None, :, :, None])[0, :, :, 0]
+    if act is not None:
+        y = act(y)
+    out, start = [], 0
+    for x in xs:
+        N, _, H, W = x.shape
+        if rows:                                                                   # (N, C, H, W) channels_last
+            out.append(y[start:start + N * H * W].view(N, H, W, C).permute(0, 3, 1, 2))
+        else:
+            out.append(y[:, start:start + N * H * W].view(C, N, H, W).transpose(0, 1))
+        start += N * H * W
+    return out
+
+
+def forward_joint_bn(net: nn.Module, xs: list) -> list:
+    """The backbone on a list of per-resolution batches: convolutions, pooling and activations per
+    resolution, every BatchNorm joint over all of them (joint_bn, with the ReLU that follows it).
+    torchvision ResNets and SmallCNN; -> pooled features [N_r, F] per resolution. Same layers and
+    parameters as net(x)."""
+    if isinstance(net, SmallCNN):                                                  # (conv, BN, ReLU) x 4
+        layers = list(net.features)
+        for conv, bn, relu in zip(layers[0::3], layers[1::3], layers[2::3]):
+            xs = joint_bn(bn, _each(conv, xs), relu)
+        return [x.mean(dim=(2, 3)) for x in xs]
+    xs = _each(net.maxpool, joint_bn(net.bn1, _each(net.conv1, xs), net.relu))    # stem
+    for block in [*net.layer1, *net.layer2, *net.layer3, *net.layer4]:
+        convs = ["1", "2", "3"] if isinstance(block, tv_resnet.Bottleneck) else ["1", "2"]
+        out = xs
+        for i, k in enumerate(convs):                                              # last BN: no ReLU before +
+            out = joint_bn(getattr(block, "bn" + k), _each(getattr(block, "conv" + k), out),
+                           block.relu if i < len(convs) - 1 else None)
+        skip = xs if block.downsample is None else joint_bn(block.downsample[1], _each(block.downsample[0], xs))
+        xs = [block.relu(o + s) for o, s in zip(out, skip)]
+    return [net.fc(torch.flatten(net.avgpool(x), 1)) for x in xs]
+
+
+def joint_bn_capable(net: nn.Module) -> bool:
+    """Backbones whose BatchNorms encode_crops runs jointly over crop sizes (Swin-T: per size, as released)."""
+    return isinstance(net, (SmallCNN, tv_resnet.ResNet))
+
+
 def encode_crops(net: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Run `net` once per distinct resolution (crops concatenated), return outputs in crop order [sum B_c, F]."""
+    """`net` on all crops -> outputs in crop order [sum B_c, F]; crops of one resolution are concatenated.
+    One resolution, eval mode, or a backbone without joint BN (Swin-T): one net() call per resolution.
+    Otherwise (training a ResNet / SmallCNN on several sizes) forward_joint_bn: one BN over all sizes."""
     by_res: dict = {}
     for i, c in enumerate(crops):
         by_res.setdefault(tuple(c.shape[-2:]), []).append(i)
+    xs = [torch.cat([crops[i] for i in idx]) for idx in by_res.values()]
+    if len(xs) > 1 and net.training and joint_bn_capable(net):
+        ys = forward_joint_bn(net, xs)
+    else:
+        ys = [net(x) for x in xs]
     out: list = [None] * len(crops)
-    for idx in by_res.values():
-        y = net(torch.cat([crops[i] for i in idx]))
+    for idx, y in zip(by_res.values(), ys):
         for i, yi in zip(idx, y.split([crops[i].shape[0] for i in idx])):
             out[i] = yi
     return torch.cat(out)
+
+
+@contextlib.contextmanager
+def drop_path_off(net: nn.Module):
+    """Context: stochastic depth of `net` switched off; everything else (BN batch statistics) unchanged."""
+    sd = [m for m in net.modules() if isinstance(m, tv_swin.StochasticDepth) and m.training]
+    for m in sd:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in sd:
+            m.training = True
 
 
 class SMoG(nn.Module):
@@ -378,8 +497,17 @@ class SMoG(nn.Module):
         self.backbone, feat = build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, drop_path=cfg.drop_path,
                                              width=cfg.width)
         self.feat_dim = feat
-        self.projector = build_mlp(feat, cfg.hidden_dim, cfg.dim, first_bias=False, last_bn=True)
-        self.predictor = build_mlp(cfg.dim, cfg.hidden_dim, cfg.dim, first_bias=True, last_bn=False)
+        swin = cfg.arch == "swin_t"
+        self.projector = build_mlp(feat, cfg.hidden_dim, cfg.dim, last_bn=True, act=nn.GELU if swin else nn.ReLU)
+        self.predictor = build_mlp(cfg.dim, cfg.hidden_dim, cfg.dim, last_bn=False)
+        # released Swin path: heads run once per crop size, update/bank embeddings re-computed without
+        # drop-path; Linear weights trunc-normal(0.02), biases 0, as in its backbone
+        self.per_size_heads = swin
+        if swin:
+            for m in [*self.projector, *self.predictor]:
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
         # momentum copy: no drop-path, no predictor, no gradient
         self.momentum_backbone, _ = build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width)
         self.momentum_projector = copy.deepcopy(self.projector)
@@ -405,9 +533,50 @@ class SMoG(nn.Module):
         self.momentum_backbone.load_state_dict(self.backbone.state_dict())
         self.momentum_projector.load_state_dict(self.projector.state_dict())
 
+    def _heads(self, mlp: nn.Module, x: torch.Tensor, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """mlp over [sum B_c, *] rows in crop order: at once (its BNs see all crops), or for Swin-T, as
+        released, once per run of consecutive crops of one size (separate BN statistics per size)."""
+        if not self.per_size_heads:
+            return mlp(x)
+        runs: list = []
+        for c in crops:
+            if runs and runs[-1][0] == c.shape[-2:]:
+                runs[-1][1] += c.shape[0]
+            else:
+                runs.append([c.shape[-2:], c.shape[0]])
+        return torch.cat([mlp(r) for r in x.split([n for _, n in runs])])
+
+    def online_forward(self, crops: Sequence[torch.Tensor]) -> tuple:
+        """-> (projector outputs z, predictor outputs p), both [sum B_c, D] in crop order, unnormalised."""
+        z = self._heads(self.projector, encode_crops(self.backbone, crops), crops)
+        return z, self._heads(self.predictor, z, crops)
+
+    @torch.no_grad()
+    def momentum_embed(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Momentum backbone+projector on every momentum crop (global first) -> [sum B_c, D], unnormalised.
+        The local crops take part in the BN statistics (joint BN, projector BNs) but give no target.
+        Swin-T runs each crop size on its own, so there the local crops could not change the targets and
+        are skipped (they would only move the momentum network's running statistics, which nothing reads)."""
+        if self.per_size_heads:
+            crops = [c for c in crops if c.shape[-2:] == crops[0].shape[-2:]]
+        return self._heads(self.momentum_projector, encode_crops(self.momentum_backbone, crops), crops)
+
+    @torch.no_grad()
+    def update_embed(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Online projector embeddings [2*B, D] of the two global crops (first in `crops`) for the group
+        update and the memory bank, unnormalised, no gradient. ResNets: all crops forwarded (the BNs see
+        them all, as in the loss forward). Swin-T, as released: the global crops re-embedded with drop-path
+        off (BN batch statistics as in the loss forward, where the global crops form their own pass)."""
+        if not self.per_size_heads:
+            return self.online_forward(crops)[0][:2 * crops[0].shape[0]]
+        with drop_path_off(self.backbone):
+            glob = list(crops[:2])
+            return self._heads(self.projector, encode_crops(self.backbone, glob), glob)
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised online projector embeddings [B, D] (fp32), for the memory bank."""
-        return F.normalize(self.projector(self.backbone(x)).float(), dim=-1)
+        """Normalised online projector embeddings [B, D] (fp32) of one batch, drop-path off: the memory bank."""
+        with drop_path_off(self.backbone):
+            return F.normalize(self.projector(self.backbone(x)).float(), dim=-1)
 
     @torch.no_grad()
     def regroup(self, bank: torch.Tensor, iters: int = 10, *, generator: Optional[torch.Generator] = None,
@@ -424,15 +593,16 @@ class SMoG(nn.Module):
 
     def forward(self, online_crops: Sequence[torch.Tensor], momentum_crops: Sequence[torch.Tensor], beta,
                 *, all_reduce: Optional[Reduce] = None):
-        """online_crops: C tensors [B, 3, h, w], the first two the global crops; momentum_crops: the J=2
-        global crops of the other augmentation set. Updates self.groups in place (all heads) and
-        returns (loss, stats); stats tensors (no host sync): nonempty [H] fraction of groups hit by
-        the targets, entropy [H] of the target assignment histogram (nats; ln K is uniform)."""
-        C, J, B = len(online_crops), len(momentum_crops), online_crops[0].shape[0]
-        with torch.no_grad():
-            zt = self.momentum_projector(encode_crops(self.momentum_backbone, momentum_crops))
-        z = self.projector(encode_crops(self.backbone, online_crops))       # (C*B, D)
-        p = self.predictor(z)
+        """online_crops: C tensors [B, 3, h, w], the first two the global crops; momentum_crops: all crops
+        of the other augmentation set, global first (targets from the J=2 global ones; the local crops
+        take part in the momentum network's BN statistics, as released). Updates self.groups in place
+        (all heads) and returns (loss, stats); stats tensors (no host sync): nonempty [H] fraction of groups
+        hit by the targets, entropy [H] of the target assignment histogram (nats; ln K is uniform)."""
+        C, J, B = len(online_crops), 2, online_crops[0].shape[0]
+        zt = self.momentum_embed(momentum_crops)[:J * B]                   # (J*B, D) global crops only
+        z, p = self.online_forward(online_crops)                            # (C*B, D) each
+        if self.per_size_heads:   # released Swin: group update + bank from the drop-path-free re-embedding
+            z = torch.cat([self.update_embed(online_crops), z[2 * B:].detach()])
         dev = z.device.type
         with torch.autocast(dev, enabled=False):                            # grouping and logits in fp32
             zt = F.normalize(zt.float(), dim=-1).view(J, B, -1)

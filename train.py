@@ -85,7 +85,7 @@ import torch.nn.functional as F
 import data
 import smog
 
-FORMAT = "smog-train-v1"
+FORMAT = "smog-train-v2"  # v2: released recipe (joint BN, LARS on all parameters, momentum local crops)
 
 
 class UsageError(Exception):
@@ -203,7 +203,7 @@ PRESETS = {
                         local_scale_min=0.1, local_scale_max=0.35, blur_scale=0.15, epochs=200, batch_size=512,
                         optimizer="lars", lr=4.8, lr_batch=4096, weight_decay=1e-6, ema=0.99, log_every=20),
     "imagenet-r50": dict(_R50),
-    "imagenet-r50w2": dict(_R50, arch="wide_resnet50_2"),
+    "imagenet-r50w2": dict(_R50, arch="resnet50w2"),    # the released 2x ResNet-50 (4096-d)
     "imagenet-swin-t": dict(_R50, arch="swin_t", dim=256, optimizer="adamw", lr=1e-3, min_lr_ratio=0.04,
                             warmup_lr_ratio=0.04, weight_decay=0.05, clip_grad=3.0, drop_path=0.2),
 }
@@ -375,48 +375,48 @@ def git_revision() -> str:
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum wrapped in LARS (as apex LARC with clip=False, used by SwAV/SMoG): for parameter
-    groups with lars=True, grad <- (grad + wd * p) * trust * ||p|| / ||grad + wd * p||. Groups with
-    lars=False (biases, norm weights) get neither weight decay nor adaptation."""
+    """SGD momentum wrapped in LARS, the released rule (apex LARC, clip=False, eps 1e-8), per tensor p with
+    gradient g: if ||p|| > 0 and ||g|| > 0,
+        g <- (g + wd * p) * trust * ||p|| / (||g|| + wd * ||p|| + eps)      (norms of p and of the raw g)
+    otherwise g is left as it is (no weight decay either); then torch.optim.SGD's momentum step with the
+    scheduled lr: buf <- momentum * buf + g (the first buf = g), p <- p - lr * buf. No host sync."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust_coef: float = 0.001):
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coef: float = 0.001, eps: float = 1e-8):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coef=trust_coef,
-                                      lars=True))
+                                      eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):
-        for g in self.param_groups:
-            for p in g["params"]:
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            for p in group["params"]:
                 if p.grad is None:
                     continue
-                d = p.grad
-                if g["lars"]:
-                    d = d.add(p, alpha=g["weight_decay"])
-                    pn, dn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    q = torch.where((pn > 0) & (dn > 0), g["trust_coef"] * pn / dn, torch.ones_like(pn))
-                    d = d.mul(q)
+                g = p.grad
+                pn, gn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                local_lr = group["trust_coef"] * pn / (gn + wd * pn + group["eps"])
+                g = torch.where((pn > 0) & (gn > 0), (g + wd * p) * local_lr, g)
                 st = self.state[p]
-                if "mu" not in st:
-                    st["mu"] = d.clone()
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = g.clone()
                 else:
-                    st["mu"].mul_(g["momentum"]).add_(d)
-                p.add_(st["mu"], alpha=-g["lr"])
+                    st["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                p.add_(st["momentum_buffer"], alpha=-group["lr"])
 
 
 def build_optimizer(cfg: Config, model: smog.SMoG) -> torch.optim.Optimizer:
-    """Online backbone + projector + predictor; biases, norm weights and Swin's relative position bias
-    tables are excluded from weight decay (and from the LARS adaptation)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue  # the momentum network
-        (no_decay if p.ndim <= 1 or "relative_position_bias_table" in name else decay).append(p)
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay, lars=True),
-              dict(params=no_decay, weight_decay=0.0, lars=False)]
+    """Online backbone + projector + predictor. LARS (the released ResNet recipe): every online parameter,
+    biases and BN weights included, weight decay on all. SGD / AdamW: biases, norm weights and Swin's
+    relative position bias tables without weight decay (AdamW's exclusions are the released Swin-T ones)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]     # not the momentum network
     if cfg.optimizer == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg.momentum, trust_coef=cfg.trust_coef)
-    for g in groups:
-        g.pop("lars")
+        return LARS([p for _, p in params], lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    trust_coef=cfg.trust_coef)
+    decay, no_decay = [], []
+    for name, p in params:
+        (no_decay if p.ndim <= 1 or "relative_position_bias_table" in name else decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
@@ -765,6 +765,9 @@ def write_checkpoint(obj: dict, path: str, n_save: int) -> None:
 
 def check_resume(ck: dict, cfg: Config, world: int, path: str) -> None:
     """The checkpoint must continue *this* run: same format, world size and every non-runtime field."""
+    if str(ck.get("format", "")).startswith("smog-train-") and ck.get("format") != FORMAT:
+        raise UsageError(f"cannot resume {path!r}: it was written by an older train.py (format {ck['format']!r}, "
+                         f"this one writes {FORMAT!r}, which trains a different recipe); use a new --out-dir")
     if ck.get("format") != FORMAT:
         raise UsageError(f"{path!r} is not a train.py checkpoint (format {ck.get('format')!r}, expected {FORMAT!r})")
     if ck.get("world_size") != world:

@@ -49,6 +49,12 @@ def test_smoke_writes_every_figure(smoke):
     assert s["beta1_check"]["rel_diff"] <= 1e-4
     assert s["grouping_overhead"]["implied_ratio"] == pytest.approx(
         1 + s["grouping_overhead"]["extra_ms"] / s["ideal_ms"]["median"])
+    # joint BN against one pass per crop size: the preset's backbone and resnet18
+    assert [r["arch"] for r in res["joint_bn"]] == [res["config"]["arch"], "resnet18"]
+    for r in res["joint_bn"]:
+        assert r["joint_ms"]["n"] == r["separate_ms"]["n"] >= 1 and r["ratio"] > 0
+        assert res["joint_bn_ratio"][r["arch"]] == r["ratio"]
+        assert r["ratio_ci95"][0] <= r["ratio_ci95"][1]
     # 3: update, all four sizes, agreeing, speed-up = loop / vectorised
     want = {f"K={k},N={n}" for k in (300, 3000) for n in (512, 4096)}
     assert set(res["update_speedup"]) == want
@@ -65,7 +71,7 @@ def test_smoke_writes_every_figure(smoke):
     assert 0 < res["regroup_epoch_share"]["share"] < 1
     # 5: input pipeline against the step
     p = res["input_pipeline"]
-    assert p["images_per_s"] > 0 and p["crops_per_image"] == 2 + res["config"]["n_local"] + 2
+    assert p["images_per_s"] > 0 and p["crops_per_image"] == 2 * (2 + res["config"]["n_local"])   # both sets
     assert p["step_images_per_s"] == pytest.approx(s["full_images_per_s"])
     assert p["starved"] == (p["images_per_s"] < p["step_images_per_s"])
     # targets are listed but not judged at smoke sizes

@@ -197,19 +197,20 @@ def crops(B=4, seed=0, local=2):
     g = torch.Generator().manual_seed(seed)
     on = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)] + \
          [torch.randn(B, 3, 16, 16, generator=g) for _ in range(local)]
-    mo = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)]
+    mo = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)] + \
+         [torch.randn(B, 3, 16, 16, generator=g) for _ in range(local)]      # momentum set: its local crops too
     return on, mo
 
 
 @pytest.mark.parametrize("arch,size,stem", [("smallcnn", 32, False), ("resnet18", 32, True), ("resnet50", 32, True),
-                                            ("wide_resnet50_2", 32, True), ("swin_t", 64, False),
+                                            ("resnet50w2", 32, True), ("swin_t", 64, False),
                                             ("resnet18", 64, False)])
 def test_every_backbone_forward_backward(arch, size, stem):
     torch.manual_seed(0)
     cfg = tiny_cfg(arch=arch, cifar_stem=stem, n_heads=2)
     m = smog.SMoG(cfg)
     on = [torch.randn(2, 3, size, size) for _ in range(2)] + [torch.randn(2, 3, size // 2, size // 2)]
-    mo = [torch.randn(2, 3, size, size) for _ in range(2)]
+    mo = [torch.randn(2, 3, size, size) for _ in range(2)] + [torch.randn(2, 3, size // 2, size // 2)]
     loss, stats = m(on, mo, 0.99)
     loss.backward()
     assert torch.isfinite(loss)
@@ -228,7 +229,8 @@ def test_forward_equals_per_head_smog_step_and_updates_buffer():
     m2 = smog.SMoG(tiny_cfg())
     m2.load_state_dict({**m.state_dict(), "groups": g0})
     with torch.no_grad():
-        zt = F.normalize(m2.momentum_projector(smog.encode_crops(m2.momentum_backbone, mo)), dim=-1).view(2, 4, -1)
+        zt = m2.momentum_projector(smog.encode_crops(m2.momentum_backbone, mo))[:8]     # targets: global crops
+        zt = F.normalize(zt, dim=-1).view(2, 4, -1)
         z = m2.projector(smog.encode_crops(m2.backbone, on))
         p = m2.predictor(z).view(4, 4, -1)
         z = F.normalize(z, dim=-1).view(4, 4, -1)

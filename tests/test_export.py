@@ -1,6 +1,7 @@
 """`python -m smog export` round trip (issue 5): a train.py checkpoint's online backbone becomes a plain
-torchvision state_dict that torchvision.models.<arch>() loads with strict=False, missing exactly the
-classification head, and that computes the same features as the SMoG backbone."""
+state_dict that torchvision.models.<arch>() loads with strict=False, missing exactly the classification
+head (the released resnet50w2 and Swin-T are not torchvision networks: a fresh smog.build_backbone takes
+it with strict=True), and that computes the same features as the SMoG backbone."""
 import subprocess
 import sys
 
@@ -11,12 +12,12 @@ import torchvision.models as tvm
 import smog
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-HEADS = {"resnet18": "fc", "resnet50": "fc", "wide_resnet50_2": "fc", "swin_t": "head"}
+HEADS = {"resnet18": "fc", "resnet50": "fc", "wide_resnet50_2": "fc"}   # torchvision's own networks
+RELEASED = ("resnet50w2", "swin_t")   # the released networks (not in torchvision): load into smog.build_backbone
 
 
 def _scramble_(module: torch.nn.Module, seed: int) -> None:
-    """Make every tensor distinctive: zero_init_residual leaves the residual branches' last BN at 0 and
-    fresh BN statistics are 0/1, so an untouched model could not tell swapped or dropped weights apart."""
+    """Make every tensor distinctive: fresh BN weights are all 1 and fresh BN statistics are 0/1, so an untouched model could not tell swapped or dropped weights apart."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in module.state_dict().items():
@@ -38,23 +39,28 @@ def _train_checkpoint(arch: str, path) -> smog.SMoG:
     model = smog.SMoG(cfg)
     _scramble_(model.backbone, seed=1)
     from dataclasses import asdict
-    torch.save({"format": "smog-train-v1", "model": model.state_dict(),
+    torch.save({"format": "smog-train-v2", "model": model.state_dict(),
                       "config": {"model": asdict(cfg), "data": "demo", "image_size": 32}}, path)
     return model
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "wide_resnet50_2", "swin_t"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "wide_resnet50_2", "resnet50w2", "swin_t"])
 def test_export_roundtrip_torchvision(arch, tmp_path):
     ck, out = tmp_path / "checkpoint.pth", tmp_path / "backbone.pth"
     model = _train_checkpoint(arch, ck)
     assert smog._main(["export", str(ck), str(out)]) == 0
     sd = torch.load(out, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
-    tv = getattr(tvm, arch)()
-    res = tv.load_state_dict(sd, strict=False)
-    head = HEADS[arch]
-    assert sorted(res.missing_keys) == [f"{head}.bias", f"{head}.weight"]
-    assert res.unexpected_keys == []
+    if arch in RELEASED:       # a fresh network of the same build takes every tensor, nothing missing
+        tv, head = smog.build_backbone(arch)[0], "no-head"
+        res = tv.load_state_dict(sd, strict=True)
+        assert res.missing_keys == [] and res.unexpected_keys == []
+    else:
+        tv = getattr(tvm, arch)()
+        res = tv.load_state_dict(sd, strict=False)
+        head = HEADS[arch]
+        assert sorted(res.missing_keys) == [f"{head}.bias", f"{head}.weight"]
+        assert res.unexpected_keys == []
     # every non-head tensor came from the online backbone (not the momentum copy, not a fresh init)
     for k, v in tv.state_dict().items():
         if not k.startswith(head + "."):
@@ -64,7 +70,8 @@ def test_export_roundtrip_torchvision(arch, tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))   # small input: CI time
     with torch.no_grad():
         feats = model.backbone(x)                                       # (2, F) pooled
-        setattr(tv, head, torch.nn.Identity())                          # torchvision's pooled features
+        if arch not in RELEASED:
+            setattr(tv, head, torch.nn.Identity())                      # torchvision's pooled features
         got = tv(x)
     assert feats.abs().mean() > 1e-3 and (feats[0] - feats[1]).abs().mean() > 1e-4   # not degenerate
     torch.testing.assert_close(got, feats, rtol=1e-4, atol=1e-5)
