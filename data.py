@@ -1,7 +1,7 @@
 """Datasets and image transforms for train.py, eval_linear.py and bench.py.
 
     build_dataset(spec, split, transform)  spec: demo | demo:N | imagefolder:PATH | cifar10 | cifar100 | stl10
-    MultiCropViews                         SMoG's two augmentation sets (algorithm.md "Views")
+    MultiCropViews                         SMoG's two augmentation sets (METHOD.md, "Views")
     eval_transform / train_linear_transform  linear-evaluation transforms (SwAV protocol)
 
 Every dataset yields (transform(img), label) with img a PIL RGB image and has `.classes`.
@@ -339,11 +339,11 @@ class Solarize:
 
 
 def augmentation(kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0):
-    """One crop of augmentation set A or B (algorithm.md). blur_scale scales the blur radius, so small
+    """One crop of augmentation set A or B (METHOD.md). blur_scale scales the blur radius, so small
     images (32 px) get a proportionally smaller blur than 224 px ones."""
     import torchvision.transforms as T
     blur_p, sol_p = (1.0, 0.0) if kind == "A" else (0.1, 0.2)
-    ops = [T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+    ops = [T.RandomResizedCrop(size, scale=scale),  # bilinear, torchvision's default, as released
            T.RandomHorizontalFlip(),
            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
            T.RandomGrayscale(p=0.2)]
@@ -355,7 +355,7 @@ def augmentation(kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0)
 
 
 class MultiCropViews:
-    """SMoG's views of one image (algorithm.md): the online network sees 2 global + n_local local crops
+    """SMoG's views of one image (METHOD.md): the online network sees 2 global + n_local local crops
     of one augmentation set, the momentum network 2 global + n_local local crops of the other (targets
     come from its global crops; its local crops take part in its BatchNorm statistics, as released).
     Which set is online alternates every iteration, so the caller says which (see ViewsDataset)."""

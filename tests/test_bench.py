@@ -124,7 +124,7 @@ def test_loop_and_vectorised_agree_on_arbitrary_assignments_in_float64():
 
 def test_agreement_check_fails_on_a_wrong_update():
     """The check bench.py runs before timing rejects a plausible bug: raw (un-normalised) features added
-    into the groups, which changes the effective momentum (algorithm.md, mistakes seen elsewhere)."""
+    into the groups, which changes the effective momentum (METHOD.md)."""
     groups, z = _case(300, 512, 128, seed=5)
     a = smog.assign_groups(z, groups)
     loop = bench.update_groups_loop(groups, z, a, 0.5)

@@ -100,14 +100,14 @@ def test_views_are_seeded_per_item_and_leave_the_global_rng_alone():
     on, mo, i = views[(4, "A", 77)]
     assert torch.equal(torch.get_rng_state(), before)
     assert i == 4 and [tuple(x.shape) for x in on] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
-    assert [tuple(x.shape) for x in mo] == [(3, 32, 32)] * 2
+    assert [tuple(x.shape) for x in mo] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3   # momentum set: 2 global + local too
     on2, mo2, _ = views[(4, "A", 77)]
     assert all(torch.equal(a, b) for a, b in zip(on + mo, on2 + mo2))
     on3, _, _ = views[(4, "A", 78)]
     assert not torch.equal(on[0], on3[0])
     # the online set decides which augmentation set the online crops come from (B: solarisation possible)
     onb, mob, _ = views[(4, "B", 77)]
-    assert len(onb) == 5 and len(mob) == 2
+    assert len(onb) == 5 and len(mob) == 5
     aug = data.AugmentedDataset(base, data.augmentation("A", 24, (0.3, 1.0)))
     x, y = aug[(3, "A", 5)]
     assert x.shape == (3, 24, 24) and y == base[3][1] and torch.equal(x, aug[(3, "A", 5)][0])
