@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import smog
+from checkpoint import check_writable
 
 KNN_KS = (10, 20, 100, 200)
 # per-architecture defaults of the released linear protocol: (lr, weight decay, epochs)
@@ -474,16 +475,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, not argparse's usage block
         print(f"error: {message} (see python eval_linear.py -h)", file=sys.stderr)
         sys.exit(2)
-
-
-def check_writable(out_dir: str) -> None:
-    """out_dir (or its nearest existing parent) must be a writable directory; checked before any work."""
-    d = os.path.abspath(out_dir)
-    while not os.path.exists(d):
-        d = os.path.dirname(d)
-    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to --out-dir {out_dir!r} ({d!r} is not a writable directory); "
-                         f"choose another --out-dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
