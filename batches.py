@@ -1,4 +1,4 @@
-"""How one rank's batches are made for train.py: the step sampler (an exact, resumable position in a
+"""How one rank's data and batches are made for train.py: the datasets, the step sampler (an exact, resumable position in a
 seeded permutation), seeded items, the data loader and the transfer to the device.
 
 Every item is (dataset index, online augmentation set, item seed); the seed is a function of (--seed,
@@ -9,8 +9,28 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 
+import data
+import smog
 from checkpoint import UsageError
+
+
+def build_data(cfg, rank: int) -> tuple:
+    """-> (train set yielding PIL images, train set with the eval transform, test set or None)."""
+    kw = dict(root=cfg.data_root, bad_images=cfg.bad_images)
+    try:
+        if cfg.download and smog.dist_ready():  # rank 0 downloads, the others wait and read
+            if rank == 0:
+                data.build_dataset(cfg.data, "train", download=True, **kw)
+            dist.barrier()
+        train_raw = data.build_dataset(cfg.data, "train", None, download=cfg.download, **kw)
+        test = None
+        if (cfg.knn_every or cfg.final_eval) and data.has_test_split(cfg.data):
+            test = data.build_dataset(cfg.data, "test", data.eval_transform(cfg.image_size), download=cfg.download, **kw)
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    return train_raw, with_transform(train_raw, data.eval_transform(cfg.image_size)), test
 
 
 class StepBatches(torch.utils.data.Sampler):

@@ -3,6 +3,7 @@ split over ranks, data workers and torch threads. Plain `python` (RANK unset): o
 group (smog's collectives are then no-ops); under torchrun NCCL on GPUs, gloo on CPU."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -83,3 +84,15 @@ def git_revision() -> str:
         return rev + ("-dirty" if rev and dirty else "")
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def announce(run, micro: int, amp, resumed: bool, has_test: bool) -> None:
+    """The run's first lines: revision, world, device, precision, the resolved config, the batch geometry."""
+    cfg = run.cfg
+    rank0_print(f"SMoG train.py  git {run.cfg_dict['git'] or '(none)'}  world {run.world}  device {run.device}  "
+                f"precision {amp or torch.float32}\n" + json.dumps(run.cfg_dict, sort_keys=True))
+    rank0_print(f"{run.bank.n} training images, {run.spe} steps/epoch of {cfg.batch_size} (micro-batch {micro} x accum "
+                f"{cfg.accum} x world {run.world}), {run.total_steps} steps"
+                + (f"; resuming at step {run.step}" if resumed else ""))
+    if cfg.knn_every and not has_test:
+        rank0_print(f"note: {cfg.data} has no held-out split (PATH/val); the per-epoch kNN monitor is off")

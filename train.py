@@ -8,10 +8,10 @@
 
 --batch-size is the *global* batch: per rank and micro-batch it is batch / (world * accum).
 Top to bottom: the config and presets; train(), the whole run; the epoch loop and the pieces of one
-step; the optimisers and schedules; building data and model. Beside it: smog.py (the method),
-batches.py (seeded, resumable batches), memory_bank.py, checkpoint.py (run state: what a checkpoint
-holds, resume, SIGTERM, the test-only faults), launch.py (process group, device, threads),
-pretrain_eval.py (kNN monitor, final table).
+step in its order; the optimisers and schedules; building the model. Beside it: smog.py (the method),
+batches.py (datasets, seeded and resumable batches), memory_bank.py, checkpoint.py (run state: what a
+checkpoint holds, resume or start, save, SIGTERM, the test-only faults), launch.py (process group,
+device, threads, the run's banner), pretrain_eval.py (kNN monitor, final table).
 
 What is exact and why
 - Gradient accumulation (--accum A > 1): the group update must see the whole accumulated batch before
@@ -56,7 +56,7 @@ import data
 import launch
 import pretrain_eval
 import smog
-from batches import StepBatches, batch_geometry, item_seed, loader, reraise_data_error, to_device, with_transform
+from batches import StepBatches, batch_geometry, build_data, item_seed, loader, reraise_data_error, to_device
 from checkpoint import Run, UsageError, fault, log, resume_or_start, save
 from launch import rank0_print
 from memory_bank import MemoryBank, bn_buffers, fill_bank, restore_buffers
@@ -314,7 +314,7 @@ def train(cfg: Config) -> int:
     n_classes = data.num_classes(train_raw)
     rng, resumed = resume_or_start(run, train_raw, RUNTIME_FIELDS, start=lambda: fill_bank(
         model, run.bank, train_plain, cfg, device, micro, autocast))  # restore everything, or fill the bank
-    announce(run, micro, amp, resumed, test_ds is not None)
+    launch.announce(run, micro, amp, resumed, test_ds is not None)
 
     views = data.ViewsDataset(train_raw, data.MultiCropViews(
         cfg.image_size, cfg.local_size, cfg.n_local, (cfg.global_scale_min, cfg.global_scale_max),
@@ -689,24 +689,7 @@ def schedules(cfg: Config, steps_per_epoch: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# building the run: data, model; announcing it (run state, resume or start, save: checkpoint.py)
-
-
-def build_data(cfg: Config, rank: int) -> tuple:
-    """-> (train set yielding PIL images, train set with the eval transform, test set or None)."""
-    kw = dict(root=cfg.data_root, bad_images=cfg.bad_images)
-    try:
-        if cfg.download and smog.dist_ready():  # rank 0 downloads, the others wait and read
-            if rank == 0:
-                data.build_dataset(cfg.data, "train", download=True, **kw)
-            dist.barrier()
-        train_raw = data.build_dataset(cfg.data, "train", None, download=cfg.download, **kw)
-        test = None
-        if (cfg.knn_every or cfg.final_eval) and data.has_test_split(cfg.data):
-            test = data.build_dataset(cfg.data, "test", data.eval_transform(cfg.image_size), download=cfg.download, **kw)
-    except ValueError as e:
-        raise UsageError(str(e).splitlines()[0]) from None
-    return train_raw, with_transform(train_raw, data.eval_transform(cfg.image_size)), test
+# building the model (data: batches.py; run state, resume or start, save: checkpoint.py)
 
 
 def build_model(cfg: Config, rank: int, world: int, device) -> tuple:
@@ -725,17 +708,6 @@ def build_model(cfg: Config, rank: int, world: int, device) -> tuple:
         model.backbone.compile()
         model.momentum_backbone.compile()
     return model, sync_bn
-
-
-def announce(run: Run, micro: int, amp, resumed: bool, has_test: bool) -> None:
-    cfg = run.cfg
-    rank0_print(f"SMoG train.py  git {run.cfg_dict['git'] or '(none)'}  world {run.world}  device {run.device}  "
-                f"precision {amp or torch.float32}\n" + json.dumps(run.cfg_dict, sort_keys=True))
-    rank0_print(f"{run.bank.n} training images, {run.spe} steps/epoch of {cfg.batch_size} (micro-batch {micro} x accum "
-                f"{cfg.accum} x world {run.world}), {run.total_steps} steps"
-                + (f"; resuming at step {run.step}" if resumed else ""))
-    if cfg.knn_every and not has_test:
-        rank0_print(f"note: {cfg.data} has no held-out split (PATH/val); the per-epoch kNN monitor is off")
 
 
 if __name__ == "__main__":
