@@ -78,7 +78,7 @@ def fill_bank(model: smog.SMoG, bank: MemoryBank, ds, cfg, device, micro: int, a
         try:
             for s, (x, _) in zip(range(0, len(padded), bs), loader(ds, batches, cfg, device)):
                 with autocast():
-                    z = model.embed(to_device(x, device, cfg))                                # (bs, D) unit rows
+                    z = model.embed(to_device(x, device, cfg))                           # (bs, D) unit rows
                 keep = max(0, min(bs, len(own) - s))                                     # real rows of this batch
                 rows = torch.arange(s, s + keep, device=device)                          # own[j] = rank + j*W
                 bank.local[:, rows] = z[:keep].to(bank.local.dtype)

@@ -12,6 +12,8 @@ step in its order; the optimisers and schedules; building the model. Beside it: 
 batches.py (datasets, seeded and resumable batches), memory_bank.py, checkpoint.py (run state: what a
 checkpoint holds, resume or start, save, SIGTERM, the test-only faults), launch.py (process group,
 device, threads, the run's banner), pretrain_eval.py (kNN monitor, final table).
+The test-only fault injection (SMOG_TEST_* variables, one fault(site, value) call per site) is
+documented in checkpoint.py.
 
 What is exact and why
 - Gradient accumulation (--accum A > 1): the group update must see the whole accumulated batch before
@@ -308,12 +310,12 @@ def train(cfg: Config) -> int:
     # without SyncBN (gloo/CPU) DDP broadcasts rank 0's buffers every forward so BN statistics agree
     net = nn.parallel.DistributedDataParallel(step_mod, device_ids=[device.index] if device.type == "cuda" else None,
                                               broadcast_buffers=not sync_bn) if world > 1 else step_mod
-    run = Run(cfg, rank, world, device, model, net, optimizer, scaler, MemoryBank(len(train_raw), cfg.dim, rank, world,
-              device), schedules(cfg, spe), spe, autocast, dict(asdict(cfg), model=asdict(cfg.model_config()),
-              git=launch.git_revision()))
+    bank = MemoryBank(len(train_raw), cfg.dim, rank, world, device)             # [2, N, D], sharded by index
+    cfg_dict = dict(asdict(cfg), model=asdict(cfg.model_config()), git=launch.git_revision())
+    run = Run(cfg, rank, world, device, model, net, optimizer, scaler, bank, schedules(cfg, spe), spe, autocast, cfg_dict)
     n_classes = data.num_classes(train_raw)
     rng, resumed = resume_or_start(run, train_raw, RUNTIME_FIELDS, start=lambda: fill_bank(
-        model, run.bank, train_plain, cfg, device, micro, autocast))  # restore everything, or fill the bank
+        model, bank, train_plain, cfg, device, micro, autocast))      # restore everything, or fill the bank
     launch.announce(run, micro, amp, resumed, test_ds is not None)
 
     views = data.ViewsDataset(train_raw, data.MultiCropViews(
