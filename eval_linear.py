@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import smog
+from checkpoint import FORMAT as TRAIN_FORMAT, check_writable
 
 KNN_KS = (10, 20, 100, 200)
 # per-architecture defaults of the released linear protocol: (lr, weight decay, epochs)
@@ -407,7 +408,7 @@ def load_backbone(path: Optional[str], *, arch: Optional[str] = None, cifar_stem
                   width: Optional[int] = None, random_init: bool = False) -> tuple:
     """-> (backbone, feat_dim, reference state_dict, info dict with arch/cifar_stem/width/source/train config).
 
-    `path` is a train.py checkpoint ("format": "smog-train-v1", online backbone under "model"/"backbone.*";
+    `path` is a train.py checkpoint ("format": TRAIN_FORMAT, online backbone under "model"/"backbone.*";
     the architecture comes from its config and --arch/--cifar-stem must agree with it) or an exported
     backbone (a flat {name: tensor} dict as written by `python -m smog export`; the architecture comes
     from arch/cifar_stem/width). A torchvision classifier (fc.*/head.*) in an exported file is dropped.
@@ -419,8 +420,9 @@ def load_backbone(path: Optional[str], *, arch: Optional[str] = None, cifar_stem
         ck = smog.load_checkpoint(path)
         fmt = ck.get("format")
         if isinstance(ck.get("model"), dict):
-            if fmt is not None and fmt != "smog-train-v1":
-                raise ValueError(f"{path!r} has checkpoint format {fmt!r}; this eval_linear.py reads 'smog-train-v1'")
+            if fmt is not None and fmt != TRAIN_FORMAT:
+                raise ValueError(f"{path!r} has checkpoint format {fmt!r}; this eval_linear.py reads {TRAIN_FORMAT!r} "
+                                 f"(an older train.py built other networks); retrain or use the train.py that wrote it")
             train_cfg = ck.get("config") if isinstance(ck.get("config"), dict) else {}
             mcfg = smog.SMoGConfig.from_dict(train_cfg.get("model") or {})
             for name, given, saved in (("--arch", arch, mcfg.arch), ("--cifar-stem", cifar_stem, mcfg.cifar_stem),
@@ -474,16 +476,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, not argparse's usage block
         print(f"error: {message} (see python eval_linear.py -h)", file=sys.stderr)
         sys.exit(2)
-
-
-def check_writable(out_dir: str) -> None:
-    """out_dir (or its nearest existing parent) must be a writable directory; checked before any work."""
-    d = os.path.abspath(out_dir)
-    while not os.path.exists(d):
-        d = os.path.dirname(d)
-    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to --out-dir {out_dir!r} ({d!r} is not a writable directory); "
-                         f"choose another --out-dir")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval_linear as E
+import checkpoint
 import smog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +175,7 @@ def _write_train_checkpoint(path, backbone_state=None, width=WIDTH):
     model = smog.SMoG(cfg)
     if backbone_state is not None:
         model.backbone.load_state_dict(backbone_state)
-    torch.save({"format": "smog-train-v1", "model": model.state_dict(),
+    torch.save({"format": checkpoint.FORMAT, "model": model.state_dict(),
                 "config": {"model": asdict(cfg), "data": "demo", "image_size": 32}}, path)
     return model
 

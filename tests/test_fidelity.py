@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import smog
+import checkpoint
 import train
 
 
@@ -344,7 +345,8 @@ def test_swin_update_uses_drop_path_free_reembedding_and_per_size_heads(swin):
 def test_old_checkpoint_refused_in_one_line():
     cfg = train.parse_config(["--preset", "demo"])
     with pytest.raises(train.UsageError) as e:
-        train.check_resume({"format": "smog-train-v1", "world_size": 1, "config": {}}, cfg, 1, "old.pth")
+        checkpoint.check_resume({"format": "smog-train-v1", "world_size": 1, "config": {}}, cfg, train.RUNTIME_FIELDS, 1,
+                                "old.pth")
     msg = str(e.value)
     assert "older train.py" in msg and "smog-train-v1" in msg and "\n" not in msg
-    assert train.FORMAT == "smog-train-v2"
+    assert checkpoint.FORMAT == "smog-train-v2"

@@ -1,0 +1,335 @@
+"""Run state of train.py: what a checkpoint holds, how it is written and checked, and the test-only faults.
+
+Checkpoint (out_dir/checkpoint.pth, written by rank 0 with smog.save_atomic, loaded with
+smog.load_checkpoint, i.e. weights_only=True):
+  both networks and the groups (SMoG.state_dict()), the whole memory bank in dataset order (fp32),
+  optimiser, GradScaler, step / epoch / position in the epoch (the sampler is rebuilt from (seed, epoch)
+  and fast-forwarded), every rank's RNG states (torch, CUDA, python, numpy), the config as plain types,
+  world size, kNN history, collapse-guard state and the length of log.jsonl (truncated back to it on
+  resume, so the log of a resumed run equals an uninterrupted one).
+It is saved at the end of every epoch, every --save-every steps and on SIGTERM (then exit 0). Resuming
+with a different config field (other than RUNTIME_FIELDS in train.py) or world size is refused, naming
+the field. Bad input raises UsageError: train.py prints it as one line and exits with code 2.
+
+Test-only faults (for the kill/resume tests; never set these variables in real runs). train.py calls
+`fault(site, value)` once at each site; the site acts when its variable equals `value`:
+  site             variable                    action
+  sigterm_at_step  SMOG_TEST_SIGTERM_AT_STEP=N send SIGTERM to self at the start of global step N
+                                               (the real signal handler acts on it)
+  nan_at_step      SMOG_TEST_NAN_AT_STEP=N     fault() returns True: the caller multiplies the loss of
+                                               global step N by NaN (every rank)
+  die_at_step      SMOG_TEST_DIE_AT_STEP=N     SIGKILL self in global step N (0-based) after its backward,
+                                               before the optimiser step (nothing of step N is saved)
+  die_in_regroup   SMOG_TEST_DIE_IN_REGROUP=E  SIGKILL self in the regroup at the start of epoch E, after
+                                               the k-means of every head, before the momentum reset
+  die_in_save      SMOG_TEST_DIE_IN_SAVE=K     SIGKILL self during this process's K-th checkpoint write
+                                               (1-based), after writing half of the serialised bytes to
+                                               the temporary file smog.save_atomic would use
+                                               (.checkpoint.pth.tmp-<pid>)
+  SMOG_TEST_DIE_RANK=R     every site acts on rank R only (default: every rank).
+  SMOG_TEST_DIE_ONCE=PATH  a site acts only if PATH does not exist, and creates it first (so a torchrun
+                           --max-restarts restart, which inherits the environment, runs through).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import smog
+
+FORMAT = "smog-train-v2"  # v2: released recipe (joint BN, LARS on all parameters, momentum local crops)
+
+
+class UsageError(ValueError):
+    """Bad input: printed as one line 'error: ...', exit code 2, nothing written."""
+
+
+def check_writable(out_dir: str) -> None:
+    """out_dir (or its nearest existing parent) must be a writable directory; checked before any work,
+    nothing is created here."""
+    d = os.path.abspath(out_dir)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to --out-dir {out_dir!r} ({d!r} is not a writable directory); "
+                         f"choose another --out-dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# test-only faults (module docstring)
+
+
+_FAULT_VARS = {"sigterm_at_step": "SMOG_TEST_SIGTERM_AT_STEP", "nan_at_step": "SMOG_TEST_NAN_AT_STEP",
+               "die_at_step": "SMOG_TEST_DIE_AT_STEP", "die_in_regroup": "SMOG_TEST_DIE_IN_REGROUP",
+               "die_in_save": "SMOG_TEST_DIE_IN_SAVE"}
+_DIE_MESSAGES = {"die_at_step": "at step {}", "die_in_regroup": "in regroup of epoch {}"}
+
+
+def fault(site: str, value: int) -> bool:
+    """The one fault-injection mechanism: True if the test-only variable of `site` asks for an action at
+    `value` on this rank; kill and signal sites act here, the others are acted on by the caller."""
+    v = os.environ.get(_FAULT_VARS[site])
+    if v is None or int(v) != value:
+        return False
+    r = os.environ.get("SMOG_TEST_DIE_RANK")
+    if r is not None and smog.dist_ready() and int(r) != dist.get_rank():
+        return False
+    once = os.environ.get("SMOG_TEST_DIE_ONCE")
+    if once:
+        if os.path.exists(once):
+            return False
+        open(once, "w").close()
+    if site in _DIE_MESSAGES:
+        _die(_DIE_MESSAGES[site].format(value))
+    if site == "sigterm_at_step":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+def _die(what: str) -> None:
+    print(f"[test] SIGKILL self: {what}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG states of every rank
+
+
+def rng_state(device) -> dict:
+    py = random.getstate()
+    npst = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8),
+            "python": torch.tensor(py[1], dtype=torch.int64),
+            "numpy": torch.tensor([*npst[1].tolist(), npst[2], npst[3]], dtype=torch.int64),
+            "numpy_gauss": torch.tensor([npst[4]], dtype=torch.float64)}
+
+
+def set_rng_state(st: dict, device) -> None:
+    # clone: a view with a storage offset (rank r's row of a gathered tensor in older checkpoints)
+    # makes torch.set_rng_state segfault (torch 2.14)
+    torch.set_rng_state(st["torch"].clone())
+    if device.type == "cuda" and st["cuda"].numel():
+        torch.cuda.set_rng_state(st["cuda"].clone(), device)
+    random.setstate((3, tuple(int(v) for v in st["python"].tolist()), None))
+    n = st["numpy"].tolist()
+    np.random.set_state(("MT19937", np.array(n[:624], dtype=np.uint32), int(n[624]), int(n[625]),
+                         float(st["numpy_gauss"][0])))
+
+
+def gather_rng(device) -> list:
+    """Every rank's RNG states, in rank order (collective): all fields as one int64/uint8 row each."""
+    st = rng_state(device)
+    if not smog.dist_ready():
+        return [st]
+    out = {}
+    for k, v in st.items():
+        rows = smog.all_gather_rows(v.to(device)[None])                 # (W, L)
+        out[k] = rows.cpu()
+    return [{k: out[k][r].clone() for k in st} for r in range(dist.get_world_size())]  # own storage, no views
+
+
+# ----------------------------------------------------------------------------------------------
+# writing, loading, checking
+
+
+def write_checkpoint(obj: dict, path: str, n_save: int) -> None:
+    """smog.save_atomic, or (fault die_in_save) die half-way through writing the same temporary file."""
+    if fault("die_in_save", n_save):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        _die(f"in checkpoint write {n_save}")
+    smog.save_atomic(obj, path)
+
+
+def load(path: str) -> dict:
+    try:
+        return smog.load_checkpoint(path)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def check_resume(ck: dict, cfg, runtime_fields: set, world: int, path: str) -> None:
+    """The checkpoint must continue *this* run: same format, world size and every field of the config
+    dataclass `cfg` except `runtime_fields`."""
+    if str(ck.get("format", "")).startswith("smog-train-") and ck.get("format") != FORMAT:
+        raise UsageError(f"cannot resume {path!r}: it was written by an older train.py (format {ck['format']!r}, "
+                         f"this one writes {FORMAT!r}, which trains a different recipe); use a new --out-dir")
+    if ck.get("format") != FORMAT:
+        raise UsageError(f"{path!r} is not a train.py checkpoint (format {ck.get('format')!r}, expected {FORMAT!r})")
+    if ck.get("world_size") != world:
+        raise UsageError(f"cannot resume {path!r}: it was written with world size {ck.get('world_size')}, this run has "
+                         f"{world}; rerun with the same number of processes or use a new --out-dir")
+    old = ck.get("config", {})
+    for f in fields(cfg):
+        if f.name in runtime_fields:
+            continue
+        if f.name in old and old[f.name] != getattr(cfg, f.name):
+            raise UsageError(f"cannot resume {path!r}: config field {f.name!r} is {old[f.name]!r} in the checkpoint but "
+                             f"{getattr(cfg, f.name)!r} now; pass --{f.name.replace('_', '-')} {old[f.name]} or use a "
+                             f"new --out-dir")
+
+
+def prepare_out_dir(out_dir: str, config_json: str, resumed: bool, same_dir: bool, log_offset: int) -> None:
+    """Rank 0, once everything is validated: remove the temporary files of killed checkpoint writes and a
+    previous run's results, write config.json, truncate log.jsonl to the checkpoint (or empty it)."""
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):
+        if f.startswith(".checkpoint.pth.tmp-"):
+            os.remove(os.path.join(out_dir, f))
+    with open(os.path.join(out_dir, "config.json"), "w") as fh:
+        fh.write(config_json)
+    if not resumed and os.path.exists(os.path.join(out_dir, "demo_results.json")):
+        os.remove(os.path.join(out_dir, "demo_results.json"))  # a previous run's, not this one's
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(log_path):
+        if resumed and same_dir and os.path.getsize(log_path) >= log_offset:
+            os.truncate(log_path, log_offset)  # drop lines written after the checkpoint
+        elif not resumed:
+            os.truncate(log_path, 0)
+
+
+class on_sigterm:
+    """Context: SIGTERM only sets `.got`; the loop acts on it at the next step boundary, on every rank
+    together (it is part of the step's all-reduce), by saving and exiting 0."""
+
+    def __init__(self):
+        self.got = False
+
+    def _handler(self, signum, frame):
+        self.got = True
+
+    def __enter__(self):
+        self.old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.old)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run's state, resume or start, save, log
+
+
+@dataclass
+class Run:
+    """What the loop reads and a checkpoint holds: the built objects and the position in the run."""
+    cfg: object                          # train.Config
+    rank: int
+    world: int
+    device: torch.device
+    model: smog.SMoG
+    net: torch.nn.Module                 # train.StepModule, DDP-wrapped when world > 1
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    bank: object                         # memory_bank.MemoryBank
+    sched: dict                          # per-step lr, beta, m (train.schedules)
+    spe: int                             # optimiser steps per epoch
+    autocast: object
+    cfg_dict: dict                       # config.json and the checkpoint's "config"
+    step: int = 0                        # optimiser steps done, over all epochs
+    epoch: int = 0
+    step_in_epoch: int = 0
+    knn: list = field(default_factory=list)      # [[epoch, kNN top-1 %], ...]
+    skipped_nonfinite: int = 0
+    n_save: int = 0                      # checkpoint writes by this process
+    log_offset: int = 0                  # length of log.jsonl at the resumed checkpoint
+    last_ck: Optional[str] = None        # "PATH (step S)": the newest complete checkpoint to restart from
+    peak_hit: object = 0.0               # collapse guard: best fraction of attainable groups hit this epoch
+    knn_feats: Optional[list] = None     # the last kNN monitor's (train, test) features, reused by the final eval
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.spe
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cfg.out_dir, name)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+
+def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> tuple:
+    """Restore everything from the checkpoint (automatic from out_dir, or --resume), or call start() (fill
+    the memory bank) for a new run; all is validated before the run writes anything, then out_dir is
+    prepared. -> (this rank's RNG state to restore once the data loader exists, or None; resumed?)."""
+    cfg, ck_path = run.cfg, run.path("checkpoint.pth")
+    resume = cfg.resume or (ck_path if os.path.exists(ck_path) else "")
+    rng, same_dir = None, False
+    if resume:
+        ck = load(resume)
+        check_resume(ck, cfg, runtime_fields, run.world, resume)
+        check_writable(cfg.out_dir)
+        run.model.load_state_dict(ck["model"])
+        run.optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            run.scaler.load_state_dict(ck["scaler"])
+        run.bank.load(ck["bank"].to(run.device))
+        for k in ("step", "epoch", "step_in_epoch", "knn", "skipped_nonfinite", "log_offset"):
+            setattr(run, k, ck[k])
+        run.peak_hit = ck.get("peak_hit", 0.0)  # collapse guard: best group hit so far in the resumed epoch
+        rng, run.last_ck = ck["rng"][run.rank], f"{resume} (step {ck['step']})"
+        same_dir = os.path.abspath(resume) == os.path.abspath(ck_path)
+        del ck
+    else:
+        check_writable(cfg.out_dir)
+        t0 = time.time()
+        if run.rank == 0:
+            print(f"filling the memory bank: {run.bank.n} images ...", flush=True)
+        start()
+        if run.rank == 0:
+            print(f"memory bank filled in {time.time() - t0:.1f}s", flush=True)
+    # from here on the run writes
+    if run.rank == 0:
+        prepare_out_dir(cfg.out_dir, json.dumps(run.cfg_dict, indent=1), bool(resume), same_dir, run.log_offset)
+    if cfg.bad_images == "skip" and hasattr(train_raw, "skip_log"):
+        train_raw.skip_log = run.path("skipped_images.txt")
+        if getattr(train_raw, "_reported", None):  # met while filling the bank, before out_dir could be written
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(train_raw.skip_log, "a") as fh:
+                fh.writelines(p + "\n" for p in sorted(train_raw._reported))
+    return rng, bool(resume)
+
+
+def save(run: Run, why: str) -> None:
+    """Checkpoint the current position (the module docstring lists what it holds). Collective: the bank
+    and every rank's RNG states are gathered; rank 0 writes atomically."""
+    bank_full = run.bank.full()
+    rngs = gather_rng(run.device)
+    run.n_save += 1
+    ck_path, log_path = run.path("checkpoint.pth"), run.path("log.jsonl")
+    if run.rank == 0:
+        obj = {"format": FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+               "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {}, "bank": bank_full, "rng": rngs,
+               "config": run.cfg_dict, "world_size": run.world, "step": run.step, "epoch": run.epoch,
+               "step_in_epoch": run.step_in_epoch, "steps_per_epoch": run.spe, "total_steps": run.total_steps,
+               "knn": run.knn, "skipped_nonfinite": run.skipped_nonfinite, "peak_hit": float(run.peak_hit),
+               "log_offset": os.path.getsize(log_path) if os.path.exists(log_path) else 0}
+        write_checkpoint(obj, ck_path, run.n_save)
+        print(f"saved {ck_path} (step {run.step}, {why})", flush=True)
+    if smog.dist_ready():
+        dist.barrier()
+    run.last_ck = f"{ck_path} (step {run.step})"
+
+
+def log(run: Run, rec: dict) -> None:
+    if run.rank == 0:
+        with open(run.path("log.jsonl"), "a") as fh:
+            fh.write(json.dumps(rec) + "\n")

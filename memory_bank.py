@@ -1,0 +1,86 @@
+"""SMoG's memory bank for train.py: [2, N, D] normalised online projector embeddings of the two online
+global crops of every training image, sharded over ranks by dataset index. Each step the batch's
+(index, z) are all-gathered and every rank writes its own rows, so the per-epoch k-means over the shards
+(smog.SMoG.regroup: sums and counts all-reduced) equals k-means over the whole bank. Filled before epoch 0
+by one no-grad pass of the online network (train-mode BN, running statistics restored afterwards)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import data
+import smog
+from batches import loader, reraise_data_error, to_device
+from checkpoint import UsageError
+
+
+class MemoryBank:
+    """[2, N, D] normalised online embeddings of the two online global crops, sharded by dataset index:
+    rank r holds rows i = r, r + W, r + 2W, ... (local row i // W). `local` [2, N_r, D]."""
+
+    def __init__(self, n: int, dim: int, rank: int, world: int, device):
+        self.n, self.rank, self.world = n, rank, world
+        self.local = torch.zeros(2, len(range(rank, n, world)), dim, device=device)
+
+    def write(self, idx: torch.Tensor, z: torch.Tensor) -> None:
+        """idx [b] this rank's batch, z [2, b, D]; all-gathers the global batch (collective), keeps own rows."""
+        idx_all = smog.all_gather_rows(idx)
+        z_all = smog.all_gather_rows(z.transpose(0, 1).contiguous())            # (B, 2, D)
+        mine = idx_all % self.world == self.rank
+        self.local[:, idx_all[mine] // self.world] = z_all[mine].transpose(0, 1).to(self.local.dtype)
+
+    def full(self) -> torch.Tensor:
+        """[2, N, D] on the CPU in dataset order (collective)."""
+        rows = smog.all_gather_rows(self.local.transpose(0, 1).contiguous()).cpu()  # (N, 2, D) in rank order
+        order = torch.cat([torch.arange(r, self.n, self.world) for r in range(self.world)])
+        out = torch.empty(self.n, *rows.shape[1:], dtype=rows.dtype)
+        out[order] = rows
+        return out.transpose(0, 1).contiguous()
+
+    def load(self, full: torch.Tensor) -> None:
+        if tuple(full.shape) != (2, self.n, self.local.shape[2]):
+            raise UsageError(f"checkpoint memory bank has shape {tuple(full.shape)}, expected "
+                             f"{(2, self.n, self.local.shape[2])}; the dataset or --dim changed")
+        self.local.copy_(full[:, self.rank::self.world])
+
+
+def bn_buffers(module: nn.Module) -> list:
+    return [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+
+
+class restore_buffers:
+    """Context: the given buffers get their values back on exit (forward passes that must not count)."""
+
+    def __init__(self, bufs: list):
+        self.bufs = bufs
+
+    def __enter__(self):
+        self.saved = [b.clone() for b in self.bufs]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, s in zip(self.bufs, self.saved):
+                b.copy_(s)
+
+
+@torch.no_grad()
+def fill_bank(model: smog.SMoG, bank: MemoryBank, ds, cfg, device, micro: int, autocast) -> None:
+    """One no-grad pass of the online network over this rank's shard (train-mode BN, statistics restored).
+    Every rank runs the same number of full batches (shards padded by wrapping; padding is not written)
+    so SyncBN's collectives stay in step and no batch has a single sample."""
+    own = list(range(bank.rank, bank.n, bank.world))
+    n_max = len(range(0, bank.n, bank.world))
+    bs = max(2, min(2 * micro, n_max))
+    padded = [own[j % len(own)] for j in range(-(-n_max // bs) * bs)]
+    batches = [padded[s:s + bs] for s in range(0, len(padded), bs)]
+    model.train()
+    with restore_buffers(bn_buffers(model.backbone) + bn_buffers(model.projector)):
+        try:
+            for s, (x, _) in zip(range(0, len(padded), bs), loader(ds, batches, cfg, device)):
+                with autocast():
+                    z = model.embed(to_device(x, device, cfg))                           # (bs, D) unit rows
+                keep = max(0, min(bs, len(own) - s))                                     # real rows of this batch
+                rows = torch.arange(s, s + keep, device=device)                          # own[j] = rank + j*W
+                bank.local[:, rows] = z[:keep].to(bank.local.dtype)
+        except data.BadImageError as e:
+            reraise_data_error(e)
