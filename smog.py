@@ -567,8 +567,8 @@ class SMoG(nn.Module):
         update and the memory bank, unnormalised, no gradient. ResNets: all crops forwarded (the BNs see
         them all, as in the loss forward). Swin-T, as released: the global crops re-embedded with drop-path
         off (BN batch statistics as in the loss forward, where the global crops form their own pass)."""
-        if not self.per_size_heads:
-            return self.online_forward(crops)[0][:2 * crops[0].shape[0]]
+        if not self.per_size_heads:   # no predictor: its BN statistics move only in the loss forward
+            return self.projector(encode_crops(self.backbone, crops))[:2 * crops[0].shape[0]]
         with drop_path_off(self.backbone):
             glob = list(crops[:2])
             return self._heads(self.projector, encode_crops(self.backbone, glob), glob)

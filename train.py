@@ -94,7 +94,7 @@ class Config:
     tau: float = opt(0.1, "temperature of the group logits")
     group_grad: bool = opt(False, "let gradient flow through the (1-beta) mean term of the group update (authors' README)")
     drop_path: float = opt(0.0, "stochastic depth of the online Swin")
-    # views (algorithm.md "Views")
+    # views (METHOD.md, "Views")
     image_size: int = opt(0, "global crop size (0: the dataset's, 224 ImageNet, 96 STL, 32 CIFAR/demo)")
     local_size: int = opt(0, "local crop size (0: image_size * 96/224)")
     n_local: int = opt(4, "local crops per image in each augmentation set (online and momentum)")
