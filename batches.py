@@ -30,7 +30,9 @@ def build_data(cfg, rank: int) -> tuple:
             test = data.build_dataset(cfg.data, "test", data.eval_transform(cfg.image_size), download=cfg.download, **kw)
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0]) from None
-    return train_raw, with_transform(train_raw, data.eval_transform(cfg.image_size)), test
+    plain = with_transform(train_raw, data.eval_transform(cfg.image_size))
+    w = max(0, cfg.workers)
+    return train_raw, data.in_memory_if_small(plain, workers=w), data.in_memory_if_small(test, workers=w)
 
 
 class StepBatches(torch.utils.data.Sampler):

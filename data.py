@@ -269,6 +269,33 @@ def build_dataset(spec: str, split: str, transform=None, *, root: str = "data", 
     raise ValueError(f"unknown dataset {spec!r}; choose one of {', '.join(SPECS)}")
 
 
+class InMemory(torch.utils.data.Dataset):
+    """A dataset with a deterministic transform (the eval transform), evaluated once and kept as one tensor.
+    train.py reads its eval sets many times (memory-bank fill, kNN every epoch, four final probes); on small
+    images the PIL transform costs more than the network. Items are exactly the wrapped dataset's."""
+
+    def __init__(self, ds, workers: int = 0):
+        dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers)
+        xs, ys = zip(*dl)
+        self.x, self.y = torch.cat(xs), torch.cat(ys)                      # [N, 3, H, W] float32, [N]
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def in_memory_if_small(ds, max_bytes: int = 1 << 30, workers: int = 0):
+    """InMemory(ds) for sets whose images are arrays in memory already (demo, CIFAR, STL) if the transformed
+    items fit in max_bytes; else ds unchanged. Image folders stay lazy, so an unreadable file is met where
+    it is read and handled by --bad-images."""
+    if ds is None or len(ds) == 0 or isinstance(ds, ImageFolderDataset):
+        return ds
+    x0 = ds[0][0]
+    return InMemory(ds, workers) if len(ds) * x0.numel() * x0.element_size() <= max_bytes else ds
+
+
 def has_test_split(spec: str) -> bool:
     """Whether build_dataset(spec, 'test') can exist (imagefolder needs PATH/val)."""
     if spec.startswith("imagefolder:"):
