@@ -1,7 +1,7 @@
 """Datasets and image transforms for train.py, eval_linear.py and bench.py.
 
     build_dataset(spec, split, transform)  spec: demo | demo:N | imagefolder:PATH | cifar10 | cifar100 | stl10
-    MultiCropViews                         SMoG's two augmentation sets (METHOD.md, "Views")
+    MultiCropViews                         SMoG's two augmentation sets (METHOD.md, "Recipes")
     eval_transform / train_linear_transform  linear-evaluation transforms (SwAV protocol)
 
 Every dataset yields (transform(img), label) with img a PIL RGB image and has `.classes`.

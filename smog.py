@@ -677,9 +677,10 @@ def _main(argv: Sequence[str]) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="python -m smog", description="SMoG utilities.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    ex = sub.add_parser("export", help="write the online backbone of a train.py checkpoint as a torchvision "
-                                       "state_dict (load with model.load_state_dict(sd, strict=False); only "
-                                       "the classifier is missing)")
+    ex = sub.add_parser("export", help="write the online backbone of a train.py checkpoint as a plain state_dict: "
+                                       "resnet18/34/50 and wide_resnet50_2 load into torchvision's model "
+                                       "(strict=False; only the classifier is missing), resnet50w2 and "
+                                       "swin_t into smog.build_backbone(name)[0] (strict=True)")
     ex.add_argument("checkpoint")
     ex.add_argument("out")
     args = ap.parse_args(argv)
