@@ -112,7 +112,7 @@ def reraise_data_error(e: Exception):
 
 
 def to_device(x: torch.Tensor, device, cfg) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    if device.type == "cuda" and cfg.channels_last and cfg.arch != "swin_t":
+    x = data.normalize(x.to(device, non_blocking=True))     # uint8 crops are normalised here, per batch
+    if cfg.channels_last and cfg.arch != "swin_t":
         x = x.contiguous(memory_format=torch.channels_last)
     return x

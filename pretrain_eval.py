@@ -46,6 +46,8 @@ def train_supervised(cfg, train_raw, n_classes: int, steps: int, device, autocas
         backbone, fdim = smog.build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, drop_path=cfg.drop_path,
                                              width=cfg.width)
         net = nn.Sequential(backbone, nn.Linear(fdim, n_classes)).to(device)
+    if cfg.channels_last and cfg.arch != "swin_t":
+        net.to(memory_format=torch.channels_last)                                  # as the SMoG networks
     world = dist.get_world_size() if smog.dist_ready() else 1
     rank = dist.get_rank() if smog.dist_ready() else 0
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net

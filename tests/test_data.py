@@ -111,3 +111,23 @@ def test_views_are_seeded_per_item_and_leave_the_global_rng_alone():
     aug = data.AugmentedDataset(base, data.augmentation("A", 24, (0.3, 1.0)))
     x, y = aug[(3, "A", 5)]
     assert x.shape == (3, 24, 24) and y == base[3][1] and torch.equal(x, aug[(3, "A", 5)][0])
+
+
+def test_uint8_crops_normalised_per_batch_equal_totensor_normalize_per_crop():
+    """augmentation() hands out uint8 crops and data.normalize() converts whole batches: bit for bit what
+    ToTensor + Normalize per crop gives (the released pipeline's float crops)."""
+    import torchvision.transforms as T
+    base = data.build_dataset("demo:40", "train")
+    aug = data.augmentation("B", 32, (0.2, 1.0), blur_scale=0.15)
+    per_crop = T.Compose([*aug.transforms[:-1], T.ToTensor(), T.Normalize(data.MEAN, data.STD)])
+    new, old = [], []
+    for i in range(40):
+        img, _ = base[i]
+        torch.manual_seed(i)
+        new.append(aug(img))
+        torch.manual_seed(i)
+        old.append(per_crop(img))
+    assert new[0].dtype == torch.uint8
+    assert torch.equal(data.normalize(torch.stack(new)), torch.stack(old))
+    x = torch.stack(old)
+    assert data.normalize(x) is x                                      # float input passes through

@@ -270,7 +270,7 @@ def test_resnet_as_released():
     last_bns = [b.bn3.weight for b in m.backbone.modules() if hasattr(b, "bn3")]
     assert last_bns and all(torch.equal(w, torch.ones_like(w)) for w in last_bns)   # no zero-init residual
     assert m.projector[0].bias is not None and m.predictor[0].bias is not None
-    assert m.backbone.conv1.padding == (3, 3)     # torchvision's stem (released: 2), see METHOD.md
+    assert m.backbone.conv1.padding == (3, 3)     # torchvision's stem (released: pad 1 + padding 2, the same)
 
 
 def test_resnet50w2_doubles_every_width():
