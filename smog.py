@@ -196,6 +196,18 @@ def multi_target_loss(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tens
     return -logp.gather(2, targets.T.unsqueeze(0).expand(C, B, J)).mean()                 # (C, B, J)
 
 
+@torch.no_grad()
+def target_stats(targets: Sequence[torch.Tensor], K: int, *, all_reduce: Optional[Reduce] = None) -> dict:
+    """Collapse monitor from the targets of all heads (targets[h] integer [J, B]), no host sync:
+    nonempty [H] fraction of groups hit, entropy [H] of the global target histogram (nats; ln K is uniform).
+    The per-group counts are summed over ranks before anything is derived from them."""
+    hits = torch.stack([torch.zeros(K, device=t.device).index_add_(0, t.flatten(), torch.ones(t.numel(), device=t.device))
+                        for t in targets])
+    counts = _resolve(all_reduce, _dist_sum)(hits)                                   # (H, K)
+    prob = counts / counts.sum(1, keepdim=True)
+    return {"nonempty": (counts > 0).float().mean(1), "entropy": -(prob * prob.clamp_min(1e-12).log()).sum(1)}
+
+
 def _nearest(x: torch.Tensor, c: torch.Tensor, chunk_elems: Optional[int] = None) -> torch.Tensor:
     """argmax_k <x_i, c_k> in row chunks so the [N, K] score matrix never exists whole.
     Default chunk: 2M scores (8 MB fp32) on the CPU, under glibc's mmap threshold, so the buffer is reused
@@ -612,12 +624,7 @@ class SMoG(nn.Module):
                                                             all_reduce=all_reduce, group_grad=self.cfg.group_grad)
             with torch.no_grad():
                 self.groups.copy_(new_groups)
-                hits = [torch.zeros(self.cfg.n_groups, device=t.device).index_add_(
-                    0, t.flatten(), torch.ones(t.numel(), device=t.device)) for t in targets]
-                counts = _resolve(all_reduce, _dist_sum)(torch.stack(hits))  # (H, K) global histogram
-                prob = counts / counts.sum(1, keepdim=True)
-                stats = {"nonempty": (counts > 0).float().mean(1),
-                         "entropy": -(prob * prob.clamp_min(1e-12).log()).sum(1)}
+                stats = target_stats(targets, self.cfg.n_groups, all_reduce=all_reduce)
         return loss, stats
 
 

@@ -485,16 +485,6 @@ def _rng_set(state: torch.Tensor, device) -> None:
         torch.set_rng_state(state)
 
 
-def group_stats(targets: list, K: int) -> dict:
-    """nonempty [H] fraction of groups hit by the targets, entropy [H] of the global target histogram."""
-    hits = torch.stack([torch.zeros(K, device=t.device).index_add_(0, t.flatten(), torch.ones(t.numel(), device=t.device))
-                        for t in targets])
-    if smog.dist_ready():
-        dist.all_reduce(hits)
-    prob = hits / hits.sum(1, keepdim=True)
-    return {"nonempty": (hits > 0).float().mean(1), "entropy": -(prob * prob.clamp_min(1e-12).log()).sum(1)}
-
-
 def train_step(model: smog.SMoG, net: nn.Module, micro: list, beta: float, autocast, device, backward) -> tuple:
     """Forward + backward of one optimiser step over its micro-batches [(online crops, momentum crops)]
     -> (mean loss (detached), stats, z [2, b_total, D] online global embeddings for the memory bank)."""
@@ -553,7 +543,7 @@ def accumulated_step(model: smog.SMoG, net: nn.Module, micro: list, beta: float,
                 loss = net(on, targets=[t[:, m * b:(m + 1) * b] for t in targets])
             backward(loss / A)
         total += loss.detach() / A
-    return total, group_stats(targets, model.cfg.n_groups), z_all
+    return total, smog.target_stats(targets, model.cfg.n_groups), z_all
 
 
 def step_flags(loss: torch.Tensor, sigterm_got: bool, run: Run) -> tuple:
