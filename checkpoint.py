@@ -181,7 +181,10 @@ def check_resume(ck: dict, cfg, runtime_fields: set, world: int, path: str) -> N
     for f in fields(cfg):
         if f.name in runtime_fields:
             continue
-        if f.name in old and old[f.name] != getattr(cfg, f.name):
+        if f.name not in old:    # a field added since: the old run made it as it was then, not necessarily as now
+            raise UsageError(f"cannot resume {path!r}: its config has no field {f.name!r} (written by an older "
+                             f"train.py); use a new --out-dir")
+        if old[f.name] != getattr(cfg, f.name):
             raise UsageError(f"cannot resume {path!r}: config field {f.name!r} is {old[f.name]!r} in the checkpoint but "
                              f"{getattr(cfg, f.name)!r} now; pass --{f.name.replace('_', '-')} {old[f.name]} or use a "
                              f"new --out-dir")

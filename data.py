@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
+from batch_augment import N_UNIFORM, BatchAugment
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
 
@@ -378,20 +380,51 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255).sub_(_MEAN_T.to(x.device)).div_(_STD_T.to(x.device))
 
 
-def augmentation(kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0):
-    """One crop of augmentation set A or B (METHOD.md), as uint8 (see normalize). blur_scale scales the blur radius, so small
-    images (32 px) get a proportionally smaller blur than 224 px ones."""
-    import torchvision.transforms as T
-    blur_p, sol_p = (1.0, 0.0) if kind == "A" else (0.1, 0.2)
-    ops = [T.RandomResizedCrop(size, scale=scale),  # bilinear, torchvision's default, as released
-           T.RandomHorizontalFlip(),
-           T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-           T.RandomGrayscale(p=0.2)]
-    if blur_p > 0:
-        ops.append(GaussianBlur(blur_p, 0.1 * blur_scale, 2.0 * blur_scale))
-    if sol_p > 0:
-        ops.append(Solarize(sol_p))
-    return T.Compose([*ops, T.PILToTensor()])        # uint8 [3, size, size]; data.normalize() per batch
+class Augmentation:
+    """One crop of augmentation set A or B (METHOD.md), as uint8 (see normalize); blur_scale scales the blur radius,
+    so small images (32 px) get a proportionally smaller blur than 224 px ones. Two implementations of one
+    distribution: called on a PIL image, torchvision's PIL ops draw from torch's global RNG (any image size);
+    batch(images, u) makes one crop per same-size uint8 image from rows of uniforms (batch_augment.py)."""
+
+    def __init__(self, kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0):
+        import torchvision.transforms as T
+        blur_p, sol_p = (1.0, 0.0) if kind == "A" else (0.1, 0.2)
+        ops = [T.RandomResizedCrop(size, scale=scale),  # bilinear, torchvision's default, as released
+               T.RandomHorizontalFlip(),
+               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+               T.RandomGrayscale(p=0.2)]
+        if blur_p > 0:
+            ops.append(GaussianBlur(blur_p, 0.1 * blur_scale, 2.0 * blur_scale))
+        if sol_p > 0:
+            ops.append(Solarize(sol_p))
+        self.pil = T.Compose([*ops, T.PILToTensor()])        # uint8 [3, size, size]; data.normalize() per batch
+        self.batch = BatchAugment(kind, size, scale, blur_scale=blur_scale)
+
+    def __call__(self, img) -> torch.Tensor:
+        return self.pil(img)
+
+
+augmentation = Augmentation
+
+
+def in_memory_arrays(ds) -> Optional[tuple]:
+    """(images uint8 [N, 3, H, W] (a view, no copy), labels int64 [N]) of an untransformed dataset held as one
+    array: the demo, CIFAR-10/100, STL-10. None for anything else (image folders, transformed sets)."""
+    if getattr(ds, "transform", None) is not None:
+        return None
+    if isinstance(ds, ArrayDataset):
+        return torch.from_numpy(ds.images).permute(0, 3, 1, 2), torch.as_tensor(ds.labels, dtype=torch.int64)
+    import torchvision.datasets as tvd
+    if isinstance(ds, tvd.STL10):                                  # stored [N, 3, H, W]
+        return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)
+    if isinstance(ds, tvd.CIFAR10):                                # CIFAR-100 too; stored [N, H, W, 3]
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.as_tensor(ds.targets, dtype=torch.int64)
+    return None
+
+
+def item_uniforms(seed: int, n_crops: int) -> torch.Tensor:
+    """[n_crops, N_UNIFORM] uniforms of one item for Augmentation.batch, from a generator seeded by the item only."""
+    return torch.rand(n_crops, N_UNIFORM, generator=torch.Generator().manual_seed(seed))
 
 
 class MultiCropViews:
@@ -414,6 +447,26 @@ class MultiCropViews:
         """-> (online crops [2 + n_local] of set `online`, momentum crops [2 + n_local] of the other set)."""
         return self.crops(img, online), self.crops(img, "B" if online == "A" else "A")
 
+    def batch(self, images: torch.Tensor, seeds: list, online: list) -> tuple:
+        """The views of many images at once with tensor ops (Augmentation.batch; the same distribution as
+        __call__): images uint8 [n, 3, H, W], each item's seed and online set -> (online crops, momentum crops),
+        lists of 2 + n_local uint8 tensors [n, 3, s, s]. An item's crops depend on its seed only."""
+        m = 2 + self.n_local
+        u = torch.stack([item_uniforms(s, 2 * m) for s in seeds])          # [n, 2m, N_UNIFORM], online crops first
+        is_a = torch.tensor([o == "A" for o in online])
+        crops = []
+        for c in range(2 * m):
+            aug = self.glob if c % m < 2 else self.loc
+            sel_a = is_a if c < m else ~is_a                                # items whose crop c is of set A
+            if sel_a.all() or not sel_a.any():
+                crops.append(aug["A" if sel_a.all() else "B"].batch(images, u[:, c]))
+                continue
+            out = torch.empty((len(seeds), 3, aug["A"].batch.size, aug["A"].batch.size), dtype=torch.uint8)
+            for k, sel in (("A", sel_a), ("B", ~sel_a)):
+                out[sel] = aug[k].batch(images[sel], u[sel, c])
+            crops.append(out)
+        return crops[:m], crops[m:]
+
 
 class seeded:
     """Context: torch's CPU generator seeded for one item, the caller's state restored afterwards (so
@@ -433,36 +486,58 @@ class seeded:
 
 class ViewsDataset(torch.utils.data.Dataset):
     """Indexed by (dataset index, online set "A"/"B", item seed) -- what train.py's batch sampler yields
-    -> (online crops, momentum crops, dataset index). The crops are drawn with torch's RNG seeded from
-    the item seed, so they do not depend on which worker or rank makes them, nor on where a run resumed.
-    `base` must return PIL images (transform=None)."""
+    -> (online crops, momentum crops, dataset index). The crops are drawn from the item seed alone, so they do
+    not depend on which worker or rank makes them, nor on where a run resumed. `base` must return PIL images
+    (transform=None). batched=True and a dataset held as one array (in_memory_arrays): a whole batch of keys is
+    made at once with tensor ops (MultiCropViews.batch; the DataLoader calls __getitems__); else crop by crop
+    with PIL."""
 
-    def __init__(self, base, views: MultiCropViews):
+    def __init__(self, base, views: MultiCropViews, batched: bool = False):
         self.base, self.views = base, views
+        self.arrays = in_memory_arrays(base) if batched else None
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, key):
+        if self.arrays is not None:
+            return self.__getitems__([key])[0]
         i, online, seed = key
         img, _ = self.base[i]
         with seeded(seed):
             on, mo = self.views(img, online)
         return on, mo, i
 
+    def __getitems__(self, keys: list) -> list:
+        if self.arrays is None:
+            return [self[k] for k in keys]
+        idx = [k[0] for k in keys]
+        on, mo = self.views.batch(self.arrays[0][idx], [k[2] for k in keys], [k[1] for k in keys])
+        return [([c[b] for c in on], [c[b] for c in mo], i) for b, i in enumerate(idx)]
+
 
 class AugmentedDataset(torch.utils.data.Dataset):
     """Indexed by (dataset index, ..., item seed) -- first and last element, so train.py's ViewsDataset keys
     serve -> (transform(img), label), the transform's randomness seeded per item like ViewsDataset
-    (train.py's supervised baseline)."""
+    (train.py's supervised baseline); batched as ViewsDataset when the transform is an Augmentation."""
 
-    def __init__(self, base, transform):
+    def __init__(self, base, transform, batched: bool = False):
         self.base, self.transform = base, transform
+        self.arrays = in_memory_arrays(base) if batched and isinstance(transform, Augmentation) else None
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, key):
+        if self.arrays is not None:
+            return self.__getitems__([key])[0]
         img, label = self.base[key[0]]
         with seeded(key[-1]):
             return self.transform(img), label
+
+    def __getitems__(self, keys: list) -> list:
+        if self.arrays is None:
+            return [self[k] for k in keys]
+        idx = [k[0] for k in keys]
+        x = self.transform.batch(self.arrays[0][idx], torch.cat([item_uniforms(k[-1], 1) for k in keys]))
+        return [(x[b], int(self.arrays[1][i])) for b, i in enumerate(idx)]

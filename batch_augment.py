@@ -1,0 +1,174 @@
+"""SMoG's crop augmentation (data.augmentation: sets A and B) as tensor operations on a batch of same-size uint8 images.
+
+data.augmentation makes one crop at a time with torchvision's PIL operations: any image size, but on 32 px images
+about 0.8 ms of Python per crop, and a demo batch holds 256 x 8 crops (1.6 s of one core per step, more than the
+step). For datasets held as one uint8 array (demo, CIFAR, STL) this module makes every crop of a batch at once:
+
+    crop + resize   per-crop interpolation matrices (PIL's bilinear filter, antialiased when shrinking), two matmuls
+    flip            the column matrix reversed
+    colour jitter   brightness, contrast, saturation, hue with per-crop factors, in a per-crop random order
+    grayscale, Gaussian blur (per-crop sigma, separable, reflect padding), solarise (on the uint8 result)
+
+The distribution of crops is the PIL pipeline's, parameter for parameter (RandomResizedCrop's ten area/ratio
+attempts and centre-crop fallback, the jitter ranges, the probabilities); the pixels differ by rounding (PIL rounds
+to uint8 after each operation, this rounds once) and by the blur kernel (PIL approximates a Gaussian with box
+blurs, this uses a truncated Gaussian). tests/test_batch_augment.py checks every operation against torchvision's
+per-image functional ops.
+
+Randomness: every crop reads its parameters from one row of uniforms, u [n, N_UNIFORM]; data.py draws the rows of
+an item from a generator seeded by the item, so a crop does not depend on the batch it is made in.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+ATTEMPTS = 10                                            # RandomResizedCrop's tries before the centre-crop fallback
+# columns of u: area and log-ratio per attempt, crop position, flip, jitter (apply, 4 factors, 4 order keys),
+# grayscale, blur (apply, sigma), solarise
+_AREA, _RATIO, _POS, _FLIP = 0, ATTEMPTS, 2 * ATTEMPTS, 2 * ATTEMPTS + 2
+_JIT, _FACT, _ORDER = _FLIP + 1, _FLIP + 2, _FLIP + 6
+_GRAY, _BLUR, _SIGMA, _SOL = _ORDER + 4, _ORDER + 5, _ORDER + 6, _ORDER + 7
+N_UNIFORM = _SOL + 1
+LUMA = (0.2989, 0.587, 0.114)                             # torchvision's rgb_to_grayscale weights
+
+
+class BatchAugment:
+    """One crop of augmentation set A or B (data.augmentation's parameters) for each image of a batch."""
+
+    def __init__(self, kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0, ratio=(3 / 4, 4 / 3)):
+        if kind not in ("A", "B"):
+            raise ValueError(f"augmentation set must be 'A' or 'B', not {kind!r}")
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.blur_p, self.sol_p = (1.0, 0.0) if kind == "A" else (0.1, 0.2)
+        self.jitter_p, self.gray_p = 0.8, 0.2
+        self.jitter = (0.4, 0.4, 0.2, 0.1)                   # brightness, contrast, saturation, hue
+        self.sigma = (0.1 * blur_scale, 2.0 * blur_scale)
+
+    def __call__(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """images uint8 [n, 3, H, W], u float [n, N_UNIFORM] in [0, 1) -> crops uint8 [n, 3, size, size]."""
+        i, j, h, w = crop_boxes(u, images.shape[-2], images.shape[-1], self.scale, self.ratio)
+        x = resized_crop(images.float().div_(255), i, j, h, w, self.size, flip=u[:, _FLIP] < 0.5)
+        x = color_jitter(x, u, self.jitter, self.jitter_p)
+        gray = u[:, _GRAY] < self.gray_p
+        x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+        blur = u[:, _BLUR] < self.blur_p
+        if blur.any():
+            sigma = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[blur, _SIGMA]
+            x[blur] = gaussian_blur(x[blur], sigma, radius=min(math.ceil(3 * self.sigma[1]), self.size - 1))
+        q = x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+        sol = (u[:, _SOL] < self.sol_p).view(-1, 1, 1, 1)
+        return torch.where(sol & (q >= 128), 255 - q, q)     # PIL's ImageOps.solarize(threshold=128)
+
+
+def crop_boxes(u: torch.Tensor, H: int, W: int, scale: tuple, ratio: tuple) -> tuple:
+    """RandomResizedCrop.get_params for every row of u -> (top i, left j, height h, width w), float tensors [n] of
+    integers: the first of ATTEMPTS (area, log-ratio) draws whose box fits, else the centre crop of the clamped ratio."""
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA:_AREA + ATTEMPTS])
+    lr = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, _RATIO:_RATIO + ATTEMPTS])
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()   # round half to even, as Python
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    if W / H < ratio[0]:
+        fw, fh = W, round(W / ratio[0])
+    elif W / H > ratio[1]:
+        fw, fh = round(H * ratio[1]), H
+    else:
+        fw, fh = W, H
+    ok = fits.any(1)
+    w, h = torch.where(ok, w, float(fw)), torch.where(ok, h, float(fh))
+    i = torch.where(ok, torch.floor(u[:, _POS] * (H - h + 1)), float((H - fh) // 2))
+    j = torch.where(ok, torch.floor(u[:, _POS + 1] * (W - w + 1)), float((W - fw) // 2))
+    return i, j, h, w
+
+
+def interpolation_matrix(start: torch.Tensor, length: torch.Tensor, size: int, n_in: int) -> torch.Tensor:
+    """Rows of PIL's bilinear resize of the pixels start .. start+length-1 of an axis of n_in pixels to `size`
+    pixels -> [n, size, n_in]: output pixel o weighs input pixel p by the triangle max(0, 1 - |p + 0.5 - c| / s)
+    around its centre c = start + (o + 0.5) * length / size, s = max(1, length / size) (antialiased when
+    shrinking), restricted to the crop and normalised to sum 1."""
+    step = (length / size).view(-1, 1, 1)
+    centre = start.view(-1, 1, 1) + (torch.arange(size, dtype=step.dtype).view(1, -1, 1) + 0.5) * step
+    p = torch.arange(n_in, dtype=step.dtype).view(1, 1, -1)
+    wt = (1 - (p + 0.5 - centre).abs() / step.clamp(min=1)).clamp_(min=0)
+    wt = wt * ((p >= start.view(-1, 1, 1)) & (p < (start + length).view(-1, 1, 1)))
+    return wt / wt.sum(-1, keepdim=True)
+
+
+def resized_crop(x: torch.Tensor, i, j, h, w, size: int, flip: torch.Tensor) -> torch.Tensor:
+    """x float [n, C, H, W] -> the box (i, j, h, w) of each image resized to size x size, mirrored where flip."""
+    rows = interpolation_matrix(i, h, size, x.shape[-2])                      # [n, size, H]
+    cols = interpolation_matrix(j, w, size, x.shape[-1])                      # [n, size, W]
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
+    n, C, H, W = x.shape
+    y = torch.bmm(rows, x.permute(0, 2, 1, 3).reshape(n, H, C * W))                # [n, size, C W]
+    y = torch.bmm(y.view(n, size * C, W), cols.transpose(1, 2))                     # [n, size C, size]
+    return y.view(n, size, C, size).permute(0, 2, 1, 3).contiguous()
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """[n, 3, h, w] -> luminance [n, 1, h, w]."""
+    return LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]
+
+
+def rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Add shift [n] (in turns) to the HSV hue of x [n, 3, h, w] in [0, 1], keeping saturation and value."""
+    v, arg = x.max(1)                                        # the first channel on ties: red, then green
+    chroma = v - x.min(1).values
+    r, g, b = x.unbind(1)
+    d = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    sector = torch.where(arg == 0, ((g - b) / d) % 6, torch.where(arg == 1, (b - r) / d + 2, (r - g) / d + 4))
+    hue = torch.where(chroma > 0, sector / 6, torch.zeros_like(sector))
+    hue = (hue + shift.view(-1, 1, 1)) % 1.0
+    # HSV -> RGB: channel n in (5, 3, 1) is v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6
+    k = (torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    return v.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def jitter_factors(u: torch.Tensor, strength: tuple) -> torch.Tensor:
+    """ColorJitter(b, c, s, h) factors per row -> [n, 4]: 1 +- b, 1 +- c, 1 +- s (multiplicative), +- h (hue turns)."""
+    lo = torch.tensor([1 - strength[0], 1 - strength[1], 1 - strength[2], -strength[3]])
+    hi = torch.tensor([1 + strength[0], 1 + strength[1], 1 + strength[2], strength[3]])
+    return lo + (hi - lo) * u[:, _FACT:_FACT + 4]
+
+
+def jitter_order(u: torch.Tensor) -> torch.Tensor:
+    """[n, 4]: the operation (0 brightness, 1 contrast, 2 saturation, 3 hue) at each of the four positions, a
+    uniform random permutation per row."""
+    return u[:, _ORDER:_ORDER + 4].argsort(1)
+
+
+def color_jitter(x: torch.Tensor, u: torch.Tensor, strength: tuple, p: float) -> torch.Tensor:
+    """RandomApply(ColorJitter(*strength), p) per crop: the four operations in the crop's own random order.
+    Brightness, contrast and saturation are one blend, clamp(f x + (1 - f) y) with y = 0, the mean luminance, the
+    luminance; so each position is one pass over every crop (f = 1 where the crop applies hue there, or no
+    jitter at all), plus the hue rotation of the crops that apply it there. x is overwritten."""
+    on = u[:, _JIT] < p
+    fac, order = jitter_factors(u, strength), jitter_order(u)
+    for pos in range(4):
+        op = torch.where(on, order[:, pos], -1)                                    # -1: nothing at this position
+        f = torch.where((op >= 0) & (op < 3), fac.gather(1, op.clamp(0, 2)[:, None])[:, 0], 1.0).view(-1, 1, 1, 1)
+        lum = grayscale(x)
+        sat, con = (op == 2).to(x.dtype).view(-1, 1, 1, 1), (op == 1).to(x.dtype).view(-1, 1, 1, 1)
+        y = sat * lum + con * lum.mean((1, 2, 3), keepdim=True)                     # brightness: y = 0
+        x = x.mul_(f).add_((1 - f) * y).clamp_(0, 1)                                 # y has one channel
+        hue = op == 3
+        if hue.any():
+            x[hue] = rotate_hue(x[hue], fac[hue, 3])
+    return x
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """x [n, C, h, w], sigma [n] -> each image blurred by a Gaussian of its sigma, truncated at `radius` pixels,
+    separable, reflect padding."""
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).view(-1, 2 * radius + 1, 1, 1, 1)
+    h, w = x.shape[-2:]
+    xp = F.pad(x, (radius,) * 4, mode="reflect")
+    x = sum(k[:, d] * xp[..., d:d + w] for d in range(2 * radius + 1))             # along rows
+    return sum(k[:, d] * x[..., d:d + h, :] for d in range(2 * radius + 1))        # along columns

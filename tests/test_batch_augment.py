@@ -1,0 +1,223 @@
+"""batch_augment.py (the batched tensor crops) against independent per-image oracles: torchvision's
+RandomResizedCrop rule written out as a scalar loop, PIL's resized crop, torchvision's functional colour / blur /
+solarise ops, and data.augmentation's PIL pipeline for the parameters of the distribution."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+import batch_augment as ba
+import data
+
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+STRENGTH = (0.4, 0.4, 0.2, 0.1)
+
+
+def demo_images(n=48, seed=3):
+    imgs, _ = data.make_demo(n, seed)
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
+
+
+def box_oracle(r, H, W, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params, scalar, reading its draws from the row r."""
+    for t in range(ba.ATTEMPTS):
+        target = H * W * (scale[0] + (scale[1] - scale[0]) * float(r[t]))
+        lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+        aspect = math.exp(lr0 + (lr1 - lr0) * float(r[ba.ATTEMPTS + t]))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            return int(float(r[2 * ba.ATTEMPTS]) * (H - h + 1)), int(float(r[2 * ba.ATTEMPTS + 1]) * (W - w + 1)), h, w
+    if W / H < ratio[0]:
+        w, h = W, int(round(W / ratio[0]))
+    elif W / H > ratio[1]:
+        h, w = H, int(round(H * ratio[1]))
+    else:
+        w, h = W, H
+    return (H - h) // 2, (W - w) // 2, h, w
+
+
+@pytest.mark.parametrize("H,W,scale", [(32, 32, (0.1, 0.35)), (32, 32, (0.35, 1.0)), (24, 40, (0.9, 1.0)),
+                                       (40, 24, (0.95, 1.0))])
+def test_crop_boxes_follow_torchvision_rule(H, W, scale):
+    u = torch.rand(400, ba.N_UNIFORM, generator=torch.Generator().manual_seed(H * W))
+    i, j, h, w = ba.crop_boxes(u, H, W, scale, (3 / 4, 4 / 3))
+    got = [(int(a), int(b), int(c), int(d)) for a, b, c, d in zip(i, j, h, w)]
+    want = [box_oracle(r, H, W, scale) for r in u]
+    assert got == want
+    if scale[0] >= 0.9:                                              # the fallback branch was exercised
+        assert any(g == box_oracle(torch.ones(ba.N_UNIFORM) * 0.999, H, W, scale) for g in got)
+
+
+@pytest.mark.parametrize("size,scale", [(32, (0.35, 1.0)), (16, (0.1, 0.35)), (8, (0.5, 1.0))])
+def test_resized_crop_matches_pil_bilinear(size, scale):
+    """Upscaling, mild and 4x shrinking (antialiased): within PIL's own uint8 rounding of each pass."""
+    imgs = demo_images()
+    u = torch.rand(len(imgs), ba.N_UNIFORM, generator=torch.Generator().manual_seed(size))
+    i, j, h, w = ba.crop_boxes(u, 32, 32, scale, (3 / 4, 4 / 3))
+    flip = u[:, ba._FLIP] < 0.5
+    x = ba.resized_crop(imgs.float() / 255, i, j, h, w, size, flip)
+    assert flip.any() and not flip.all()
+    for b in range(len(imgs)):
+        pil = Image.fromarray(imgs[b].permute(1, 2, 0).numpy())
+        o = TF.resized_crop(pil, int(i[b]), int(j[b]), int(h[b]), int(w[b]), [size, size], InterpolationMode.BILINEAR)
+        o = TF.pil_to_tensor(TF.hflip(o) if flip[b] else o).float() / 255
+        assert (o - x[b]).abs().max() <= 1.0001 / 255, b
+
+
+def test_color_jitter_matches_torchvision_ops_in_drawn_order():
+    x = torch.rand(300, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    x[:20] = x[:20, :1]                                               # grey crops (zero chroma) too
+    u = torch.rand(300, ba.N_UNIFORM, generator=torch.Generator().manual_seed(2))
+    got = ba.color_jitter(x.clone(), u, STRENGTH, 0.8)
+    fac, order = ba.jitter_factors(u, STRENGTH), ba.jitter_order(u)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    orders = set()
+    for b in range(len(x)):
+        o = x[b]
+        if u[b, ba._JIT] < 0.8:
+            orders.add(tuple(order[b].tolist()))
+            for op in order[b].tolist():
+                o = ops[op](o, float(fac[b, op]))
+        else:
+            assert torch.equal(got[b], x[b])
+        assert (o - got[b]).abs().max() < 1e-5, b
+    assert len(orders) == 24                                           # every order occurs
+    assert (fac[:, :3] >= torch.tensor([0.6, 0.6, 0.8])).all() and (fac[:, :3] <= torch.tensor([1.4, 1.4, 1.2])).all()
+    assert fac[:, 3].abs().max() <= 0.1 and fac[:, 3].min() < -0.08 and fac[:, 3].max() > 0.08
+
+
+def test_gaussian_blur_matches_torchvision():
+    x = torch.rand(20, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    sigma = torch.linspace(0.05, 2.0, 20)
+    got = ba.gaussian_blur(x, sigma, 6)
+    for b in range(20):
+        assert (TF.gaussian_blur(x[b], [13, 13], [float(sigma[b])] * 2) - got[b]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["A", "B"])
+def test_whole_crop_is_the_composition(kind):
+    """BatchAugment = resized crop, then jitter, grayscale, blur, uint8 rounding, solarise, each per its draw."""
+    imgs = demo_images(200)
+    aug = ba.BatchAugment(kind, 16, (0.2, 1.0), blur_scale=0.5)
+    u = torch.rand(len(imgs), ba.N_UNIFORM, generator=torch.Generator().manual_seed(7))
+    got = aug(imgs, u)
+    assert got.dtype == torch.uint8 and got.shape == (200, 3, 16, 16)
+    i, j, h, w = ba.crop_boxes(u, 32, 32, (0.2, 1.0), (3 / 4, 4 / 3))
+    crops = ba.resized_crop(imgs.float() / 255, i, j, h, w, 16, u[:, ba._FLIP] < 0.5)
+    fac, order = ba.jitter_factors(u, STRENGTH), ba.jitter_order(u)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    close = total = 0
+    for b in range(len(imgs)):
+        o = crops[b]
+        if u[b, ba._JIT] < 0.8:
+            for op in order[b].tolist():
+                o = ops[op](o, float(fac[b, op]))
+        if u[b, ba._GRAY] < 0.2:
+            o = TF.rgb_to_grayscale(o, 3)
+        if u[b, ba._BLUR] < aug.blur_p:
+            s = 0.05 + (1.0 - 0.05) * float(u[b, ba._SIGMA])
+            o = TF.gaussian_blur(o, [2 * 3 + 1] * 2, [s, s])
+        o = (o * 255).round().clamp(0, 255).to(torch.uint8)
+        if u[b, ba._SOL] < aug.sol_p:
+            o = TF.solarize(o, 128)
+        d = (o.int() - got[b].int()).abs()
+        close += int((d <= 1).sum())
+        total += d.numel()
+    assert close / total > 0.9995                                      # rounding ties and a solarise boundary at most
+
+
+def test_same_distribution_parameters_as_the_pil_pipeline():
+    """The batched and the PIL implementation of a set read the same parameters (crop scale and ratio, jitter,
+    every probability, blur range)."""
+    for kind in "AB":
+        a = data.Augmentation(kind, 24, (0.3, 0.9), blur_scale=0.25)
+        t = {type(o).__name__: o for o in a.pil.transforms}
+        rrc, b = t["RandomResizedCrop"], a.batch
+        assert (rrc.size, tuple(rrc.scale), tuple(rrc.ratio)) == ((b.size, b.size), b.scale, b.ratio)
+        assert rrc.interpolation == InterpolationMode.BILINEAR
+        cj = t["RandomApply"].transforms[0]
+        assert (t["RandomApply"].p, t["RandomGrayscale"].p) == (b.jitter_p, b.gray_p)
+        assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+        assert b.jitter == STRENGTH
+        assert t["RandomHorizontalFlip"].p == 0.5
+        blur = t["GaussianBlur"]
+        assert (blur.p, blur.lo, blur.hi) == (b.blur_p, *b.sigma)
+        assert t.get("Solarize", type("none", (), {"p": 0.0})).p == b.sol_p
+
+
+def test_item_crops_do_not_depend_on_the_batch():
+    raw = data.build_dataset("demo:200", "train")
+    ds = data.ViewsDataset(raw, data.MultiCropViews(32, 16, 2, (0.35, 1.0), (0.1, 0.35), 0.15), batched=True)
+    keys = [(i, "A" if i % 3 else "B", 1000 + i) for i in range(64)]
+    batch = ds.__getitems__(keys)
+    for b in (0, 1, 5, 63):
+        alone = ds[keys[b]]
+        assert all(torch.equal(x, y) for x, y in zip(alone[0] + alone[1], batch[b][0] + batch[b][1]))
+        assert alone[2] == keys[b][0]
+    other = ds.__getitems__([(5, "A", 1005)])[0]                    # a different seed -> different crops
+    assert not torch.equal(other[0][0], ds.__getitems__([(5, "A", 999)])[0][0][0])
+    # the online set decides the set of the online crops: B may solarise, A never does; A always blurs
+    assert [c.shape for c in batch[0][0]] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+
+
+def test_in_memory_arrays_and_supervised_items():
+    raw = data.build_dataset("demo:100", "train")
+    x, y = data.in_memory_arrays(raw)
+    assert x.shape == (100, 3, 32, 32) and x.dtype == torch.uint8
+    img, label = raw[7]
+    assert torch.equal(x[7], TF.pil_to_tensor(img)) and y[7] == label
+    assert data.in_memory_arrays(data.build_dataset("demo:100", "train", data.eval_transform(32))) is None
+    aug = data.Augmentation("A", 24, (0.3, 1.0))
+    ds = data.AugmentedDataset(raw, aug, batched=True)
+    items = ds.__getitems__([(3, "A", 11), (7, "B", 12)])
+    assert items[1][1] == label and items[0][0].shape == (3, 24, 24) and items[0][0].dtype == torch.uint8
+    assert torch.equal(ds[(7, "B", 12)][0], items[1][0])
+    assert torch.equal(items[1][0], aug.batch(x[7:8], data.item_uniforms(12, 1))[0])
+
+
+def test_augment_tensor_refused_for_image_folders(tmp_path):
+    root = tmp_path / "imgs" / "c0"
+    root.mkdir(parents=True)
+    for k in range(4):
+        Image.new("RGB", (20, 20), (k * 40, 0, 0)).save(root / f"{k}.png")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "train.py", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--augment", "tensor",
+                        "--out-dir", str(out), "--no-final-eval", "--batch-size", "2", "--n-groups", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "--augment tensor needs a dataset held as one array" in r.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_crop_statistics_match_the_pil_pipeline():
+    """The two implementations draw the same distribution of crops: per-crop statistics (brightness, contrast,
+    colourfulness, sharpness, greyscale share, distance between an image's two global crops) agree within 4
+    standard errors over 400 images of the demo, sets A and B, global and local crops."""
+    raw = data.build_dataset("demo:400", "train")
+    views = data.MultiCropViews(32, 16, 2, (0.35, 1.0), (0.1, 0.35), 0.15)
+    keys = [(i, "AB"[i % 2], 10 ** 6 + i) for i in range(400)]
+    pil = [data.ViewsDataset(raw, views)[k] for k in keys]
+    ten = data.ViewsDataset(raw, views, batched=True).__getitems__(keys)
+
+    def stats(items):
+        out = {}
+        for name, sel in (("global", lambda it: it[0][:2] + it[1][:2]), ("local", lambda it: it[0][2:] + it[1][2:])):
+            x = torch.stack([torch.stack(sel(it)) for it in items]).float()         # [n, 4, 3, s, s]
+            out |= {f"{name} mean": x.mean((-1, -2, -3)), f"{name} std": x.std((-1, -2, -3)),
+                    f"{name} colour": (x.amax(-3) - x.amin(-3)).mean((-1, -2)),
+                    f"{name} sharpness": (x[..., 1:] - x[..., :-1]).abs().mean((-1, -2, -3)),
+                    f"{name} grey": (x.amax(-3) == x.amin(-3)).all(-1).all(-1).float()}
+        g = torch.stack([torch.stack(it[0][:2]) for it in items]).float()
+        out["pair distance"] = (g[:, 0] - g[:, 1]).abs().mean((-1, -2, -3))
+        return {k: v.flatten() for k, v in out.items()}
+
+    a, b = stats(pil), stats(ten)
+    for k in a:
+        se = math.sqrt(a[k].var() / len(a[k]) + b[k].var() / len(b[k]))
+        assert abs(a[k].mean() - b[k].mean()) < 4 * se, (k, float(a[k].mean()), float(b[k].mean()), se)
