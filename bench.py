@@ -27,6 +27,9 @@ warm-up (CUDA timed with events). Sections (`--sections`):
               of an epoch of full steps.
   input    5. multi-crop images/s of a DataLoader over data.py's views (MultiCropViews, ViewsDataset)
               with the preset's workers, against the full step's images/s (is the device starved?).
+  crops       one batch of views made by data.ViewsDataset both ways, in this process, interleaved: crop by crop
+              with PIL, and all at once with tensor ops (`--augment tensor`, batch_augment.py) on the images of the
+              demo (held as one array); `crops_speedup` = median over pairs of PIL / tensor time.
 Output: a table on stdout and every figure in `--out` (bench.json): device name, torch version, the
 config and the command, and the top-level keys `step_ratio`, `joint_bn_ratio` and `update_speedup`.
 """
@@ -40,6 +43,7 @@ import os
 import platform
 import subprocess
 import sys
+import statistics
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
@@ -64,7 +68,7 @@ class BenchConfig:
     device: str = "auto"            # auto (cuda if available) | cpu | cuda
     threads: int = 1                # torch intra-op threads; 0 keeps torch's default
     malloc_top_pad_mb: int = 0      # >0: glibc mallopt(M_TOP_PAD) before anything runs (see BENCHMARKS.md)
-    sections: str = "step,jointbn,update,kmeans,input"
+    sections: str = "step,jointbn,update,kmeans,input,crops"
     out: str = "bench.json"
     profile: bool = False           # torch.profiler tables of both steps after the timed runs
     # model, crops and optimiser of the step (smog.SMoGConfig fields + the crops)
@@ -105,6 +109,7 @@ class BenchConfig:
     data: str = "demo"              # data.py spec (demo | imagefolder:PATH | cifar10 ...) or synthetic-jpeg
     workers: int = -1               # DataLoader workers; -1 = cores - 1 (at least 1, at most 10), as train.py
     loader_batches: int = 12        # timed batches after the first one (worker start-up is not timed)
+    crop_pairs: int = 5             # crops section: timed (PIL, tensor) pairs of one batch each
 
 
 PRESETS = {
@@ -120,7 +125,7 @@ PRESETS = {
     "smoke": dict(width=8, dim=32, hidden_dim=64, n_groups=64, n_heads=2, batch=8, global_px=16,
                   local_px=8, n_local=2, step_warmup=1, step_pairs=2, update_repeats=1, update_budget_s=0.0,
                   kmeans_k=128, kmeans_n=(2048,), kmeans_iters=2, kmeans_repeats=1, data_size=512,
-                  workers=0, loader_batches=2, out="runs/bench-smoke.json"),
+                  workers=0, loader_batches=2, crop_pairs=1, out="runs/bench-smoke.json"),
 }
 
 # issue 7's targets, per device type
@@ -654,6 +659,27 @@ def bench_input(cfg: BenchConfig, dev: torch.device, step_images_per_s: Optional
             "starved": (ips < step_images_per_s) if step_images_per_s else None}
 
 
+def bench_crops(cfg: BenchConfig) -> dict:
+    """The preset's views of one batch of demo images, made crop by crop (PIL) and as one batch (tensor ops),
+    alternating PIL, tensor, tensor, PIL, ... on the host CPU with the process's torch threads."""
+    import data
+    base = data.build_dataset(f"demo:{max(10, cfg.batch)}", "train", None)
+    views = data.MultiCropViews(cfg.global_px, cfg.local_px, cfg.n_local, blur_scale=cfg.global_px / 224)
+    ways = {"pil": data.ViewsDataset(base, views), "tensor": data.ViewsDataset(base, views, batched=True)}
+    keys = [(i, "AB"[i % 2], 7 * i) for i in range(cfg.batch)]
+    times = {"pil": [], "tensor": []}
+    for r in range(cfg.crop_pairs + 1):                     # the first pair warms up, untimed
+        for way in (("pil", "tensor") if r % 2 == 0 else ("tensor", "pil")):
+            t0 = time.perf_counter()
+            ways[way].__getitems__(keys)
+            if r:
+                times[way].append(time.perf_counter() - t0)
+    ratios = [p / t for p, t in zip(times["pil"], times["tensor"])]
+    return {"batch": cfg.batch, "crops_per_image": 2 * (2 + cfg.n_local), "px": (cfg.global_px, cfg.local_px),
+            "threads": torch.get_num_threads(), "pil_s": summary(times["pil"]), "tensor_s": summary(times["tensor"]),
+            "speedup": statistics.median(ratios)}
+
+
 # ----------------------------------------------------------------------------------------------
 # driver
 
@@ -734,6 +760,11 @@ def report(res: dict) -> str:
         L.append(f"  loader {p['images_per_s']:.1f} img/s vs full step {step} img/s"
                  + (f"  -> {'STARVED' if p['starved'] else 'not starved'} (loader/step {p['loader_over_step']:.2f})"
                     if p["starved"] is not None else ""))
+    if "crops" in res:
+        c = res["crops"]
+        L.append(f"crops of one batch ({c['batch']} images x {c['crops_per_image']} crops, {c['px'][0]}/{c['px'][1]} px, "
+                 f"{c['threads']} threads): PIL {c['pil_s']['median']:.3f} s, tensor {c['tensor_s']['median']:.3f} s, "
+                 f"speed-up {c['speedup']:.1f}x (median of {c['pil_s']['n']} pairs)")
     for t in res.get("targets", []):
         verdict = {True: "met", False: "MISSED", None: "not judged (smoke sizes)"}[t["met"]]
         L.append(f"target {t['what']}: {t['value']:.3f} (target {t['target']}) -> {verdict}")
@@ -754,9 +785,9 @@ def run(cfg: BenchConfig, argv_display: str) -> dict:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     sections = [s.strip() for s in cfg.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"step", "jointbn", "update", "kmeans", "input"}
+    unknown = set(sections) - {"step", "jointbn", "update", "kmeans", "input", "crops"}
     if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)}; choose from step, jointbn, update, kmeans, input")
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from step, jointbn, update, kmeans, input, crops")
     clock = Clock(dev)
     info = machine_info(dev)
     res: dict = {"preset": cfg.preset, "command": argv_display, "device_name": info["device_name"],
@@ -789,6 +820,10 @@ def run(cfg: BenchConfig, argv_display: str) -> dict:
     if "input" in sections:
         log("input pipeline")
         res["input_pipeline"] = bench_input(cfg, dev, res["step"]["full_images_per_s"] if "step" in res else None)
+    if "crops" in sections:
+        log("crops: PIL one by one vs tensor ops per batch")
+        res["crops"] = bench_crops(cfg)
+        res["crops_speedup"] = res["crops"]["speedup"]
     res["targets"] = evaluate_targets(res, dev)
     if cfg.preset == "smoke":                           # too small to judge: structure only
         for t in res["targets"]:

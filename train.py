@@ -172,7 +172,7 @@ PRESETS = {
     # a 0.6 s step on 2 cores (with PIL, 2 workers + 1 torch thread: 1.6 s of augmentation per step).
     "demo": dict(data="demo", arch="smallcnn", width=16, dim=64, hidden_dim=512, n_groups=30, n_heads=3,
                  image_size=32, local_size=16, n_local=2, global_scale_min=0.35, local_scale_min=0.1,
-                 local_scale_max=0.35, blur_scale=0.15, epochs=8, batch_size=256, optimizer="sgd", lr=1.0,
+                 local_scale_max=0.35, blur_scale=0.15, epochs=10, batch_size=256, optimizer="sgd", lr=1.0,
                  lr_batch=256, warmup_epochs=1.0, warmup_lr_ratio=0.1, weight_decay=5e-4, beta_end=0.99,
                  ema=0.99, log_every=10, final_eval=True, probe_epochs=100, sup_lr=0.1, workers=0),
     # CIFAR-10, ResNet-18 with the small-image stem, local crops scaled for 32 px, K as in Lightly's run

@@ -119,7 +119,7 @@ def test_uint8_crops_normalised_per_batch_equal_totensor_normalize_per_crop():
     import torchvision.transforms as T
     base = data.build_dataset("demo:40", "train")
     aug = data.augmentation("B", 32, (0.2, 1.0), blur_scale=0.15)
-    per_crop = T.Compose([*aug.transforms[:-1], T.ToTensor(), T.Normalize(data.MEAN, data.STD)])
+    per_crop = T.Compose([*aug.pil.transforms[:-1], T.ToTensor(), T.Normalize(data.MEAN, data.STD)])
     new, old = [], []
     for i in range(40):
         img, _ = base[i]
