@@ -21,6 +21,7 @@ an item from a generator seeded by the item, so a crop does not depend on the ba
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,10 +48,12 @@ class BatchAugment:
         self.jitter = (0.4, 0.4, 0.2, 0.1)                   # brightness, contrast, saturation, hue
         self.sigma = (0.1 * blur_scale, 2.0 * blur_scale)
 
-    def __call__(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """images uint8 [n, 3, H, W], u float [n, N_UNIFORM] in [0, 1) -> crops uint8 [n, 3, size, size]."""
+    def __call__(self, images: torch.Tensor, u: torch.Tensor, src: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images uint8 [n, 3, H, W], u float [n, N_UNIFORM] in [0, 1) -> crops uint8 [n, 3, size, size].
+        src: source_rows(images), when several crops are made from the same images."""
         i, j, h, w = crop_boxes(u, images.shape[-2], images.shape[-1], self.scale, self.ratio)
-        x = resized_crop(images.float().div_(255), i, j, h, w, self.size, flip=u[:, _FLIP] < 0.5)
+        src = source_rows(images) if src is None else src
+        x = resized_crop(src, i, j, h, w, self.size, images.shape[-3], flip=u[:, _FLIP] < 0.5)
         x = color_jitter(x, u, self.jitter, self.jitter_p)
         gray = u[:, _GRAY] < self.gray_p
         x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
@@ -99,15 +102,23 @@ def interpolation_matrix(start: torch.Tensor, length: torch.Tensor, size: int, n
     return wt / wt.sum(-1, keepdim=True)
 
 
-def resized_crop(x: torch.Tensor, i, j, h, w, size: int, flip: torch.Tensor) -> torch.Tensor:
-    """x float [n, C, H, W] -> the box (i, j, h, w) of each image resized to size x size, mirrored where flip."""
-    rows = interpolation_matrix(i, h, size, x.shape[-2])                      # [n, size, H]
-    cols = interpolation_matrix(j, w, size, x.shape[-1])                      # [n, size, W]
+def source_rows(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, C, H, W] -> float [n, H, C W], values 0-255: the layout resized_crop multiplies by its row matrices."""
+    n, C, H, W = images.shape
+    return images.permute(0, 2, 1, 3).reshape(n, H, C * W).float()
+
+
+def resized_crop(src: torch.Tensor, i, j, h, w, size: int, channels: int, flip: torch.Tensor) -> torch.Tensor:
+    """src = source_rows(images) -> the box (i, j, h, w) of each image resized to size x size, mirrored where flip,
+    float [n, C, size, size] in [0, 1]."""
+    n, H, CW = src.shape
+    W = CW // channels
+    rows = interpolation_matrix(i, h, size, H) / 255                         # [n, size, H], and 0-255 -> 0-1
+    cols = interpolation_matrix(j, w, size, W)                               # [n, size, W]
     cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
-    n, C, H, W = x.shape
-    y = torch.bmm(rows, x.permute(0, 2, 1, 3).reshape(n, H, C * W))                # [n, size, C W]
-    y = torch.bmm(y.view(n, size * C, W), cols.transpose(1, 2))                     # [n, size C, size]
-    return y.view(n, size, C, size).permute(0, 2, 1, 3).contiguous()
+    y = torch.bmm(rows, src)                                                 # [n, size, C W]
+    y = torch.bmm(y.view(n, size * channels, W), cols.transpose(1, 2))       # [n, size C, size]
+    return y.view(n, size, channels, size).permute(0, 2, 1, 3).contiguous()
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -164,11 +175,11 @@ def color_jitter(x: torch.Tensor, u: torch.Tensor, strength: tuple, p: float) ->
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """x [n, C, h, w], sigma [n] -> each image blurred by a Gaussian of its sigma, truncated at `radius` pixels,
-    separable, reflect padding."""
+    separable, reflect padding (two depthwise convolutions, one kernel per image)."""
+    n, C, h, w = x.shape
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    k = (k / k.sum(1, keepdim=True)).view(-1, 2 * radius + 1, 1, 1, 1)
-    h, w = x.shape[-2:]
-    xp = F.pad(x, (radius,) * 4, mode="reflect")
-    x = sum(k[:, d] * xp[..., d:d + w] for d in range(2 * radius + 1))             # along rows
-    return sum(k[:, d] * x[..., d:d + h, :] for d in range(2 * radius + 1))        # along columns
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)                  # [n C, 2 radius + 1]
+    xp = F.pad(x, (radius,) * 4, mode="reflect").view(1, n * C, h + 2 * radius, w + 2 * radius)
+    y = F.conv2d(xp, k.view(n * C, 1, 1, -1), groups=n * C)                   # along rows
+    return F.conv2d(y, k.view(n * C, 1, -1, 1), groups=n * C).view(n, C, h, w)   # along columns

@@ -6,8 +6,6 @@ epoch, index), so crops depend neither on workers, ranks nor where a run resumed
 augmentation sets swap every optimiser step (even step: online = A). `cfg` is a train.Config."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 
@@ -27,12 +25,11 @@ def build_data(cfg, rank: int) -> tuple:
         train_raw = data.build_dataset(cfg.data, "train", None, download=cfg.download, **kw)
         test = None
         if (cfg.knn_every or cfg.final_eval) and data.has_test_split(cfg.data):
-            test = data.build_dataset(cfg.data, "test", data.eval_transform(cfg.image_size), download=cfg.download, **kw)
+            test = data.build_dataset(cfg.data, "test", None, download=cfg.download, **kw)
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0]) from None
-    plain = with_transform(train_raw, data.eval_transform(cfg.image_size))
     w = max(0, cfg.workers)
-    return train_raw, data.in_memory_if_small(plain, workers=w), data.in_memory_if_small(test, workers=w)
+    return train_raw, data.eval_set(train_raw, cfg.image_size, workers=w), data.eval_set(test, cfg.image_size, workers=w)
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -96,12 +93,6 @@ def loader(ds, batch_sampler, cfg, device, *, persistent: bool = False):
                                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
                                        persistent_workers=persistent and cfg.workers > 0,
                                        generator=torch.Generator())  # never draws from the global RNG
-
-
-def with_transform(ds, transform):
-    c = copy.copy(ds)
-    c.transform = transform
-    return c
 
 
 def reraise_data_error(e: Exception):

@@ -666,9 +666,9 @@ def bench_crops(cfg: BenchConfig) -> dict:
     base = data.build_dataset(f"demo:{max(10, cfg.batch)}", "train", None)
     views = data.MultiCropViews(cfg.global_px, cfg.local_px, cfg.n_local, blur_scale=cfg.global_px / 224)
     ways = {"pil": data.ViewsDataset(base, views), "tensor": data.ViewsDataset(base, views, batched=True)}
-    keys = [(i, "AB"[i % 2], 7 * i) for i in range(cfg.batch)]
     times = {"pil": [], "tensor": []}
     for r in range(cfg.crop_pairs + 1):                     # the first pair warms up, untimed
+        keys = [(i, "AB"[r % 2], 7 * i + r) for i in range(cfg.batch)]   # one online set per batch, as in train.py
         for way in (("pil", "tensor") if r % 2 == 0 else ("tensor", "pil")):
             t0 = time.perf_counter()
             ways[way].__getitems__(keys)

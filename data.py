@@ -17,6 +17,7 @@ a linear probe on raw pixels and one on a random encoder are both weak.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from batch_augment import N_UNIFORM, BatchAugment
+from batch_augment import N_UNIFORM, BatchAugment, source_rows
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
@@ -80,7 +81,7 @@ def make_demo(n: int, seed: int, size: int = DEMO_SIZE) -> tuple[np.ndarray, np.
     jitter. The background's colours are a fresh random sample in every image, so its colour statistics
     say little about the image (no colour shortcut for self-supervision) while dominating the pixels."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small ops: one thread is as fast, and robust on a busy machine
+    torch.set_num_threads(min(threads, 2))  # many small ops: more threads do not help; the bits do not depend on it
     try:
         g = torch.Generator().manual_seed(seed)
         ss, J, grid = 2 * size, 3, 12                             # render at 2x, then 2x2 average (anti-aliasing)
@@ -272,14 +273,17 @@ def build_dataset(spec: str, split: str, transform=None, *, root: str = "data", 
 
 
 class InMemory(torch.utils.data.Dataset):
-    """A dataset with a deterministic transform (the eval transform), evaluated once and kept as one tensor.
+    """A dataset under a deterministic transform (the eval transform), evaluated once and kept as one tensor.
     train.py reads its eval sets many times (memory-bank fill, kNN every epoch, four final probes); on small
-    images the PIL transform costs more than the network. Items are exactly the wrapped dataset's."""
+    images the PIL transform costs more than the network. Items are exactly the transformed dataset's."""
 
-    def __init__(self, ds, workers: int = 0):
-        dl = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers)
-        xs, ys = zip(*dl)
-        self.x, self.y = torch.cat(xs), torch.cat(ys)                      # [N, 3, H, W] float32, [N]
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y                                              # [N, 3, H, W] float32, [N]
+
+    @classmethod
+    def of(cls, ds, workers: int = 0) -> "InMemory":
+        xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers))
+        return cls(torch.cat(xs), torch.cat(ys))
 
     def __len__(self):
         return len(self.y)
@@ -289,13 +293,28 @@ class InMemory(torch.utils.data.Dataset):
 
 
 def in_memory_if_small(ds, max_bytes: int = 1 << 30, workers: int = 0):
-    """InMemory(ds) for sets whose images are arrays in memory already (demo, CIFAR, STL) if the transformed
+    """InMemory.of(ds) for sets whose images are arrays in memory already (demo, CIFAR, STL) if the transformed
     items fit in max_bytes; else ds unchanged. Image folders stay lazy, so an unreadable file is met where
     it is read and handled by --bad-images."""
     if ds is None or len(ds) == 0 or isinstance(ds, ImageFolderDataset):
         return ds
     x0 = ds[0][0]
-    return InMemory(ds, workers) if len(ds) * x0.numel() * x0.element_size() <= max_bytes else ds
+    return InMemory.of(ds, workers) if len(ds) * x0.numel() * x0.element_size() <= max_bytes else ds
+
+
+def eval_set(raw, image_size: int, *, workers: int = 0, max_bytes: int = 1 << 30):
+    """`raw` (untransformed) under eval_transform(image_size), in memory where small (in_memory_if_small). A set
+    held as one array whose images already are image_size (<= 96 px) square skips PIL: Resize and CenterCrop
+    are then identities and normalize() of the array gives the bits of ToTensor + Normalize, in one pass."""
+    if raw is None:
+        return None
+    arrays = in_memory_arrays(raw)
+    if arrays is not None and image_size <= 96 and arrays[0].shape[-2:] == (image_size, image_size) \
+            and arrays[0].numel() * 4 <= max_bytes:
+        return InMemory(normalize(arrays[0]).contiguous(), arrays[1])
+    c = copy.copy(raw)
+    c.transform = eval_transform(image_size)
+    return in_memory_if_small(c, max_bytes, workers)
 
 
 def has_test_split(spec: str) -> bool:
@@ -404,7 +423,7 @@ class Augmentation:
         return self.pil(img)
 
 
-augmentation = Augmentation
+augmentation = Augmentation          # the name train.py, bench.py and METHOD.md use for one crop of a set
 
 
 def in_memory_arrays(ds) -> Optional[tuple]:
@@ -451,20 +470,31 @@ class MultiCropViews:
         """The views of many images at once with tensor ops (Augmentation.batch; the same distribution as
         __call__): images uint8 [n, 3, H, W], each item's seed and online set -> (online crops, momentum crops),
         lists of 2 + n_local uint8 tensors [n, 3, s, s]. An item's crops depend on its seed only."""
-        m = 2 + self.n_local
+        m, n = 2 + self.n_local, len(seeds)
         u = torch.stack([item_uniforms(s, 2 * m) for s in seeds])          # [n, 2m, N_UNIFORM], online crops first
         is_a = torch.tensor([o == "A" for o in online])
-        crops = []
+        src = source_rows(images)                                           # shared by the 2m crops
+        same = bool((is_a == is_a[0]).all())                               # one online set for all (train.py)
+        slots = {}                                                          # (set or None, global?) -> crop slots
         for c in range(2 * m):
-            aug = self.glob if c % m < 2 else self.loc
-            sel_a = is_a if c < m else ~is_a                                # items whose crop c is of set A
-            if sel_a.all() or not sel_a.any():
-                crops.append(aug["A" if sel_a.all() else "B"].batch(images, u[:, c]))
+            k = ("A" if bool(is_a[0]) == (c < m) else "B") if same else None
+            slots.setdefault((k, c % m < 2), []).append(c)
+        crops = [None] * (2 * m)
+        for (k, glob), cs in slots.items():                                 # one call per set and crop size
+            aug = self.glob if glob else self.loc
+            if k is None:                                                   # mixed online sets: slot by slot
+                for c in cs:
+                    sel_a = is_a if c < m else ~is_a
+                    out = torch.empty((n, 3, aug["A"].batch.size, aug["A"].batch.size), dtype=torch.uint8)
+                    for kk, sel in (("A", sel_a), ("B", ~sel_a)):
+                        out[sel] = aug[kk].batch(images[sel], u[sel, c], src[sel])
+                    crops[c] = out
                 continue
-            out = torch.empty((len(seeds), 3, aug["A"].batch.size, aug["A"].batch.size), dtype=torch.uint8)
-            for k, sel in (("A", sel_a), ("B", ~sel_a)):
-                out[sel] = aug[k].batch(images[sel], u[sel, c])
-            crops.append(out)
+            rep = len(cs)
+            out = aug[k].batch(images.repeat(rep, 1, 1, 1), u[:, cs].transpose(0, 1).reshape(rep * n, -1),
+                               src.repeat(rep, 1, 1))
+            for r, c in enumerate(cs):
+                crops[c] = out[r * n:(r + 1) * n]
         return crops[:m], crops[m:]
 
 

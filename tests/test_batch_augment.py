@@ -61,7 +61,7 @@ def test_resized_crop_matches_pil_bilinear(size, scale):
     u = torch.rand(len(imgs), ba.N_UNIFORM, generator=torch.Generator().manual_seed(size))
     i, j, h, w = ba.crop_boxes(u, 32, 32, scale, (3 / 4, 4 / 3))
     flip = u[:, ba._FLIP] < 0.5
-    x = ba.resized_crop(imgs.float() / 255, i, j, h, w, size, flip)
+    x = ba.resized_crop(ba.source_rows(imgs), i, j, h, w, size, 3, flip)
     assert flip.any() and not flip.all()
     for b in range(len(imgs)):
         pil = Image.fromarray(imgs[b].permute(1, 2, 0).numpy())
@@ -109,7 +109,7 @@ def test_whole_crop_is_the_composition(kind):
     got = aug(imgs, u)
     assert got.dtype == torch.uint8 and got.shape == (200, 3, 16, 16)
     i, j, h, w = ba.crop_boxes(u, 32, 32, (0.2, 1.0), (3 / 4, 4 / 3))
-    crops = ba.resized_crop(imgs.float() / 255, i, j, h, w, 16, u[:, ba._FLIP] < 0.5)
+    crops = ba.resized_crop(ba.source_rows(imgs), i, j, h, w, 16, 3, u[:, ba._FLIP] < 0.5)
     fac, order = ba.jitter_factors(u, STRENGTH), ba.jitter_order(u)
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     close = total = 0
@@ -221,3 +221,19 @@ def test_crop_statistics_match_the_pil_pipeline():
     for k in a:
         se = math.sqrt(a[k].var() / len(a[k]) + b[k].var() / len(b[k]))
         assert abs(a[k].mean() - b[k].mean()) < 4 * se, (k, float(a[k].mean()), float(b[k].mean()), se)
+
+
+def test_resume_refuses_a_checkpoint_made_before_a_recipe_field_existed():
+    """A v2 checkpoint written before --augment existed made its crops with PIL; resuming it with tensor crops
+    would silently change the run, so a config without a (non-runtime) field is refused in one line."""
+    import checkpoint
+    import train
+    cfg = train.parse_config(["--data", "demo:100"])
+    old = dict(__import__("dataclasses").asdict(cfg))
+    checkpoint.check_resume({"format": checkpoint.FORMAT, "world_size": 1, "config": old}, cfg, train.RUNTIME_FIELDS,
+                            1, "ck.pth")                                   # the same config resumes
+    del old["augment"]
+    with pytest.raises(checkpoint.UsageError) as e:
+        checkpoint.check_resume({"format": checkpoint.FORMAT, "world_size": 1, "config": old}, cfg,
+                                train.RUNTIME_FIELDS, 1, "ck.pth")
+    assert "no field 'augment'" in str(e.value) and "\n" not in str(e.value)

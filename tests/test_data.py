@@ -131,3 +131,18 @@ def test_uint8_crops_normalised_per_batch_equal_totensor_normalize_per_crop():
     assert torch.equal(data.normalize(torch.stack(new)), torch.stack(old))
     x = torch.stack(old)
     assert data.normalize(x) is x                                      # float input passes through
+
+
+def test_eval_set_of_an_array_dataset_equals_the_pil_eval_transform():
+    """data.eval_set skips PIL for in-memory arrays already at the eval size: bit for bit the items of the eval
+    transform (Resize + CenterCrop are identities there, ToTensor + Normalize = data.normalize); other sizes and
+    transformed sets take the PIL path."""
+    raw = data.build_dataset("demo:60", "train")
+    fast = data.eval_set(raw, 32)
+    ref = data.build_dataset("demo:60", "train", data.eval_transform(32))
+    assert torch.equal(fast.x, torch.stack([ref[i][0] for i in range(60)]))
+    assert fast.y.tolist() == [ref[i][1] for i in range(60)]
+    resized = data.eval_set(raw, 24)                                    # not the stored size: PIL resize + crop
+    ref24 = data.build_dataset("demo:60", "train", data.eval_transform(24))
+    assert torch.equal(resized.x, torch.stack([ref24[i][0] for i in range(60)]))
+    assert data.eval_set(None, 32) is None
