@@ -424,21 +424,19 @@ def joint_bn(bn: nn.Module, xs: list, act: Optional[nn.Module] = None) -> list:
     callers must not modify the outputs in place."""
     C = xs[0].shape[1]
     rows = all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in xs)
+    sizes = [x.shape[0] * x.shape[2] * x.shape[3] for x in xs]
     if rows:                                                                       # pixels as rows: free views
-        y = bn(torch.cat([x.permute(0, 2, 3, 1).reshape(-1, C) for x in xs])[:, :, None, None])[:, :, 0, 0]
+        y = bn(torch.cat([x.permute(0, 2, 3, 1).reshape(-1, C) for x in xs]).view(-1, C, 1, 1))
     else:                                                                          # (C, sum NHW)
-        y = bn(torch.cat([x.transpose(0, 1).flatten(1) for x in xs], 1)[None, :, :, None])[0, :, :, 0]
+        y = bn(torch.cat([x.transpose(0, 1).flatten(1) for x in xs], 1).view(1, C, -1, 1))
     if act is not None:
-        y = act(y)
-    out, start = [], 0
-    for x in xs:
-        N, _, H, W = x.shape
-        if rows:                                                                   # (N, C, H, W) channels_last
-            out.append(y[start:start + N * H * W].view(N, H, W, C).permute(0, 3, 1, 2))
-        else:
-            out.append(y[:, start:start + N * H * W].view(C, N, H, W).transpose(0, 1))
-        start += N * H * W
-    return out
+        y = act(y)          # on the BN output itself, not a view of it: an in-place ReLU costs no copy in backward
+    # split, not slicing: its backward concatenates the gradients instead of zero-filling one tensor per piece
+    if rows:                                                                       # (N, C, H, W) channels_last
+        return [p.view(x.shape[0], x.shape[2], x.shape[3], C).permute(0, 3, 1, 2)
+                for p, x in zip(y.view(-1, C).split(sizes), xs)]
+    return [p.view(C, x.shape[0], x.shape[2], x.shape[3]).transpose(0, 1)
+            for p, x in zip(y.view(C, -1).split(sizes, 1), xs)]
 
 
 def forward_joint_bn(net: nn.Module, xs: list) -> list:
