@@ -11,7 +11,7 @@ beta = 1 removes the per-iteration update: the groups then only change at the k-
 behind the network for a whole regroup interval, as in offline-clustering methods (DeepCluster-style).
 The arms (all with the demo preset's recipe otherwise; per seed the same initial weights, sampler,
 augmentations and k-means draws). By default each run trains 8 epochs on demo:4000 at batch 128, i.e.
-the main job's 248 steps (31 per epoch) on half its images, and R = 4 epochs = 124 steps of lag:
+248 steps of the main job's 31 per epoch, on half its images, and R = 4 epochs = 124 steps of lag:
 
     smog             beta 1.0 -> 0.99, regroup every R epochs        (the method)
     lagging          beta 1.0 fixed, regroup every R epochs          (groups refreshed only offline)

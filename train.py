@@ -1,6 +1,6 @@
 """SMoG pretraining (METHOD.md), from a 2-core laptop to many GPUs and nodes with the same file.
 
-    python train.py                                         # main job: the built-in demo, ~2.5 min on 2 CPU cores
+    python train.py                                         # main job: the built-in demo, a few minutes on 2 CPU cores
     python train.py --preset cifar10-r18 --download         # one GPU (or CPU)
     torchrun --nproc_per_node=8 train.py --preset imagenet-r50 --data imagefolder:/data/imagenet
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train.py --preset ...
@@ -168,8 +168,8 @@ _R50 = dict(data="imagefolder:data/imagenet", arch="resnet50", epochs=400, batch
 PRESETS = {
     # the built-in dataset on 2 CPU cores in a few minutes: small CNN, 32 px, few groups, short run.
     # Plain SGD (no LARS): at batch 256 and a few hundred steps the trust ratio only slows the start.
-    # no data workers, every core for torch: the crops of a batch are made with tensor ops (--augment), 0.2 s of
-    # a 0.6 s step on 2 cores (with PIL, 2 workers + 1 torch thread: 1.6 s of augmentation per step).
+    # no data workers, every core for torch: the crops of a batch are made with tensor ops (--augment), about
+    # 0.15 s of a 0.55 s step on 2 cores (the PIL crops took 1.3-1.8 s of one core per batch; bench.py crops).
     "demo": dict(data="demo", arch="smallcnn", width=16, dim=64, hidden_dim=512, n_groups=30, n_heads=3,
                  image_size=32, local_size=16, n_local=2, global_scale_min=0.35, local_scale_min=0.1,
                  local_scale_max=0.35, blur_scale=0.15, epochs=10, batch_size=256, optimizer="sgd", lr=1.0,
