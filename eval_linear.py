@@ -1,4 +1,4 @@
-"""Linear and kNN evaluation of a SMoG backbone (issue 5): the SwAV linear protocol, as released.
+"""Linear and kNN evaluation of a SMoG backbone: the SwAV linear protocol, as released.
 
     python eval_linear.py --checkpoint runs/demo/checkpoint.pth                     # augmented protocol
     python eval_linear.py --checkpoint runs/demo/checkpoint.pth --cached-features --knn
@@ -20,14 +20,13 @@ every rank takes the same (cheap) linear step on the whole global batch. Augment
 are reduced exactly: correct counts and totals are summed over ranks, then divided. On CPU the numbers
 equal a plain process's (tested); on GPUs, kernels may round differently for other batch sizes.
 
-The functions extract_features, linear_probe_features and knn_eval are imported by train.py (per-epoch
-kNN monitor, demo table). They are collectives under a process group: call them on every rank.
+Features, kNN and the cached-feature probe live in smog_train/probes.py (train.py's evaluations use
+them too); this file adds the frozen-backbone checks, the augmented protocol and the command line.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -37,236 +36,18 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import smog
-from checkpoint import FORMAT as TRAIN_FORMAT, check_writable
+from smog_train import backbones, checkpoint, launch
+from smog_train.checkpoint import FORMAT as TRAIN_FORMAT, check_writable
+from smog_train.probes import (cached_batches, extract_features, fit_linear, knn_eval, new_linear,
+                               rank_world, shard_loader)
 
 KNN_KS = (10, 20, 100, 200)
 # per-architecture defaults of the released linear protocol: (lr, weight decay, epochs)
 PROTOCOL = {"swin_t": (0.1, 0.0, 150)}
 PROTOCOL_DEFAULT = (0.3, 1e-6, 100)
 CLASSIFIER_KEYS = {"fc.weight", "fc.bias", "head.weight", "head.bias"}  # torchvision heads (not a backbone)
-
-
-# ----------------------------------------------------------------------------------------------
-# ranks: without a process group this is rank 0 of 1, and every collective is a no-op
-
-
-def _world() -> tuple:
-    return (dist.get_rank(), dist.get_world_size()) if smog.dist_ready() else (0, 1)
-
-
-def _my_slice(n: int) -> slice:
-    """Contiguous shard of range(n) for this rank; shards in rank order concatenate to range(n)."""
-    r, w = _world()
-    return slice(r * n // w, (r + 1) * n // w)
-
-
-def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    if smog.dist_ready():
-        dist.all_reduce(t)
-    return t
-
-
-# ----------------------------------------------------------------------------------------------
-# features
-
-
-def shard_loader(ds, batch_size: int, *, workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """Loader over this rank's contiguous shard of `ds`, in order, without padding; gathering the
-    shards in rank order (extract_features) gives the features of `ds` in dataset order."""
-    idx = list(range(len(ds)))[_my_slice(len(ds))]
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=idx, num_workers=workers,
-                                       pin_memory=pin_memory)
-
-
-def _real_count(loader) -> Optional[int]:
-    """Rows of this rank that are real samples; DistributedSampler pads by repeating samples at the end
-    of the padded index list, which land at the end of the ranks' shards. None: keep every row."""
-    s = getattr(loader, "sampler", None)
-    if isinstance(s, torch.utils.data.DistributedSampler):
-        # padded list position p = rank + j * num_replicas; positions >= len(dataset) are repeats
-        return len(range(s.rank, min(len(s.dataset), s.total_size), s.num_replicas))
-    return None
-
-
-@torch.no_grad()
-def _extract_local(backbone: nn.Module, loader, device) -> tuple:
-    modes = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
-    feats, labels = [], []
-    try:
-        for x, y in loader:
-            feats.append(backbone(x.to(device, non_blocking=True)).float().flatten(1))   # (b, F)
-            labels.append(torch.as_tensor(y).to(device=device, dtype=torch.long))
-    finally:
-        for m, mode in modes:  # every module's own mode back, not just the root's
-            m.training = mode
-    if feats:
-        f, y = torch.cat(feats), torch.cat(labels)
-    else:  # empty shard: the feature width is needed for the gather; one probe forward finds it
-        f, y = torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    n = _real_count(loader)
-    return (f[:n], y[:n]) if n is not None else (f, y)
-
-
-def extract_features(backbone: nn.Module, loader, device) -> tuple:
-    """Pooled features of every sample of `loader`'s dataset -> (feats [N, F] float32, labels [N] long),
-    gathered across ranks in rank order (smog.all_gather_rows). The backbone runs in eval() mode without
-    gradient and every module gets its previous mode back. DistributedSampler padding is dropped so every sample
-    counts once; use shard_loader for dataset order. Collective under a process group."""
-    f, y = _extract_local(backbone, loader, device)
-    if smog.dist_ready():
-        # ranks with an empty shard do not know F: agree on it first
-        width = torch.tensor([f.shape[1]], device=f.device)
-        dist.all_reduce(width, op=dist.ReduceOp.MAX)
-        if f.shape[1] != int(width):
-            f = f.new_zeros(0, int(width))
-    return smog.all_gather_rows(f.contiguous()), smog.all_gather_rows(y.contiguous())
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics (exact under data parallelism: counts and totals are summed, then divided)
-
-
-@torch.no_grad()
-def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
-    """[len(ks)] float64 counts of rows whose label is among the top-k logits (k capped at #classes)."""
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices if len(logits) else logits.new_zeros(0, kmax, dtype=torch.long)
-    hit = top == y[:, None]                                                   # (n, kmax)
-    return torch.stack([hit[:, :min(k, kmax)].any(1).sum() for k in ks]).double().cpu()
-
-
-@torch.no_grad()
-def _linear_accuracy(head: nn.Linear, test_f: torch.Tensor, test_y: torch.Tensor, chunk: int = 4096) -> tuple:
-    """(top1 %, top5 %) of `head` on the test features; each rank scores its own slice, counts summed."""
-    sl = _my_slice(len(test_f))
-    counts = torch.zeros(3, dtype=torch.float64)
-    for f, y in zip(test_f[sl].split(chunk), test_y[sl].split(chunk)):
-        counts[:2] += topk_correct(head(f), y)
-        counts[2] += len(y)
-    c1, c5, n = _sum_over_ranks(counts.to(test_f.device)).tolist()
-    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
-
-
-def knn_eval(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-             n_classes: int, ks: Sequence[int] = (20,), T: float = 0.07) -> dict:
-    """Weighted kNN top-1 in percent, {k: float}, on L2-normalised features (smog.knn_predict: votes
-    exp(sim/T), DINO protocol). Needs every rank's full train features (extract_features gathers them);
-    each rank classifies its own slice of the test rows and the correct counts are summed.
-    Collective under a process group."""
-    sl = _my_slice(len(test_f))
-    preds = smog.knn_predict(train_f, train_y.to(train_f.device), test_f[sl], n_classes, ks=ks, T=T)
-    y = test_y[sl].to(train_f.device)
-    counts = torch.tensor([float((preds[k].to(y.device) == y).sum()) for k in ks] + [float(len(y))],
-                          dtype=torch.float64, device=train_f.device)
-    *correct, n = _sum_over_ranks(counts).tolist()
-    return {k: 100.0 * c / max(n, 1) for k, c in zip(ks, correct)}
-
-
-# ----------------------------------------------------------------------------------------------
-# the linear classifier
-
-
-def new_linear(feat_dim: int, n_classes: int, seed: int = 0) -> nn.Linear:
-    """nn.Linear with weight ~ N(0, 0.01) and bias 0 (SwAV protocol); identical on every rank."""
-    head = nn.Linear(feat_dim, n_classes)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.01)
-        head.bias.zero_()
-    return head
-
-
-def cosine_lr(lr: float, epoch: int, epochs: int) -> float:
-    """Cosine from lr (epoch 0) to 0 (after the last epoch), stepped per epoch as in SwAV's eval_linear."""
-    return 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
-
-
-class _Threads:
-    """Run a block with n intra-op threads, then restore the previous number (reusable)."""
-
-    def __init__(self, n: Optional[int]):
-        self.n, self.prev = n, None
-
-    def __enter__(self):
-        if self.n is not None:
-            self.prev = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        if self.n is not None:
-            torch.set_num_threads(self.prev)
-
-
-def _step_threads(head: nn.Linear, device) -> _Threads:
-    """A small linear layer on a CPU steps with one thread: its kernels take microseconds, and OpenMP
-    threads waiting at barriers made them 10x slower on a busy 2-core machine (measured)."""
-    small = torch.device(device).type == "cpu" and head.in_features * head.out_features <= (1 << 16)
-    return _Threads(1 if small and torch.get_num_threads() > 1 else None)
-
-
-def fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], test_f: torch.Tensor, test_y: torch.Tensor, *,
-               epochs: int, lr: float, wd: float, log: Optional[Callable[[str], None]] = None) -> dict:
-    """Train `head` with SGD (momentum 0.9, cosine per epoch) on the global batches (feats [B, F],
-    labels [B]) yielded by batches(epoch); score the test features after every epoch.
-    -> dict(top1, top5 (last epoch), best_top1, best_top5 (at the best top-1 epoch), best_epoch, top1_history)."""
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
-    hist, best = [], (-1.0, 0.0, -1)
-    top1 = top5 = 0.0
-    last_loss = torch.zeros(())
-    step_threads = _step_threads(head, test_f.device)
-    for epoch in range(epochs):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(lr, epoch, epochs)
-        head.train()
-        for f, y in batches(epoch):            # the backbone (augmented protocol) runs here, all threads
-            if len(y) == 0:
-                continue
-            with step_threads:
-                loss = F.cross_entropy(head(f), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            last_loss = loss.detach()
-        head.eval()
-        with step_threads:
-            top1, top5 = _linear_accuracy(head, test_f, test_y)
-        hist.append(top1)
-        if top1 > best[0]:
-            best = (top1, top5, epoch)
-        if log is not None:
-            log(f"epoch {epoch + 1}/{epochs}  lr {cosine_lr(lr, epoch, epochs):.4g}  loss {float(last_loss):.4f}  "
-                f"top1 {top1:.2f}  top5 {top5:.2f}")
-    return dict(top1=top1, top5=top5, best_top1=best[0], best_top5=best[1], best_epoch=best[2] + 1,
-                top1_history=hist)
-
-
-def linear_probe_features(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                          n_classes: int, *, epochs: int = 100, lr: float = 0.3, wd: float = 1e-6,
-                          batch_size: int = 256, seed: int = 0) -> dict:
-    """Linear probe on cached features (no augmentation): the protocol's linear layer, optimiser and
-    schedule on fixed [N, F] features. Percentages; keys as fit_linear. Every rank holds the gathered
-    features and takes the same steps (deterministic, so the result does not depend on the world
-    size); the test set is scored in per-rank slices. Collective under a process group."""
-    head = new_linear(train_f.shape[1], n_classes, seed).to(train_f.device)
-    return fit_linear(head, cached_batches(train_f, train_y, batch_size, seed), test_f.float(),
-                      test_y.to(test_f.device), epochs=epochs, lr=lr, wd=wd)
-
-
-def cached_batches(train_f: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int) -> Callable[[int], Iterable]:
-    """-> batches(epoch): minibatches of a permutation seeded by (seed, epoch), the same on every rank."""
-    train_f, train_y = train_f.float(), train_y.to(train_f.device)
-
-    def batches(epoch):
-        perm = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        perm = perm.to(train_f.device)
-        # one gather per epoch, then views: many small gathers were the probe's bottleneck on a busy CPU
-        yield from zip(train_f[perm].split(batch_size), train_y[perm].split(batch_size))
-
-    return batches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +138,7 @@ def augmented_batches(backbone: nn.Module, ds, device, *, feat_dim: int, batch_s
     augmented `ds`; this rank runs the backbone on its contiguous slice of each batch, the slices are
     gathered in rank order. Ranks with an empty slice (a last batch smaller than the world) send 0 rows."""
     seeded = SeededItems(ds, seed)
-    r, w = _world()
+    r, w = rank_world()
     pin = torch.device(device).type == "cuda"
 
     def batches(epoch):
@@ -376,7 +157,7 @@ def augmented_batches(backbone: nn.Module, ds, device, *, feat_dim: int, batch_s
             else:
                 f = torch.zeros(0, feat_dim, device=device)
                 y = torch.zeros(0, dtype=torch.long, device=device)
-            yield smog.all_gather_rows(f), smog.all_gather_rows(y)
+            yield launch.all_gather_rows(f), launch.all_gather_rows(y)
 
     return batches
 
@@ -410,14 +191,14 @@ def load_backbone(path: Optional[str], *, arch: Optional[str] = None, cifar_stem
 
     `path` is a train.py checkpoint ("format": TRAIN_FORMAT, online backbone under "model"/"backbone.*";
     the architecture comes from its config and --arch/--cifar-stem must agree with it) or an exported
-    backbone (a flat {name: tensor} dict as written by `python -m smog export`; the architecture comes
+    backbone (a flat {name: tensor} dict as written by `python -m smog_train.export`; the architecture comes
     from arch/cifar_stem/width). A torchvision classifier (fc.*/head.*) in an exported file is dropped.
     random_init: the same architecture, untrained (the baseline row). ValueError (one line) otherwise."""
     train_cfg: dict = {}
     sd = None
     source = "random-init"
     if path is not None:
-        ck = smog.load_checkpoint(path)
+        ck = checkpoint.load_checkpoint(path)
         fmt = ck.get("format")
         if isinstance(ck.get("model"), dict):
             if fmt is not None and fmt != TRAIN_FORMAT:
@@ -448,7 +229,7 @@ def load_backbone(path: Optional[str], *, arch: Optional[str] = None, cifar_stem
     if arch is None:
         raise ValueError("no architecture: pass --checkpoint, or --arch with --random-init")
     cifar_stem, width = bool(cifar_stem), 32 if width is None else int(width)
-    backbone, feat_dim = smog.build_backbone(arch, cifar_stem=cifar_stem, width=width)
+    backbone, feat_dim = backbones.build_backbone(arch, cifar_stem=cifar_stem, width=width)
     if sd is not None:
         _match_state(path, backbone, sd, f"arch {arch} (cifar_stem={cifar_stem}"
                                          f"{f', width={width}' if arch == 'smallcnn' else ''})")
@@ -485,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "under torchrun (identical numbers). Prints a results table and writes OUT_DIR/eval.json.")
     a = ap.add_argument
     a("--checkpoint", help="train.py checkpoint (out_dir/checkpoint.pth) or a backbone exported with "
-                           "`python -m smog export` (then pass --arch, and --cifar-stem if used in training)")
+                           "`python -m smog_train.export` (then pass --arch, and --cifar-stem if used in training)")
     a("--random-init", action="store_true", help="evaluate an untrained encoder of the same architecture "
                                                  "(the baseline row); with --checkpoint only its architecture is used")
-    a("--arch", choices=smog.ARCHS, default=None, help="backbone architecture; required for exported backbones and "
+    a("--arch", choices=backbones.ARCHS, default=None, help="backbone architecture; required for exported backbones and "
                                                        "--random-init without --checkpoint (default: from the checkpoint)")
     a("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
       help="3x3 stride-1 stem without max-pool (ResNets, small images) (default: from the checkpoint, else off)")
@@ -557,7 +338,7 @@ def _table(res: dict) -> str:
 
 
 def evaluate(args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> dict:
-    import data  # the data sources shared with train.py
+    from smog_train import data  # the data sources shared with train.py
 
     if args.checkpoint is None and not args.random_init:
         raise ValueError("pass --checkpoint PATH (or --random-init --arch NAME for the untrained baseline)")
@@ -575,7 +356,7 @@ def evaluate(args: argparse.Namespace, device: torch.device, log: Callable[[str]
     image_size = args.image_size or tcfg.get("image_size") or data.dataset_image_size(spec)
     lr0, wd0, ep0 = PROTOCOL.get(info["arch"], PROTOCOL_DEFAULT)
     lr, wd, epochs = (ep if ep is not None else d for ep, d in ((args.lr, lr0), (args.wd, wd0), (args.epochs, ep0)))
-    r, w = _world()
+    r, w = rank_world()
     workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) // w - 1))
     kw = dict(root=args.data_root or tcfg.get("data_root") or "data", download=args.download,
               bad_images=args.bad_images)
@@ -645,7 +426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = _setup(args.device)
-        r, _ = _world()
+        r, _ = rank_world()
         log = (lambda s: print(s, flush=True)) if r == 0 else (lambda s: None)
         out_dir = args.out_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint
                                    else os.path.join("runs", "random-init"))
@@ -674,4 +455,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    smog.exit_process(main())
+    launch.exit_process(main())

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 import batch_augment as ba
-import data
+from smog_train import data
 
 ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 STRENGTH = (0.4, 0.4, 0.2, 0.1)
@@ -226,7 +226,7 @@ def test_crop_statistics_match_the_pil_pipeline():
 def test_resume_refuses_a_checkpoint_made_before_a_recipe_field_existed():
     """A v2 checkpoint written before --augment existed made its crops with PIL; resuming it with tensor crops
     would silently change the run, so a config without a (non-runtime) field is refused in one line."""
-    import checkpoint
+    from smog_train import checkpoint
     import train
     cfg = train.parse_config(["--data", "demo:100"])
     old = dict(__import__("dataclasses").asdict(cfg))

@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import smog
+from smog_train import backbones
+from smog_train import checkpoint
+from smog_train import probes
 
 
 # ---------------------------------------------------------------- slow oracles (loops, float64)
@@ -229,9 +232,9 @@ def test_forward_equals_per_head_smog_step_and_updates_buffer():
     m2 = smog.SMoG(tiny_cfg())
     m2.load_state_dict({**m.state_dict(), "groups": g0})
     with torch.no_grad():
-        zt = m2.momentum_projector(smog.encode_crops(m2.momentum_backbone, mo))[:8]     # targets: global crops
+        zt = m2.momentum_projector(backbones.encode_crops(m2.momentum_backbone, mo))[:8]     # targets: global crops
         zt = F.normalize(zt, dim=-1).view(2, 4, -1)
-        z = m2.projector(smog.encode_crops(m2.backbone, on))
+        z = m2.projector(backbones.encode_crops(m2.backbone, on))
         p = m2.predictor(z).view(4, 4, -1)
         z = F.normalize(z, dim=-1).view(4, 4, -1)
     exp_loss = 0
@@ -247,7 +250,7 @@ def test_local_crops_batched_per_resolution():
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
     net.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
     on, _ = crops(B=3, local=3)
-    out = smog.encode_crops(net, on)
+    out = backbones.encode_crops(net, on)
     assert calls == [(6, 3, 32, 32), (9, 3, 16, 16)]
     # order of outputs follows the crop order
     assert torch.equal(out[:3], net(on[0])) and torch.equal(out[3:6], net(on[1]))
@@ -343,15 +346,15 @@ def test_knn_predict_small_example():
     tr = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     y = torch.tensor([0, 0, 1, 1])
     te = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
-    out = smog.knn_predict(tr, y, te, 2, ks=(1, 3, 200), chunk=1)
+    out = probes.knn_predict(tr, y, te, 2, ks=(1, 3, 200), chunk=1)
     assert all(v.tolist() == [0, 1] for v in out.values())
 
 
 def test_save_atomic_and_safe_load(tmp_path):
     path = str(tmp_path / "ck.pth")
-    smog.save_atomic({"a": torch.ones(3), "cfg": {"x": 1}}, path)
-    assert torch.equal(smog.load_checkpoint(path)["a"], torch.ones(3))
+    checkpoint.save_atomic({"a": torch.ones(3), "cfg": {"x": 1}}, path)
+    assert torch.equal(checkpoint.load_checkpoint(path)["a"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pth"]
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot load"):
-        smog.load_checkpoint(str(tmp_path / "junk.pth"))
+        checkpoint.load_checkpoint(str(tmp_path / "junk.pth"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from smog_train import data
 
 
 def test_demo_is_deterministic_balanced_and_split():

@@ -19,8 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import eval_linear as E
-import checkpoint
+from smog_train import checkpoint
 import smog
+from smog_train import backbones
+from smog_train import export
+from smog_train import probes
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 16  # smallcnn width of the test encoders
@@ -49,11 +52,11 @@ def test_knn_predict_matches_loop_oracle(chunk):
     train_f, test_f = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g) * 3   # norms vary
     train_y = torch.randint(0, C, (n,), generator=g)
     ks = (1, 3, 10, 20, 60, 200)              # 200 > n: capped at n
-    got = smog.knn_predict(train_f, train_y, test_f, C, ks=ks, T=0.07, chunk=chunk)
+    got = probes.knn_predict(train_f, train_y, test_f, C, ks=ks, T=0.07, chunk=chunk)
     for k in ks:
         assert torch.equal(got[k], oracle_knn(train_f, train_y, test_f, C, k, 0.07)), k
     # k=1 is nearest-neighbour classification whatever T is; a huge T is an unweighted majority vote
-    assert torch.equal(smog.knn_predict(train_f, train_y, test_f, C, ks=(5,), T=1e4, chunk=chunk)[5],
+    assert torch.equal(probes.knn_predict(train_f, train_y, test_f, C, ks=(5,), T=1e4, chunk=chunk)[5],
                        oracle_knn(train_f, train_y, test_f, C, 5, 1e4))
 
 
@@ -119,7 +122,7 @@ def _run_protocol(backbone, ref, feat_dim, epochs=2):
 
 
 def test_frozen_backbone_passes_for_a_frozen_backbone():
-    backbone, feat_dim = smog.build_backbone("smallcnn", width=8)
+    backbone, feat_dim = backbones.build_backbone("smallcnn", width=8)
     backbone.train()                                              # BN would move its statistics in train mode
     ref = {k: v.clone() for k, v in backbone.state_dict().items()}
     E.freeze(backbone)
@@ -129,7 +132,7 @@ def test_frozen_backbone_passes_for_a_frozen_backbone():
 
 
 def test_frozen_backbone_check_catches_unfrozen_parameter():
-    backbone, feat_dim = smog.build_backbone("smallcnn", width=8)
+    backbone, feat_dim = backbones.build_backbone("smallcnn", width=8)
     ref = {k: v.clone() for k, v in backbone.state_dict().items()}
     E.freeze(backbone)
     backbone.features[0].weight.requires_grad_(True)              # deliberately unfrozen
@@ -138,7 +141,7 @@ def test_frozen_backbone_check_catches_unfrozen_parameter():
 
 
 def test_frozen_backbone_check_catches_train_mode():
-    backbone, feat_dim = smog.build_backbone("smallcnn", width=8)
+    backbone, feat_dim = backbones.build_backbone("smallcnn", width=8)
     ref = {k: v.clone() for k, v in backbone.state_dict().items()}
     E.freeze(backbone)
     backbone.features[1].train()                                  # one BatchNorm left in train mode
@@ -182,7 +185,7 @@ def _write_train_checkpoint(path, backbone_state=None, width=WIDTH):
 
 def _normalised(images):
     """uint8 [N, H, W, 3] -> the eval transform's tensors [N, 3, H, W] (32 px: ToTensor + Normalize only)."""
-    import data
+    from smog_train import data
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     return (x - torch.tensor(data.MEAN).view(1, 3, 1, 1)) / torch.tensor(data.STD).view(1, 3, 1, 1)
 
@@ -191,12 +194,12 @@ def _normalised(images):
 def trained_ckpt(tmp_path_factory):
     """A smallcnn trained with labels for 3 epochs on 4000 images of the demo training split (seconds):
     a representation clearly better than a random one, stored as a train.py checkpoint."""
-    import data
+    from smog_train import data
     ds = data.build_dataset("demo", "train")                       # generated once per process, then cached
     x, y = _normalised(ds.images[:4000]), torch.from_numpy(ds.labels[:4000]).long()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net, head = smog.SmallCNN(WIDTH), nn.Linear(8 * WIDTH, 10)
+        net, head = backbones.SmallCNN(WIDTH), nn.Linear(8 * WIDTH, 10)
         opt = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=3e-3)
         for _ in range(3):
             for idx in torch.randperm(len(x)).split(128):
@@ -213,7 +216,7 @@ def trained_ckpt(tmp_path_factory):
 def demo_folder(tmp_path_factory):
     """imagefolder:PATH with 120 train / 40 val demo images as PNGs: the same images, but small enough
     for the tests that start several processes."""
-    import data
+    from smog_train import data
     from PIL import Image
     root = tmp_path_factory.mktemp("folder")
     for split, (ds, lo, hi) in {"train": (data.build_dataset("demo", "train"), 4000, 4120),
@@ -254,7 +257,7 @@ def test_cli_trained_encoder_beats_random_init(trained_ckpt, tmp_path, capsys):
 
 def test_cli_exported_backbone_gives_the_same_numbers(trained_ckpt, demo_folder, tmp_path, capsys):
     exported = tmp_path / "backbone.pth"
-    assert smog._main(["export", str(trained_ckpt), str(exported)]) == 0
+    assert export.main([str(trained_ckpt), str(exported)]) == 0
     capsys.readouterr()
     args = ["--data", demo_folder, "--cached-features", "--epochs", "3", "--knn", "--workers", "0", "--quiet"]
     rc, _, err = _eval(["--checkpoint", trained_ckpt, "--out-dir", tmp_path / "a", *args], capsys)
@@ -275,7 +278,7 @@ def _bad_inputs(tmp_path, trained_ckpt):
     other = tmp_path / "other.pth"
     torch.save({"epoch": 3, "lr": [0.1]}, other)
     exported = tmp_path / "backbone.pth"
-    smog.export_backbone(str(trained_ckpt), str(exported))
+    export.export_backbone(str(trained_ckpt), str(exported))
     return [
         (["--checkpoint", tmp_path / "missing.pth"], "does not exist"),
         (["--checkpoint", text], "cannot load"),
@@ -334,7 +337,7 @@ def _extract_worker(rank, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
-        net = smog.SmallCNN(4)
+        net = backbones.SmallCNN(4)
         out = {}
         for n in (5, 1):                                  # 5: padded by DistributedSampler; 1: rank 1 gets nothing
             ds = _indexed_images(n)
@@ -352,7 +355,7 @@ def test_extract_features_two_ranks_counts_every_sample_once(tmp_path):
     mp.spawn(_extract_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
     torch.manual_seed(0)
-    net = smog.SmallCNN(4)
+    net = backbones.SmallCNN(4)
     for n in (5, 1):
         want_f, want_y = E.extract_features(net, E.shard_loader(_indexed_images(n), 2), "cpu")   # one process
         assert torch.equal(want_y, torch.arange(n))

@@ -1,6 +1,6 @@
-"""`python -m smog export` round trip (issue 5): a train.py checkpoint's online backbone becomes a plain
+"""`python -m smog_train.export` round trip (issue 5): a train.py checkpoint's online backbone becomes a plain
 state_dict that torchvision.models.<arch>() loads with strict=False, missing exactly the classification
-head (the released resnet50w2 and Swin-T are not torchvision networks: a fresh smog.build_backbone takes
+head (the released resnet50w2 and Swin-T are not torchvision networks: a fresh backbones.build_backbone takes
 it with strict=True), and that computes the same features as the SMoG backbone."""
 import subprocess
 import sys
@@ -10,10 +10,12 @@ import torch
 import torchvision.models as tvm
 
 import smog
+from smog_train import backbones
+from smog_train import export
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 HEADS = {"resnet18": "fc", "resnet50": "fc", "wide_resnet50_2": "fc"}   # torchvision's own networks
-RELEASED = ("resnet50w2", "swin_t")   # the released networks (not in torchvision): load into smog.build_backbone
+RELEASED = ("resnet50w2", "swin_t")   # the released networks (not in torchvision): load into backbones.build_backbone
 
 
 def _scramble_(module: torch.nn.Module, seed: int) -> None:
@@ -48,11 +50,11 @@ def _train_checkpoint(arch: str, path) -> smog.SMoG:
 def test_export_roundtrip_torchvision(arch, tmp_path):
     ck, out = tmp_path / "checkpoint.pth", tmp_path / "backbone.pth"
     model = _train_checkpoint(arch, ck)
-    assert smog._main(["export", str(ck), str(out)]) == 0
+    assert export.main([str(ck), str(out)]) == 0
     sd = torch.load(out, weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     if arch in RELEASED:       # a fresh network of the same build takes every tensor, nothing missing
-        tv, head = smog.build_backbone(arch)[0], "no-head"
+        tv, head = backbones.build_backbone(arch)[0], "no-head"
         res = tv.load_state_dict(sd, strict=True)
         assert res.missing_keys == [] and res.unexpected_keys == []
     else:
@@ -82,13 +84,13 @@ def test_export_cli_errors(tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not a checkpoint")
     out = tmp_path / "out.pth"
-    r = subprocess.run([sys.executable, "-m", "smog", "export", str(bad), str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "smog_train.export", str(bad), str(out)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr and not out.exists()
     flat = tmp_path / "flat.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, flat)                  # an exported backbone, not a train checkpoint
-    r = subprocess.run([sys.executable, "-m", "smog", "export", str(flat), str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "smog_train.export", str(flat), str(out)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not a train.py checkpoint" in r.stderr and not out.exists()

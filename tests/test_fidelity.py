@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import smog
-import checkpoint
+from smog_train import checkpoint
+from smog_train import backbones
 import train
 
 
@@ -114,7 +115,7 @@ def _scramble_bn_(net, seed=1):
 
 def test_joint_bn_first_and_late_layer_resnet18():
     torch.manual_seed(0)
-    net, _ = smog.build_backbone("resnet18", cifar_stem=True)
+    net, _ = backbones.build_backbone("resnet18", cifar_stem=True)
     _scramble_bn_(net)
     net.train()
     crops = _two_sizes(px=16)
@@ -123,7 +124,7 @@ def test_joint_bn_first_and_late_layer_resnet18():
              _collect(net.layer4[1].conv2, late_conv_out), _collect(net.layer4[1].conv1, late_block_in, "in")]
     bn_calls = []
     hooks.append(net.bn1.register_forward_hook(lambda m, i, o: bn_calls.append(1)))
-    out = smog.encode_crops(net, crops)
+    out = backbones.encode_crops(net, crops)
     for h in hooks:
         h.remove()
     assert len(conv1_out) == 2 and len(bn_calls) == 1      # convs per resolution, the BN once for both
@@ -150,7 +151,7 @@ def test_joint_bn_first_and_late_layer_resnet18():
 def test_joint_bn_smallcnn_all_layers_against_hand_chain(channels_last):
     """The demo network end to end: every conv by hand, every BN by _hand_bn (both memory layouts)."""
     torch.manual_seed(1)
-    net = smog.SmallCNN(8)
+    net = backbones.SmallCNN(8)
     _scramble_bn_(net)
     crops = _two_sizes(B=2, seed=3)
     with torch.no_grad():
@@ -164,22 +165,22 @@ def test_joint_bn_smallcnn_all_layers_against_hand_chain(channels_last):
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
             crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-        out = smog.encode_crops(net.train(), crops)
+        out = backbones.encode_crops(net.train(), crops)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["smallcnn", "resnet18"])
 def test_one_resolution_and_eval_mode_are_the_plain_forward(arch):
-    net, _ = smog.build_backbone(arch, cifar_stem=True, width=8)
+    net, _ = backbones.build_backbone(arch, cifar_stem=True, width=8)
     _scramble_bn_(net)
     crops = _two_sizes(B=2, px=16)
     ref = copy.deepcopy(net)
     with torch.no_grad():
-        assert torch.equal(smog.encode_crops(net.train(), crops[:2]), ref.train()(torch.cat(crops[:2])))
+        assert torch.equal(backbones.encode_crops(net.train(), crops[:2]), ref.train()(torch.cat(crops[:2])))
         for m in (net, ref):
             m.eval()
         want = torch.cat([ref(torch.cat(crops[:2])), ref(torch.cat(crops[2:]))])
-        assert torch.equal(smog.encode_crops(net, crops), want)
+        assert torch.equal(backbones.encode_crops(net, crops), want)
 
 
 def test_joint_bn_backward_gradcheck():
@@ -189,7 +190,7 @@ def test_joint_bn_backward_gradcheck():
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
     def f(a, b, w, bias):
-        return tuple(smog.joint_bn(lambda t: F.batch_norm(t, None, None, w, bias, training=True), [a, b]))
+        return tuple(backbones.joint_bn(lambda t: F.batch_norm(t, None, None, w, bias, training=True), [a, b]))
 
     assert torch.autograd.gradcheck(f, (*xs, w, bias), fast_mode=True)
 
@@ -237,7 +238,7 @@ def test_momentum_local_crops_shape_the_targets_through_bn():
     loss, _ = m(on, mo, 0.8)
     with torch.no_grad():   # hand: one momentum forward over all its crops (joint BN), targets from rows [:2B]
         x = [torch.cat(mo[:2]), torch.cat(mo[2:])]
-        feats = torch.cat(smog.forward_joint_bn(ref.momentum_backbone, x))
+        feats = torch.cat(backbones.forward_joint_bn(ref.momentum_backbone, x))
         zt = F.normalize(ref.momentum_projector(feats)[:8], dim=-1).view(2, 4, -1)
         z, p = ref.online_forward(on)
         z = F.normalize(z, dim=-1).view(4, 4, -1)
@@ -254,7 +255,7 @@ def test_momentum_local_crops_shape_the_targets_through_bn():
 
 
 def test_views_give_the_momentum_set_its_local_crops():
-    import data
+    from smog_train import data
     from PIL import Image
     v = data.MultiCropViews(32, 16, 3, blur_scale=0.15)
     img = Image.new("RGB", (40, 40), (120, 30, 200))
@@ -275,14 +276,14 @@ def test_resnet_as_released():
 
 def test_resnet50w2_doubles_every_width():
     import torchvision.models as tvm
-    net, dim = smog.build_backbone("resnet50w2")
+    net, dim = backbones.build_backbone("resnet50w2")
     assert dim == 4096 and net.conv1.out_channels == 128
     assert [net.layer1[0].conv1.out_channels, net.layer2[0].conv1.out_channels, net.layer3[0].conv1.out_channels,
             net.layer4[0].conv1.out_channels] == [128, 256, 512, 1024]
     assert [net.layer1[-1].conv3.out_channels, net.layer4[-1].conv3.out_channels] == [512, 4096]
     assert [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)] == [3, 4, 6, 3]
     assert 93e6 < sum(p.numel() for p in net.parameters()) < 95e6                   # SwAV's R50w2: 94M
-    tv, tv_dim = smog.build_backbone("wide_resnet50_2")                                # torchvision's, true name
+    tv, tv_dim = backbones.build_backbone("wide_resnet50_2")                                # torchvision's, true name
     assert tv_dim == 2048 and type(tv) is tvm.ResNet and tv.conv1.out_channels == 64
     assert train.parse_config(["--preset", "imagenet-r50w2"]).arch == "resnet50w2"
 
@@ -296,20 +297,20 @@ def swin():
 
 
 def test_swin_blocks_heads_and_init(swin):
-    blocks = [b for b in swin.backbone.modules() if isinstance(b, smog.tv_swin.SwinTransformerBlock)]
+    blocks = [b for b in swin.backbone.modules() if isinstance(b, backbones.tv_swin.SwinTransformerBlock)]
     assert len(blocks) == 12
     assert all(isinstance(b.norm1, nn.LayerNorm) and type(b.norm2) is nn.BatchNorm1d for b in blocks)
     assert isinstance(swin.projector[2], nn.GELU) and isinstance(swin.predictor[2], nn.ReLU)
     lin = [m for m in [*swin.projector, *swin.predictor] if isinstance(m, nn.Linear)]
     assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in lin)
     assert all(abs(float(m.weight.detach().std()) - 0.02) < 0.004 for m in lin)     # trunc_normal_(std=0.02)
-    sd_on = [m.p for m in swin.backbone.modules() if isinstance(m, smog.tv_swin.StochasticDepth)]
-    sd_mo = [m.p for m in swin.momentum_backbone.modules() if isinstance(m, smog.tv_swin.StochasticDepth)]
+    sd_on = [m.p for m in swin.backbone.modules() if isinstance(m, backbones.tv_swin.StochasticDepth)]
+    sd_mo = [m.p for m in swin.momentum_backbone.modules() if isinstance(m, backbones.tv_swin.StochasticDepth)]
     assert max(sd_on) == 0.5 and max(sd_mo) == 0.0                        # drop-path on the online net only
 
 
 def test_swin_bn_block_forward_by_hand(swin):
-    blk = [b for b in swin.backbone.modules() if isinstance(b, smog.tv_swin.SwinTransformerBlock)][0]
+    blk = [b for b in swin.backbone.modules() if isinstance(b, backbones.tv_swin.SwinTransformerBlock)][0]
     blk = copy.deepcopy(blk).eval()
     with torch.no_grad():
         blk.norm2.running_mean.normal_()
@@ -331,7 +332,7 @@ def test_swin_update_uses_drop_path_free_reembedding_and_per_size_heads(swin):
     m(on, mo, 0.5)
     with torch.no_grad():
         for mod in ref.backbone.modules():          # the update's embedding: drop-path off, BN in train mode
-            if isinstance(mod, smog.tv_swin.StochasticDepth):
+            if isinstance(mod, backbones.tv_swin.StochasticDepth):
                 mod.p = 0.0
         z = F.normalize(ref.projector(ref.backbone(torch.cat(on[:2]))), dim=-1).view(2, 3, -1)
         for h in range(2):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import data
+from smog_train import data
 import gallery
 import smog
 

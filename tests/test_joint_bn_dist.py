@@ -2,7 +2,7 @@
 
 torch's SyncBatchNorm runs on GPUs only. Its reduction -- per-channel sums, sums of squares and pixel
 counts all-reduced over ranks, then divided -- is written out on the CPU here (CPUSyncBN). Because
-smog.joint_bn calls the norm layer ONCE on the pixels of all crop sizes, such a layer reduces over all
+backbones.joint_bn calls the norm layer ONCE on the pixels of all crop sizes, such a layer reduces over all
 sizes and all ranks at once: the shards must give exactly the whole batch's joint-BN result.
 """
 import os
@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import smog
+from smog_train import backbones
 from test_core_dist import SPLIT, WORLD, _free_port, shard
 
 TOL = 1e-5
@@ -39,7 +40,7 @@ class CPUSyncBN(nn.BatchNorm2d):
 
 def net_and_crops():
     torch.manual_seed(0)
-    net = smog.SmallCNN(8)
+    net = backbones.SmallCNN(8)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -59,7 +60,7 @@ def _job(rank):
             sync = CPUSyncBN(m.num_features)
             sync.load_state_dict(m.state_dict())
             net.features[i] = sync
-    out = smog.encode_crops(net, [shard(c, rank) for c in crops])   # (4 * b_r, F)
+    out = backbones.encode_crops(net, [shard(c, rank) for c in crops])   # (4 * b_r, F)
     out.square().sum().backward()
     bn = net.features[-2]
     return {"out": out.detach(), "grad": net.features[0].weight.grad, "rm": bn.running_mean, "rv": bn.running_var}
@@ -79,7 +80,7 @@ def test_joint_bn_two_ranks_equal_whole_batch(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r = [torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in range(WORLD)]
     net, crops = net_and_crops()
-    whole = smog.encode_crops(net, crops)                            # one process, plain BN, joint
+    whole = backbones.encode_crops(net, crops)                            # one process, plain BN, joint
     whole.square().sum().backward()
     B, n = sum(SPLIT), len(crops)
     for k in range(WORLD):
@@ -90,5 +91,5 @@ def test_joint_bn_two_ranks_equal_whole_batch(tmp_path):
     torch.testing.assert_close(r[0]["grad"] + r[1]["grad"], net.features[0].weight.grad, rtol=1e-3, atol=1e-4)
     # per-shard statistics (no reduction) would give other outputs: the comparison has teeth
     net2, _ = net_and_crops()
-    alone = smog.encode_crops(net2, [shard(c, 0) for c in crops])
+    alone = backbones.encode_crops(net2, [shard(c, 0) for c in crops])
     assert (alone - r[0]["out"]).abs().max() > 1e-3

@@ -8,7 +8,7 @@ non-finite loss, with and without --skip-nonfinite. After every resume the final
 run of the same command, and log.jsonl must hold the same records (timings aside).
 
 Safe loading: a crafted checkpoint whose pickle would create a file on load is refused by train.py,
-eval_linear.py and `python -m smog export` with one clear line, and the file is never created.
+eval_linear.py and `python -m smog_train.export` with one clear line, and the file is never created.
 
 Bad input: one line on stderr (`error: ...`) naming the problem and the fix, exit code 2, no traceback,
 and out_dir untouched (names, sizes, mtimes and contents compared before and after).
@@ -35,6 +35,8 @@ import pytest
 import torch
 
 import smog
+from smog_train import checkpoint
+from smog_train import export
 from state_compare import assert_same
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +151,7 @@ def ref1(tmp_path_factory):
         while p.poll() is None:
             if ck.exists():
                 try:
-                    loads.append(smog.load_checkpoint(str(ck))["step"])
+                    loads.append(checkpoint.load_checkpoint(str(ck))["step"])
                 except ValueError as e:
                     failures.append(str(e))
             time.sleep(0.005)
@@ -222,9 +224,9 @@ def test_sigkill_during_checkpoint_write(ref1, tmp_path, n_save, last_ck):
     tmps = tmp_files(out)
     assert len(tmps) == 1 and tmps[0].startswith(".checkpoint.pth.tmp-"), tmps
     with pytest.raises(ValueError, match="cannot load"):
-        smog.load_checkpoint(str(out / tmps[0]))
+        checkpoint.load_checkpoint(str(out / tmps[0]))
     ck = out / "checkpoint.pth"
-    assert (smog.load_checkpoint(str(ck))["step"] if ck.exists() else None) == last_ck
+    assert (checkpoint.load_checkpoint(str(ck))["step"] if ck.exists() else None) == last_ck
     r = ok(run(train_cmd(out)))
     assert (f"resuming at step {last_ck}" in r.stdout) == (last_ck is not None)
     assert_same_final(ref1["dir"], out)                      # also: no temporary file left
@@ -346,10 +348,10 @@ class _Unpicklable:
 
 def test_save_atomic_failed_write_keeps_previous_checkpoint_and_no_temp_file(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    smog.save_atomic({"step": 1, "w": torch.ones(3)}, str(path))
+    checkpoint.save_atomic({"step": 1, "w": torch.ones(3)}, str(path))
     with pytest.raises(RuntimeError, match="disk full"):
-        smog.save_atomic({"step": 2, "w": torch.zeros(3), "bad": _Unpicklable()}, str(path))
-    ck = smog.load_checkpoint(str(path))
+        checkpoint.save_atomic({"step": 2, "w": torch.zeros(3), "bad": _Unpicklable()}, str(path))
+    ck = checkpoint.load_checkpoint(str(path))
     assert ck["step"] == 1 and torch.equal(ck["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
 
@@ -360,7 +362,7 @@ def test_truncated_checkpoint_is_refused_with_one_line(ref1, tmp_path):
         p = tmp_path / f"cut{n}.pth"
         p.write_bytes(good[:n])
         with pytest.raises(ValueError, match="cannot load") as e:
-            smog.load_checkpoint(str(p))
+            checkpoint.load_checkpoint(str(p))
         assert "\n" not in str(e.value)
 
 
@@ -422,8 +424,8 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(ref1, tmp_path):
     r = run([sys.executable, "eval_linear.py", "--checkpoint", str(evil_path), "--out-dir", str(out), "--workers", "0",
              "--device", "cpu"])
     assert "refused for safety" in one_line_error(r) and not marker.exists() and not out.exists()
-    # python -m smog export
-    r = run([sys.executable, "-m", "smog", "export", str(evil_path), str(tmp_path / "backbone.pth")])
+    # python -m smog_train.export
+    r = run([sys.executable, "-m", "smog_train.export", str(evil_path), str(tmp_path / "backbone.pth")])
     assert "refused for safety" in one_line_error(r) and not marker.exists()
     assert not (tmp_path / "backbone.pth").exists()
     # control: the payload is live -- an unsafe load (weights_only=False) does run it
@@ -632,7 +634,7 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
     cut = tmp_path / "cut.pth"
     cut.write_bytes(ck.read_bytes()[:5000])
     exported = tmp_path / "backbone.pth"
-    smog.export_backbone(str(ck), str(exported))
+    export.export_backbone(str(ck), str(exported))
     out = tmp_path / "out"
     out.mkdir()
     (out / "eval.json").write_text('{"previous": "result"}')

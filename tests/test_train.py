@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import smog
-import checkpoint
+from smog_train import checkpoint
+from smog_train import backbones
 import train
 from state_compare import assert_same
 
@@ -150,8 +151,8 @@ def test_accumulated_step_updates_groups_once_on_the_concatenation():
     loss, stats, z = train.accumulated_step(m, train.StepModule(m), mbs, 0.8, train.nullcontext, torch.device("cpu"),
                                             lambda l: l.backward())
     with torch.no_grad():
-        zs = [F.normalize(ref.projector(smog.encode_crops(ref.backbone, on))[:10], dim=-1).view(2, 5, -1) for on, _ in mbs]
-        zt = [F.normalize(ref.momentum_projector(smog.encode_crops(ref.momentum_backbone, mo)), dim=-1).view(2, 5, -1)
+        zs = [F.normalize(ref.projector(backbones.encode_crops(ref.backbone, on))[:10], dim=-1).view(2, 5, -1) for on, _ in mbs]
+        zt = [F.normalize(ref.momentum_projector(backbones.encode_crops(ref.momentum_backbone, mo)), dim=-1).view(2, 5, -1)
               for _, mo in mbs]
     zc, ztc = torch.cat(zs, 1), torch.cat(zt, 1)
     assert torch.allclose(z, zc, atol=1e-6)
@@ -161,7 +162,7 @@ def test_accumulated_step_updates_groups_once_on_the_concatenation():
     # loss of micro-batch k = SMoG loss of its crops against the updated groups and the pre-update targets
     total = 0
     for k, (on, _) in enumerate(mbs):
-        p = ref.predictor(ref.projector(smog.encode_crops(ref.backbone, on))).view(3, 5, -1)
+        p = ref.predictor(ref.projector(backbones.encode_crops(ref.backbone, on))).view(3, 5, -1)
         t = [smog.assign_groups(ztc[:, 5 * k:5 * k + 5].reshape(-1, 8), g0[h]).view(2, 5) for h in range(3)]
         total = total + sum(smog.smog_loss(p[c], expect[h], t[h][j], ref.cfg.tau) for h in range(3) for c in range(3)
                             for j in range(2)) / 18 / 2
@@ -182,11 +183,11 @@ def test_kill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     ok(run_train([*args, "--out-dir", "full"], tmp_path))
     r = run_train([*args, "--out-dir", "cut"], tmp_path, env={"SMOG_TEST_DIE_AT_STEP": "9"})
     assert r.returncode == -9, r.stderr[-2000:]
-    ck = smog.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pth"))
+    ck = checkpoint.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pth"))
     assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (8, 1, 2)          # mid-epoch checkpoint
     ok(run_train([*args, "--out-dir", "cut"], tmp_path))                         # auto-resume from out_dir
-    a = smog.load_checkpoint(str(tmp_path / "full" / "checkpoint.pth"))
-    b = smog.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pth"))
+    a = checkpoint.load_checkpoint(str(tmp_path / "full" / "checkpoint.pth"))
+    b = checkpoint.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pth"))
     assert a["step"] == 12
     for k in ("model", "optimizer", "bank", "rng", "knn", "step", "epoch"):
         assert_same(a[k], b[k], k)
@@ -205,7 +206,7 @@ def test_two_gloo_processes_agree_on_groups(tmp_path):
     assert len(ep) == 2 and all(e["groups_rank_max_diff"] == 0.0 for e in ep)
     steps = records(tmp_path / "dist", "step")
     assert len(steps) == 12 and all(math.isfinite(s["loss"]) for s in steps)  # 96 / 2 ranks / (4 x 2 accum): 6 per epoch
-    ck = smog.load_checkpoint(str(tmp_path / "dist" / "checkpoint.pth"))
+    ck = checkpoint.load_checkpoint(str(tmp_path / "dist" / "checkpoint.pth"))
     assert ck["format"] == checkpoint.FORMAT and ck["world_size"] == 2 and len(ck["rng"]) == 2
     assert ck["bank"].shape == (2, 96, 16) and torch.allclose(ck["bank"].norm(dim=-1), torch.ones(2, 96))
     assert ck["config"]["model"]["n_groups"] == 8 and ck["step"] == 12
@@ -223,7 +224,7 @@ def test_imagefolder_run_and_config_json_round_trip(tmp_path):
             "--batch-size", "8", "--epochs", "1", "--out-dir", "folder"]
     r = ok(run_train(args, tmp_path))
     assert "20 training images" in r.stdout and "kNN top-1" in r.stdout
-    ck = smog.load_checkpoint(str(tmp_path / "folder" / "checkpoint.pth"))
+    ck = checkpoint.load_checkpoint(str(tmp_path / "folder" / "checkpoint.pth"))
     assert ck["bank"].shape == (2, 20, 16) and ck["config"]["data"].startswith("imagefolder:")
     assert ck["config"]["image_size"] == 16
     with open(tmp_path / "folder" / "config.json") as fh:

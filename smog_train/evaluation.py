@@ -1,4 +1,4 @@
-"""The evaluations train.py runs (one implementation: eval_linear.py's): the kNN monitor on the held-out
+"""The evaluations train.py runs (one implementation: probes.py's): the kNN monitor on the held-out
 split after each epoch, and the final table of the demo (linear probes of raw pixels, a random-init
 encoder, the SMoG encoder and a supervised encoder trained for the same steps)."""
 from __future__ import annotations
@@ -14,16 +14,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
-import data
-import eval_linear
 import smog
-from batches import StepBatches, loader, to_device
-from launch import rank0_print
+from smog_train import backbones, checkpoint, data, probes
+from smog_train.batches import StepBatches, loader, to_device
+from smog_train.launch import rank0_print
 
 
 def extract(backbone: nn.Module, ds, cfg, device) -> tuple:
-    return eval_linear.extract_features(backbone, eval_linear.shard_loader(
+    return probes.extract_features(backbone, probes.shard_loader(
         ds, 256, workers=cfg.workers, pin_memory=device.type == "cuda"), device)
 
 
@@ -34,7 +32,7 @@ def knn_monitor(backbone: nn.Module, train_plain, test_ds, n_classes: int, cfg, 
         tr = torch.utils.data.Subset(tr, torch.linspace(0, len(tr) - 1, cfg.knn_max_train).long().tolist())
     ftr, ytr = extract(backbone, tr, cfg, device)
     fte, yte = extract(backbone, test_ds, cfg, device)
-    top1 = eval_linear.knn_eval(ftr, ytr, fte, yte, n_classes, ks=(cfg.knn_k,), T=cfg.knn_t)[cfg.knn_k]
+    top1 = probes.knn_eval(ftr, ytr, fte, yte, n_classes, ks=(cfg.knn_k,), T=cfg.knn_t)[cfg.knn_k]
     return top1, (ftr, ytr), (fte, yte)
 
 
@@ -43,7 +41,7 @@ def train_supervised(cfg, train_raw, n_classes: int, steps: int, device, autocas
     global batch, on the global-crop augmentation of set A; SGD momentum 0.9, cosine lr, wd 5e-4."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 2)
-        backbone, fdim = smog.build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, drop_path=cfg.drop_path,
+        backbone, fdim = backbones.build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, drop_path=cfg.drop_path,
                                              width=cfg.width)
         net = nn.Sequential(backbone, nn.Linear(fdim, n_classes)).to(device)
     if cfg.channels_last and cfg.arch != "swin_t":
@@ -77,12 +75,12 @@ def train_supervised(cfg, train_raw, n_classes: int, steps: int, device, autocas
 
 def final_eval(cfg, model: smog.SMoG, train_raw, train_plain, test_ds, n_classes: int, steps: int,
                device, autocast, smog_feats=None) -> dict:
-    """The demo table: linear probes (eval_linear.linear_probe_features, cached features, last-epoch
+    """The demo table: linear probes (probes.linear_probe_features, cached features, last-epoch
     top-1 %) of raw pixels, a random-init encoder, the SMoG encoder and a supervised encoder."""
     t0 = time.time()
 
     def probe(tr, te):
-        return eval_linear.linear_probe_features(*tr, *te, n_classes, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
+        return probes.linear_probe_features(*tr, *te, n_classes, epochs=cfg.probe_epochs, lr=cfg.probe_lr,
                                                  wd=1e-6, batch_size=256, seed=cfg.seed)["top1"]
 
     def encoder_probe(backbone):
@@ -92,7 +90,7 @@ def final_eval(cfg, model: smog.SMoG, train_raw, train_plain, test_ds, n_classes
     res["pixels"] = encoder_probe(nn.Flatten())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
-        rnd, _ = smog.build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width)
+        rnd, _ = backbones.build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem, width=cfg.width)
     res["random_init"] = encoder_probe(rnd.to(device))
     res["smog"] = probe(*smog_feats) if smog_feats else encoder_probe(model.backbone)
     t1 = time.time()

@@ -16,7 +16,7 @@ warm-up (CUDA timed with events). Sections (`--sections`):
               bootstrap 95% interval; the ratio of the two medians is reported beside it (it is the
               same quantity, but load that shifts between runs moves it far more on a shared machine).
               A low-noise cross-check: the extra ms of the full step with stub backbones.
-  jointbn     one BatchNorm across crop sizes (the released ResNet recipe, smog.encode_crops) against
+  jointbn     one BatchNorm across crop sizes (the released ResNet recipe, backbones.encode_crops) against
               one backbone pass per size: forward + backward, the preset's backbone and resnet18;
               `joint_bn_ratio[arch]` = median over interleaved pairs of joint / per-size.
   update   3. smog.update_groups against `update_groups_loop` (a Python loop over the groups hit, the
@@ -51,7 +51,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout, not installed
 import smog
+from smog_train import backbones
 
 try:
     import resource
@@ -280,7 +282,7 @@ def build_optimizer(cfg: BenchConfig, model: smog.SMoG) -> torch.optim.Optimizer
                   dict(params=[p for p in train if p.ndim <= 1], weight_decay=0.0)]
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
     if cfg.optimizer == "lars":
-        from train import LARS
+        from train import LARS   # the entry point's optimiser, benchmarked as train.py runs it
         return LARS(train, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     raise ValueError(f"--optimizer must be sgd or lars, not {cfg.optimizer!r}")
 
@@ -426,14 +428,14 @@ def bench_overhead(cfg: BenchConfig, dev: torch.device, clock: Clock, ideal_ms: 
 
 
 def bench_joint_bn(cfg: BenchConfig, dev: torch.device, clock: Clock) -> list:
-    """Cost of one BatchNorm across crop sizes: forward + backward of smog.encode_crops (joint BN, training
+    """Cost of one BatchNorm across crop sizes: forward + backward of backbones.encode_crops (joint BN, training
     mode) against one plain net() call per crop size (separate BN statistics, what SwAV does), on the
     preset's crops (2 global + n_local local, batch cfg.batch), for the preset's backbone and resnet18
     (3x3 stem below 64 px). Interleaved pairs; `ratio` = median over pairs of joint / separate."""
     out = []
     for arch in dict.fromkeys([cfg.arch, "resnet18"]):
         torch.manual_seed(0)
-        net, _ = smog.build_backbone(arch, width=cfg.width, cifar_stem=arch.startswith("resnet") and cfg.global_px <= 64)
+        net, _ = backbones.build_backbone(arch, width=cfg.width, cifar_stem=arch.startswith("resnet") and cfg.global_px <= 64)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         net = net.to(dev, memory_format=fmt).train()
         g = torch.Generator().manual_seed(1)
@@ -446,7 +448,7 @@ def bench_joint_bn(cfg: BenchConfig, dev: torch.device, clock: Clock) -> list:
 
         def joint():
             with autocast():
-                y = smog.encode_crops(net, crops)
+                y = backbones.encode_crops(net, crops)
             y.float().square().mean().backward()
 
         def separate():
@@ -625,7 +627,7 @@ class AlternatingBatches(torch.utils.data.Sampler):
 
 
 def bench_input(cfg: BenchConfig, dev: torch.device, step_images_per_s: Optional[float]) -> dict:
-    import data
+    from smog_train import data
     views = data.MultiCropViews(cfg.global_px, cfg.local_px, cfg.n_local, blur_scale=cfg.global_px / 224)
     if cfg.data == "synthetic-jpeg":
         n = cfg.batch * (cfg.loader_batches + 2)
@@ -662,7 +664,7 @@ def bench_input(cfg: BenchConfig, dev: torch.device, step_images_per_s: Optional
 def bench_crops(cfg: BenchConfig) -> dict:
     """The preset's views of one batch of demo images, made crop by crop (PIL) and as one batch (tensor ops),
     alternating PIL, tensor, tensor, PIL, ... on the host CPU with the process's torch threads."""
-    import data
+    from smog_train import data
     base = data.build_dataset(f"demo:{max(10, cfg.batch)}", "train", None)
     views = data.MultiCropViews(cfg.global_px, cfg.local_px, cfg.n_local, blur_scale=cfg.global_px / 224)
     ways = {"pil": data.ViewsDataset(base, views), "tensor": data.ViewsDataset(base, views, batched=True)}

@@ -3,8 +3,8 @@
 #   1. train.py on CUDA, a few steps: ResNet-50 at 96/48 px on demo:2048, bf16 autocast, channels_last
 #   2. the same under torchrun --nproc_per_node=1 (NCCL process group of one)
 #   3. eval_linear.py on the checkpoint of 1 (linear probe, 2 epochs, + kNN)
-#   4. python bench.py --preset r50-224 (ideal / full step ratio, joint BN, group update, k-means, input)
-# Usage: bash scripts/gpu_check.sh [OUT_DIR]   (default runs/gpu_check). Each part has its own time limit;
+#   4. python tools/bench.py --preset r50-224 (ideal / full step ratio, joint BN, group update, k-means, input)
+# Usage: bash tools/gpu_check.sh [OUT_DIR]   (default runs/gpu_check). Each part has its own time limit;
 # a part that fails is reported and the others still run. Exit status: the number of failed parts.
 set -uo pipefail
 out=${1:-runs/gpu_check}
@@ -28,6 +28,6 @@ smoke=(--data demo:2048 --arch resnet50 --image-size 96 --local-size 48 --n-loca
 part train 120 python train.py "${smoke[@]}" --out-dir "$out/train"
 part torchrun 120 torchrun --standalone --nproc_per_node=1 train.py "${smoke[@]}" --out-dir "$out/torchrun"
 part eval 70 python eval_linear.py --checkpoint "$out/train/checkpoint.pth" --epochs 2 --knn --workers 8 --out-dir "$out/eval"
-part bench 270 python bench.py --preset r50-224 --out "$out/bench_r50.json"
+part bench 270 python tools/bench.py --preset r50-224 --out "$out/bench_r50.json"
 echo "failed parts: $fails"
 exit $fails

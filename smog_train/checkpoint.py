@@ -1,7 +1,7 @@
-"""Run state of train.py: what a checkpoint holds, how it is written and checked, and the test-only faults.
+"""Run state of train.py: what a checkpoint holds, how it is written, checked and resumed.
 
-Checkpoint (out_dir/checkpoint.pth, written by rank 0 with smog.save_atomic, loaded with
-smog.load_checkpoint, i.e. weights_only=True):
+Checkpoint (out_dir/checkpoint.pth, written by rank 0 with save_atomic, loaded with
+load_checkpoint, i.e. weights_only=True):
   both networks and the groups (SMoG.state_dict()), the whole memory bank in dataset order (fp32),
   optimiser, GradScaler, step / epoch / position in the epoch (the sampler is rebuilt from (seed, epoch)
   and fast-forwarded), every rank's RNG states (torch, CUDA, python, numpy), the config as plain types,
@@ -11,33 +11,15 @@ It is saved at the end of every epoch, every --save-every steps and on SIGTERM (
 with a different config field (other than RUNTIME_FIELDS in train.py) or world size is refused, naming
 the field. Bad input raises UsageError: train.py prints it as one line and exits with code 2.
 
-Test-only faults (for the kill/resume tests; never set these variables in real runs). train.py calls
-`fault(site, value)` once at each site; the site acts when its variable equals `value`:
-  site             variable                    action
-  sigterm_at_step  SMOG_TEST_SIGTERM_AT_STEP=N send SIGTERM to self at the start of global step N
-                                               (the real signal handler acts on it)
-  nan_at_step      SMOG_TEST_NAN_AT_STEP=N     fault() returns True: the caller multiplies the loss of
-                                               global step N by NaN (every rank)
-  die_at_step      SMOG_TEST_DIE_AT_STEP=N     SIGKILL self in global step N (0-based) after its backward,
-                                               before the optimiser step (nothing of step N is saved)
-  die_in_regroup   SMOG_TEST_DIE_IN_REGROUP=E  SIGKILL self in the regroup at the start of epoch E, after
-                                               the k-means of every head, before the momentum reset
-  die_in_save      SMOG_TEST_DIE_IN_SAVE=K     SIGKILL self during this process's K-th checkpoint write
-                                               (1-based), after writing half of the serialised bytes to
-                                               the temporary file smog.save_atomic would use
-                                               (.checkpoint.pth.tmp-<pid>)
-  SMOG_TEST_DIE_RANK=R     every site acts on rank R only (default: every rank).
-  SMOG_TEST_DIE_ONCE=PATH  a site acts only if PATH does not exist, and creates it first (so a torchrun
-                           --max-restarts restart, which inherits the environment, runs through).
+The test-only faults that kill a run at chosen points are in smog_train/faults.py.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import signal
-import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -47,60 +29,74 @@ import torch
 import torch.distributed as dist
 
 import smog
+from smog_train import launch
+from smog_train.config import UsageError
 
 FORMAT = "smog-train-v2"  # v2: released recipe (joint BN, LARS on all parameters, momentum local crops)
 
 
-class UsageError(ValueError):
-    """Bad input: printed as one line 'error: ...', exit code 2, nothing written."""
-
-
 def check_writable(out_dir: str) -> None:
-    """out_dir (or its nearest existing parent) must be a writable directory; checked before any work,
-    nothing is created here."""
+    """out_dir must be a folder that exists or can be created, and be writable; checked before any
+    work. Nothing is left behind: the probe folder made in the nearest existing parent is removed."""
     d = os.path.abspath(out_dir)
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise UsageError(f"--out-dir {out_dir!r} is a file, not a folder; choose another --out-dir")
     while not os.path.exists(d):
         d = os.path.dirname(d)
-    if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to --out-dir {out_dir!r} ({d!r} is not a writable directory); "
+    if not os.path.isdir(d):
+        raise UsageError(f"cannot create --out-dir {out_dir!r}: {d!r} is a file, not a folder; "
                          f"choose another --out-dir")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".smog-probe-", dir=d))
+    except OSError as e:
+        raise UsageError(f"cannot write to --out-dir {out_dir!r} ({d!r}: {e.strerror}); choose "
+                         f"another --out-dir") from None
 
 
 # ----------------------------------------------------------------------------------------------
-# test-only faults (module docstring)
+# one file, all state, written atomically, loaded with weights_only=True
 
 
-_FAULT_VARS = {"sigterm_at_step": "SMOG_TEST_SIGTERM_AT_STEP", "nan_at_step": "SMOG_TEST_NAN_AT_STEP",
-               "die_at_step": "SMOG_TEST_DIE_AT_STEP", "die_in_regroup": "SMOG_TEST_DIE_IN_REGROUP",
-               "die_in_save": "SMOG_TEST_DIE_IN_SAVE"}
-_DIE_MESSAGES = {"die_at_step": "at step {}", "die_in_regroup": "in regroup of epoch {}"}
+def save_atomic(obj, path: str) -> None:
+    """torch.save to `path.tmp-<pid>`, fsync, then rename: at every instant `path` is complete or absent."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def fault(site: str, value: int) -> bool:
-    """The one fault-injection mechanism: True if the test-only variable of `site` asks for an action at
-    `value` on this rank; kill and signal sites act here, the others are acted on by the caller."""
-    v = os.environ.get(_FAULT_VARS[site])
-    if v is None or int(v) != value:
-        return False
-    r = os.environ.get("SMOG_TEST_DIE_RANK")
-    if r is not None and smog.dist_ready() and int(r) != dist.get_rank():
-        return False
-    once = os.environ.get("SMOG_TEST_DIE_ONCE")
-    if once:
-        if os.path.exists(once):
-            return False
-        open(once, "w").close()
-    if site in _DIE_MESSAGES:
-        _die(_DIE_MESSAGES[site].format(value))
-    if site == "sigterm_at_step":
-        os.kill(os.getpid(), signal.SIGTERM)
-    return True
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """torch.load(weights_only=True); a file that is not a torch checkpoint, or carries arbitrary
+    pickled objects, raises ValueError with a one-line reason (nothing from the file is executed)."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a folder; pass the path of a .pth file in it (e.g. "
+                         f"{os.path.join(path, 'checkpoint.pth')!r})")
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist; pass the path of a .pth file written by train.py "
+                         f"or by `python -m smog_train.export`")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError for truncated/non-zip files, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load {path!r} as a weights-only checkpoint ({first[:200]}); it is not a "
+                         f"checkpoint of this project, is truncated, or holds objects that are refused for "
+                         f"safety") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
 
-
-def _die(what: str) -> None:
-    print(f"[test] SIGKILL self: {what}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +132,7 @@ def gather_rng(device) -> list:
         return [st]
     out = {}
     for k, v in st.items():
-        rows = smog.all_gather_rows(v.to(device)[None])                 # (W, L)
+        rows = launch.all_gather_rows(v.to(device)[None])                 # (W, L)
         out[k] = rows.cpu()
     return [{k: out[k][r].clone() for k in st} for r in range(dist.get_world_size())]  # own storage, no views
 
@@ -145,23 +141,9 @@ def gather_rng(device) -> list:
 # writing, loading, checking
 
 
-def write_checkpoint(obj: dict, path: str, n_save: int) -> None:
-    """smog.save_atomic, or (fault die_in_save) die half-way through writing the same temporary file."""
-    if fault("die_in_save", n_save):
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-        _die(f"in checkpoint write {n_save}")
-    smog.save_atomic(obj, path)
-
-
 def load(path: str) -> dict:
     try:
-        return smog.load_checkpoint(path)
+        return load_checkpoint(path)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -257,6 +239,7 @@ class Run:
     last_ck: Optional[str] = None        # "PATH (step S)": the newest complete checkpoint to restart from
     peak_hit: object = 0.0               # collapse guard: best fraction of attainable groups hit this epoch
     knn_feats: Optional[list] = None     # the last kNN monitor's (train, test) features, reused by the final eval
+    hooks: object = None                 # faults.Hooks: test-only fault points, no-ops in a real run
 
     @property
     def total_steps(self) -> int:
@@ -325,7 +308,8 @@ def save(run: Run, why: str) -> None:
                "step_in_epoch": run.step_in_epoch, "steps_per_epoch": run.spe, "total_steps": run.total_steps,
                "knn": run.knn, "skipped_nonfinite": run.skipped_nonfinite, "peak_hit": float(run.peak_hit),
                "log_offset": os.path.getsize(log_path) if os.path.exists(log_path) else 0}
-        write_checkpoint(obj, ck_path, run.n_save)
+        run.hooks.checkpoint_write(run.n_save, obj, ck_path)   # does nothing outside fault tests
+        save_atomic(obj, ck_path)
         print(f"saved {ck_path} (step {run.step}, {why})", flush=True)
     if smog.dist_ready():
         dist.barrier()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from batch_augment import N_UNIFORM, BatchAugment, source_rows
+from smog_train.batch_augment import N_UNIFORM, BatchAugment, source_rows
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
@@ -224,6 +224,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 continue
             return (self.transform(img) if self.transform else img), target
         raise ValueError(f"no readable image in {self.root!r}")
+
+
+def skipped_images(out_dir: str) -> dict:
+    """{"skipped_images": n} for the unreadable images an --bad-images skip run listed in
+    out_dir/skipped_images.txt so far ({} if none), and one console line saying so."""
+    path = os.path.join(out_dir, "skipped_images.txt")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        n = len(set(fh.read().split("\n")) - {""})
+    print(f"skipped {n} unreadable images so far (listed in {path})", flush=True)
+    return {"skipped_images": n}
 
 
 def _torchvision(name: str, split: str, transform, root: str, download: bool):

@@ -117,7 +117,7 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
     times = []
     for argv in (train, ev):
         t0 = time.time()
-        p = subprocess.run([sys.executable, *argv], cwd=os.path.dirname(os.path.abspath(__file__)),
+        p = subprocess.run([sys.executable, *argv], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         times.append(round(time.time() - t0, 1))
         with open(os.path.join(d, "ablation.log"), "a") as fh:

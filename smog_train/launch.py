@@ -3,15 +3,15 @@ split over ranks, data workers and torch threads. Plain `python` (RANK unset): o
 group (smog's collectives are then no-ops); under torchrun NCCL on GPUs, gloo on CPU."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
 
 import smog
-from checkpoint import UsageError
+from smog_train.config import UsageError
 
 
 def init_process_group(backend: str) -> None:
@@ -87,12 +87,45 @@ def git_revision() -> str:
 
 
 def announce(run, micro: int, amp, resumed: bool, has_test: bool) -> None:
-    """The run's first lines: revision, world, device, precision, the resolved config, the batch geometry."""
+    """The run's banner: revision, world, device, precision; the resolved config as sorted
+    `key: value` columns (config.json in --out-dir has it too); the batch geometry."""
     cfg = run.cfg
-    rank0_print(f"SMoG train.py  git {run.cfg_dict['git'] or '(none)'}  world {run.world}  device {run.device}  "
-                f"precision {amp or torch.float32}\n" + json.dumps(run.cfg_dict, sort_keys=True))
-    rank0_print(f"{run.bank.n} training images, {run.spe} steps/epoch of {cfg.batch_size} (micro-batch {micro} x accum "
-                f"{cfg.accum} x world {run.world}), {run.total_steps} steps"
+    items = [f"{k}: {v}" for k, v in sorted(run.cfg_dict.items()) if k not in ("model", "git")]
+    width = max(len(i) for i in items) + 2
+    cols = max(1, 100 // width)
+    rows = -(-len(items) // cols)
+    table = "\n".join("".join(items[r + c * rows].ljust(width) for c in range(cols)
+                              if r + c * rows < len(items)).rstrip() for r in range(rows))
+    rank0_print(f"SMoG train.py  git {run.cfg_dict['git'] or '(none)'}  world {run.world}  device "
+                f"{run.device}  precision {amp or torch.float32}\n{table}")
+    rank0_print(f"{run.bank.n} training images, {run.spe} steps/epoch of {cfg.batch_size} (micro-batch "
+                f"{micro} x accum {cfg.accum} x world {run.world}), {run.total_steps} steps"
                 + (f"; resuming at step {run.step}" if resumed else ""))
     if cfg.knn_every and not has_test:
         rank0_print(f"note: {cfg.data} has no held-out split (PATH/val); the per-epoch kNN monitor is off")
+
+
+def exit_process(rc: int) -> None:
+    """sys.exit(rc); under torchrun, skip interpreter finalisation instead: gloo's worker threads may still
+    be releasing the tensors of the last collectives, need the GIL of a finalising interpreter and abort
+    the process (exit -6 after a finished run; seen ~1 run in 10 on a busy 2-core machine). Callers have
+    written and flushed everything and destroyed the process group by now."""
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate [n_r, ...] tensors of all ranks in rank order; n_r may differ between ranks."""
+    if not smog.dist_ready():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    pad = x.new_zeros((m - x.shape[0], *x.shape[1:]))
+    out = [x.new_empty((m, *x.shape[1:])) for _ in sizes]
+    dist.all_gather(out, torch.cat([x, pad]))
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])

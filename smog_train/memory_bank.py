@@ -8,10 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import data
+from smog_train import data
 import smog
-from batches import loader, reraise_data_error, to_device
-from checkpoint import UsageError
+from smog_train.batches import loader, reraise_data_error, to_device
+from smog_train.config import UsageError
+from smog_train import launch
 
 
 class MemoryBank:
@@ -24,14 +25,14 @@ class MemoryBank:
 
     def write(self, idx: torch.Tensor, z: torch.Tensor) -> None:
         """idx [b] this rank's batch, z [2, b, D]; all-gathers the global batch (collective), keeps own rows."""
-        idx_all = smog.all_gather_rows(idx)
-        z_all = smog.all_gather_rows(z.transpose(0, 1).contiguous())            # (B, 2, D)
+        idx_all = launch.all_gather_rows(idx)
+        z_all = launch.all_gather_rows(z.transpose(0, 1).contiguous())            # (B, 2, D)
         mine = idx_all % self.world == self.rank
         self.local[:, idx_all[mine] // self.world] = z_all[mine].transpose(0, 1).to(self.local.dtype)
 
     def full(self) -> torch.Tensor:
         """[2, N, D] on the CPU in dataset order (collective)."""
-        rows = smog.all_gather_rows(self.local.transpose(0, 1).contiguous()).cpu()  # (N, 2, D) in rank order
+        rows = launch.all_gather_rows(self.local.transpose(0, 1).contiguous()).cpu()  # (N, 2, D) in rank order
         order = torch.cat([torch.arange(r, self.n, self.world) for r in range(self.world)])
         out = torch.empty(self.n, *rows.shape[1:], dtype=rows.dtype)
         out[order] = rows

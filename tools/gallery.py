@@ -22,8 +22,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-import data
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout, not installed
 import smog
+from smog_train import checkpoint, data
 
 LABEL_WIDTH = 72      # px of the label strip at the left of each row
 PAD = 2               # make_grid padding between tiles (px)
@@ -33,7 +34,7 @@ def load_model(path: str) -> tuple:
     """-> (SMoG in eval mode with the checkpoint's weights and groups, the train.py config dict).
     The architecture comes from the checkpoint's stored config; the format tag is not checked here (any
     train.py checkpoint with 'model' and 'config' entries is accepted)."""
-    ck = smog.load_checkpoint(path)
+    ck = checkpoint.load_checkpoint(path)
     cfg = ck.get("config")
     if not isinstance(ck.get("model"), dict) or not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise ValueError(f"{path!r} is not a train.py checkpoint (it needs 'model' and 'config' entries, and the "

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-import data
+from smog_train import data
 import smog
-from checkpoint import UsageError
+from smog_train.config import UsageError
 
 
 def build_data(cfg, rank: int) -> tuple:

@@ -1,0 +1,111 @@
+"""Test-only fault injection for the kill / resume / non-finite tests of train.py.
+
+A run holds a `Hooks` object and calls it at a few named points; the plain `Hooks` does nothing.
+`from_env()` returns `FaultHooks` only when one of the SMOG_TEST_* variables below is set (the tests
+set them for a subprocess; never set them in real runs). Each point acts when its variable equals
+the value it is called with:
+  point             variable                    action
+  step_start        SMOG_TEST_SIGTERM_AT_STEP=N send SIGTERM to self at the start of global step N
+                                                (the real signal handler acts on it)
+  loss              SMOG_TEST_NAN_AT_STEP=N     the loss of global step N becomes NaN (every rank)
+  after_backward    SMOG_TEST_DIE_AT_STEP=N     SIGKILL self in global step N (0-based) after its
+                                                backward, before the optimiser step
+  regrouped         SMOG_TEST_DIE_IN_REGROUP=E  SIGKILL self in the regroup at the start of epoch E,
+                                                after the k-means of every head, before the momentum reset
+  checkpoint_write  SMOG_TEST_DIE_IN_SAVE=K     SIGKILL self during this process's K-th checkpoint write
+                                                (1-based), after writing half of the serialised bytes to
+                                                the temporary file save_atomic would use
+                                                (.checkpoint.pth.tmp-<pid>)
+  SMOG_TEST_DIE_RANK=R     every point acts on rank R only (default: every rank).
+  SMOG_TEST_DIE_ONCE=PATH  a point acts only if PATH does not exist, and creates it first (so a torchrun
+                           --max-restarts restart, which inherits the environment, runs through).
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+import smog
+
+VARIABLES = {"step_start": "SMOG_TEST_SIGTERM_AT_STEP", "loss": "SMOG_TEST_NAN_AT_STEP",
+             "after_backward": "SMOG_TEST_DIE_AT_STEP", "regrouped": "SMOG_TEST_DIE_IN_REGROUP",
+             "checkpoint_write": "SMOG_TEST_DIE_IN_SAVE"}
+
+
+class Hooks:
+    """The fault points of a run; a real run's hooks do nothing."""
+
+    def step_start(self, step: int) -> None:
+        pass
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def regrouped(self, epoch: int) -> None:
+        pass
+
+    def checkpoint_write(self, n_save: int, obj: dict, path: str) -> None:
+        pass
+
+
+class FaultHooks(Hooks):
+    """Acts as the SMOG_TEST_* variables (module docstring) ask."""
+
+    def _due(self, point: str, value: int) -> bool:
+        v = os.environ.get(VARIABLES[point])
+        if v is None or int(v) != value:
+            return False
+        r = os.environ.get("SMOG_TEST_DIE_RANK")
+        if r is not None and smog.dist_ready() and int(r) != dist.get_rank():
+            return False
+        once = os.environ.get("SMOG_TEST_DIE_ONCE")
+        if once:
+            if os.path.exists(once):
+                return False
+            open(once, "w").close()
+        return True
+
+    def step_start(self, step: int) -> None:
+        if self._due("step_start", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
+        return loss * float("nan") if self._due("loss", step) else loss
+
+    def after_backward(self, step: int) -> None:
+        if self._due("after_backward", step):
+            _die(f"at step {step}")
+
+    def regrouped(self, epoch: int) -> None:
+        if self._due("regrouped", epoch):
+            _die(f"in regroup of epoch {epoch}")
+
+    def checkpoint_write(self, n_save: int, obj: dict, path: str) -> None:
+        if not self._due("checkpoint_write", n_save):
+            return
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        d, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        with open(os.path.join(d, f".{name}.tmp-{os.getpid()}"), "wb") as f:
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        _die(f"in checkpoint write {n_save}")
+
+
+def _die(what: str) -> None:
+    print(f"[test] SIGKILL self: {what}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def from_env() -> Hooks:
+    return FaultHooks() if any(v in os.environ for v in VARIABLES.values()) else Hooks()
