@@ -8,8 +8,9 @@ import shlex
 
 import pytest
 
-import ablation
+from tools import ablation
 import train
+from smog_train import config
 
 
 def test_aggregate_and_table():
@@ -36,7 +37,7 @@ def test_dry_run_commands_parse_with_train_parser(capsys):
     trains = [shlex.split(ln)[2:] for ln in lines if shlex.split(ln)[1] == "train.py"]
     cfgs = {}
     for argv in trains:
-        cfg = train.parse_config(argv)
+        cfg = config.parse_config(argv)
         cfgs[(os.path.basename(cfg.out_dir).rsplit("-seed", 1)[0], cfg.seed)] = cfg
         assert (cfg.preset, cfg.data, cfg.epochs, cfg.batch_size, cfg.lr) == ("demo", "demo:4000", 6, 64, 0.5)
         assert (cfg.knn_every, cfg.final_eval) == (0, False)
@@ -45,7 +46,7 @@ def test_dry_run_commands_parse_with_train_parser(capsys):
     for (arm, _), cfg in cfgs.items():
         assert cfg.beta_start == 1.0 and (cfg.beta_end, cfg.regroup_every) == want[arm]
         # the demo preset's other values are untouched
-        assert (cfg.n_groups, cfg.ema, cfg.arch) == (train.PRESETS["demo"]["n_groups"], train.PRESETS["demo"]["ema"],
+        assert (cfg.n_groups, cfg.ema, cfg.arch) == (config.PRESETS["demo"]["n_groups"], config.PRESETS["demo"]["ema"],
                                                      "smallcnn")
     evals = [shlex.split(ln) for ln in lines if shlex.split(ln)[1] == "eval_linear.py"]
     import eval_linear

@@ -12,8 +12,9 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-import batch_augment as ba
+from smog_train import batch_augment as ba
 from smog_train import data
+from smog_train import config
 
 ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 STRENGTH = (0.4, 0.4, 0.2, 0.1)
@@ -228,12 +229,12 @@ def test_resume_refuses_a_checkpoint_made_before_a_recipe_field_existed():
     would silently change the run, so a config without a (non-runtime) field is refused in one line."""
     from smog_train import checkpoint
     import train
-    cfg = train.parse_config(["--data", "demo:100"])
+    cfg = config.parse_config(["--data", "demo:100"])
     old = dict(__import__("dataclasses").asdict(cfg))
-    checkpoint.check_resume({"format": checkpoint.FORMAT, "world_size": 1, "config": old}, cfg, train.RUNTIME_FIELDS,
+    checkpoint.check_resume({"format": checkpoint.FORMAT, "world_size": 1, "config": old}, cfg, config.RUNTIME_FIELDS,
                             1, "ck.pth")                                   # the same config resumes
     del old["augment"]
-    with pytest.raises(checkpoint.UsageError) as e:
+    with pytest.raises(config.UsageError) as e:
         checkpoint.check_resume({"format": checkpoint.FORMAT, "world_size": 1, "config": old}, cfg,
-                                train.RUNTIME_FIELDS, 1, "ck.pth")
+                                config.RUNTIME_FIELDS, 1, "ck.pth")
     assert "no field 'augment'" in str(e.value) and "\n" not in str(e.value)

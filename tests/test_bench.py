@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
+from tools import bench
 import smog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    r = subprocess.run([sys.executable, "bench.py", "--smoke", "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "tools/bench.py", "--smoke", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"bench.py --smoke failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return json.loads(out.read_text()), r.stdout

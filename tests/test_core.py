@@ -214,7 +214,7 @@ def test_every_backbone_forward_backward(arch, size, stem):
     m = smog.SMoG(cfg)
     on = [torch.randn(2, 3, size, size) for _ in range(2)] + [torch.randn(2, 3, size // 2, size // 2)]
     mo = [torch.randn(2, 3, size, size) for _ in range(2)] + [torch.randn(2, 3, size // 2, size // 2)]
-    loss, stats = m(on, mo, 0.99)
+    loss, stats, _ = m(on, mo, 0.99)
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in m.backbone.parameters() if p.requires_grad)
@@ -227,7 +227,7 @@ def test_forward_equals_per_head_smog_step_and_updates_buffer():
     m = smog.SMoG(tiny_cfg())
     on, mo = crops()
     g0 = m.groups.clone()
-    loss, _ = m(on, mo, 0.8)
+    loss, _, _ = m(on, mo, 0.8)
     # recompute the embeddings (train mode: outputs use batch statistics, the parameters are unchanged)
     m2 = smog.SMoG(tiny_cfg())
     m2.load_state_dict({**m.state_dict(), "groups": g0})
@@ -262,7 +262,7 @@ def test_bf16_autocast_stays_finite_and_grouping_in_fp32():
     m = smog.SMoG(tiny_cfg())
     on, mo = crops()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, stats = m(on, mo, 0.9)
+        loss, stats, _ = m(on, mo, 0.9)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert m.groups.dtype == torch.float32
@@ -294,7 +294,7 @@ def test_module_group_grad_reaches_projector_only_when_enabled(group_grad):
     on, mo = crops()
     # cut the prediction path: a predictor that ignores its input keeps only the group-update path
     m.predictor = torch.nn.Sequential(torch.nn.Flatten(), _Const(16))
-    loss, _ = m(on, mo, 0.5)
+    loss, _, _ = m(on, mo, 0.5)
     if loss.requires_grad:
         loss.backward()
     grads = [p.grad for p in m.projector.parameters()]

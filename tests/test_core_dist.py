@@ -99,7 +99,7 @@ def job_ddp_forward(rank):
     m = tiny_model().eval()  # eval: BN uses running statistics, so shards see the same normalisation
     ddp = torch.nn.parallel.DistributedDataParallel(m)
     on, mo = model_inputs()
-    loss, stats = ddp([shard(c, rank) for c in on], [shard(c, rank) for c in mo], 0.7)
+    loss, stats, _ = ddp([shard(c, rank) for c in on], [shard(c, rank) for c in mo], 0.7)
     loss.backward()
     first = m.groups.clone()
     m.train()  # a second, train-mode step (per-shard BN statistics): ranks must still agree

@@ -13,6 +13,7 @@ import smog
 from smog_train import checkpoint
 from smog_train import backbones
 import train
+from smog_train import config
 
 
 # ---------------------------------------------------------------- LARS (released apex LARC rule)
@@ -69,14 +70,14 @@ def test_lars_matches_per_tensor_reference():
 def test_lars_preset_puts_every_online_parameter_in_lars_with_weight_decay():
     model = smog.SMoG(smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=8, n_heads=1))
     online = [p for p in model.parameters() if p.requires_grad]
-    cfg = train.parse_config(["--preset", "imagenet-r50", "--weight-decay", "1e-6"])
+    cfg = config.parse_config(["--preset", "imagenet-r50", "--weight-decay", "1e-6"])
     opt = train.build_optimizer(cfg, model)
     assert isinstance(opt, train.LARS)
     got = [p for g in opt.param_groups for p in g["params"]]
     assert len(got) == len(online) and {id(p) for p in got} == {id(p) for p in online}
     assert all(g["weight_decay"] == 1e-6 for g in opt.param_groups)
     assert any(p.ndim == 1 for p in got)                          # biases and BN weights included
-    sgd = train.build_optimizer(train.parse_config(["--preset", "demo"]), model)   # SGD keeps its exclusions
+    sgd = train.build_optimizer(config.parse_config(["--preset", "demo"]), model)   # SGD keeps its exclusions
     no_decay = [p for g in sgd.param_groups if g["weight_decay"] == 0 for p in g["params"]]
     assert no_decay and all(p.ndim <= 1 for p in no_decay)
 
@@ -210,7 +211,7 @@ def _forward_ops(K, B):
     m = smog.SMoG(smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=K, n_heads=3))
     on, mo = _two_sizes(B, 1)[:4], _two_sizes(B, 2)[:4]
     with _OpLog() as log:
-        loss, _ = m(on, mo, 0.9)
+        loss, _, _ = m(on, mo, 0.9)
         loss.backward()
     return log.ops
 
@@ -235,7 +236,7 @@ def test_momentum_local_crops_shape_the_targets_through_bn():
     on, mo = _two_sizes(4, 5)[:4], _two_sizes(4, 6)[:4]          # momentum: 2 global + 2 local
     g0 = m.groups.clone()
     ref = copy.deepcopy(m)
-    loss, _ = m(on, mo, 0.8)
+    loss, _, _ = m(on, mo, 0.8)
     with torch.no_grad():   # hand: one momentum forward over all its crops (joint BN), targets from rows [:2B]
         x = [torch.cat(mo[:2]), torch.cat(mo[2:])]
         feats = torch.cat(backbones.forward_joint_bn(ref.momentum_backbone, x))
@@ -285,7 +286,7 @@ def test_resnet50w2_doubles_every_width():
     assert 93e6 < sum(p.numel() for p in net.parameters()) < 95e6                   # SwAV's R50w2: 94M
     tv, tv_dim = backbones.build_backbone("wide_resnet50_2")                                # torchvision's, true name
     assert tv_dim == 2048 and type(tv) is tvm.ResNet and tv.conv1.out_channels == 64
-    assert train.parse_config(["--preset", "imagenet-r50w2"]).arch == "resnet50w2"
+    assert config.parse_config(["--preset", "imagenet-r50w2"]).arch == "resnet50w2"
 
 
 # ---------------------------------------------------------------- Swin-T as released
@@ -344,9 +345,9 @@ def test_swin_update_uses_drop_path_free_reembedding_and_per_size_heads(swin):
 # ---------------------------------------------------------------- checkpoint format
 
 def test_old_checkpoint_refused_in_one_line():
-    cfg = train.parse_config(["--preset", "demo"])
-    with pytest.raises(train.UsageError) as e:
-        checkpoint.check_resume({"format": "smog-train-v1", "world_size": 1, "config": {}}, cfg, train.RUNTIME_FIELDS, 1,
+    cfg = config.parse_config(["--preset", "demo"])
+    with pytest.raises(config.UsageError) as e:
+        checkpoint.check_resume({"format": "smog-train-v1", "world_size": 1, "config": {}}, cfg, config.RUNTIME_FIELDS, 1,
                                 "old.pth")
     msg = str(e.value)
     assert "older train.py" in msg and "smog-train-v1" in msg and "\n" not in msg

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from smog_train import data
-import gallery
+from tools import gallery
 import smog
 
 N_TRAIN, K, H = 96, 6, 2

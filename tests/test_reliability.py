@@ -1,6 +1,6 @@
 """Issue 6: reliability of train.py and eval_linear.py, with real processes and real signals.
 
-Faults: SIGKILL (through the test-only hooks of checkpoint.fault, documented in checkpoint.py's docstring) mid-iteration,
+Faults: SIGKILL (through the test-only fault points of smog_train/faults.py) mid-iteration,
 mid-regroup and half-way through a checkpoint write, for one process and for 2 gloo processes under
 `python -m torch.distributed.run`, then the same command again; `--max-restarts`; SIGTERM; a
 non-finite loss, with and without --skip-nonfinite. After every resume the final checkpoint must be

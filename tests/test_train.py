@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 import pytest
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -20,6 +22,7 @@ from smog_train import checkpoint
 from smog_train import backbones
 import train
 from state_compare import assert_same
+from smog_train import config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny run: 96 images, 6 steps per epoch of 16, a 4-wide CNN, 2 heads of 8 groups
@@ -58,39 +61,39 @@ def records(out, kind):
 def test_help_lists_every_option_and_preset():
     r = ok(subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "-h"], capture_output=True, text=True,
                           cwd=ROOT, timeout=60))
-    for f in dataclasses.fields(train.Config):
+    for f in dataclasses.fields(config.Config):
         assert "--" + f.name.replace("_", "-") in r.stdout
-    for p in train.PRESETS:
+    for p in config.PRESETS:
         assert f"  {p}:" in r.stdout
 
 
 def test_presets_set_what_they_claim_and_options_win():
-    c = train.parse_config([])
+    c = config.parse_config([])
     assert (c.preset, c.data, c.arch, c.image_size, c.out_dir, c.final_eval) == ("demo", "demo", "smallcnn", 32,
                                                                                   os.path.join("runs", "demo"), True)
-    r50 = train.parse_config(["--preset", "imagenet-r50"])
+    r50 = config.parse_config(["--preset", "imagenet-r50"])
     assert (r50.arch, r50.optimizer, r50.lr, r50.lr_batch, r50.batch_size, r50.epochs) == ("resnet50", "lars", 4.8, 4096,
                                                                                             4096, 400)
     assert (r50.n_groups, r50.n_heads, r50.dim, r50.tau, r50.ema, r50.beta_start, r50.beta_end) == (3000, 3, 128, 0.1,
                                                                                                     0.999, 1.0, 0.99)
     assert (r50.image_size, r50.local_size, r50.n_local, r50.weight_decay, r50.warmup_epochs) == (224, 96, 4, 1e-6, 10)
     assert (r50.global_scale_min, r50.local_scale_min, r50.local_scale_max) == (0.2, 0.05, 0.2)
-    assert train.parse_config(["--preset", "imagenet-r50w2"]).arch == "resnet50w2"
-    sw = train.parse_config(["--preset", "imagenet-swin-t"])
+    assert config.parse_config(["--preset", "imagenet-r50w2"]).arch == "resnet50w2"
+    sw = config.parse_config(["--preset", "imagenet-swin-t"])
     assert (sw.arch, sw.dim, sw.optimizer, sw.lr, sw.weight_decay, sw.clip_grad, sw.drop_path) == (
         "swin_t", 256, "adamw", 1e-3, 0.05, 3.0, 0.2)
     assert math.isclose(sw.lr * sw.min_lr_ratio, 4e-5) and math.isclose(sw.lr * sw.warmup_lr_ratio, 4e-5)
-    c10 = train.parse_config(["--preset", "cifar10-r18", "--lr", "1.0", "--epochs", "3"])
+    c10 = config.parse_config(["--preset", "cifar10-r18", "--lr", "1.0", "--epochs", "3"])
     assert (c10.data, c10.arch, c10.cifar_stem, c10.image_size, c10.lr, c10.epochs) == ("cifar10", "resnet18", True, 32,
                                                                                          1.0, 3)
-    with pytest.raises(train.UsageError, match="unknown preset"):
-        train.parse_config(["--preset", "nope"])
-    with pytest.raises(train.UsageError, match="invalid float"):
-        train.parse_config(["--lr", "abc"])
+    with pytest.raises(config.UsageError, match="unknown preset"):
+        config.parse_config(["--preset", "nope"])
+    with pytest.raises(config.UsageError, match="invalid float"):
+        config.parse_config(["--lr", "abc"])
 
 
 def test_schedules_warmup_cosine_beta_and_ema():
-    c = dataclasses.replace(train.parse_config(["--preset", "imagenet-r50"]), epochs=20, batch_size=2048)
+    c = dataclasses.replace(config.parse_config(["--preset", "imagenet-r50"]), epochs=20, batch_size=2048)
     s = train.schedules(c, 10)
     peak = 4.8 * 2048 / 4096
     assert s["lr"].shape == (200,) and math.isclose(s["lr"][0], peak * c.warmup_lr_ratio)
@@ -120,6 +123,13 @@ def _grads(m):
     return [p.grad.clone() for p in m.parameters() if p.requires_grad]
 
 
+def _run(m):
+    """The run state train_step and accumulated_step read: this model, no DDP, fp32, plain backward."""
+    return checkpoint.Run(cfg=None, rank=0, world=1, device=torch.device("cpu"), model=m, net=train.StepModule(m),
+                          optimizer=None, scaler=torch.amp.GradScaler("cpu", enabled=False), bank=None, sched={},
+                          spe=1, autocast=nullcontext, cfg_dict={})
+
+
 def test_accumulated_step_of_one_micro_batch_equals_the_plain_step():
     """The two-pass path (pass 1 no grad + replayed RNG, pass 2 loss against fixed updated groups) gives the
     plain smog.SMoG.forward step: same loss, groups, gradients, memory-bank rows and BN statistics."""
@@ -127,12 +137,8 @@ def test_accumulated_step_of_one_micro_batch_equals_the_plain_step():
     res = []
     for path in ("forward", "accumulated"):
         m = _tiny_model()
-        net = train.StepModule(m)
-        bwd = lambda loss: loss.backward()                                         # noqa: E731
-        if path == "forward":
-            loss, stats, z = train.forward_step(m, net, *mb, 0.9, train.nullcontext, bwd)
-        else:
-            loss, stats, z = train.accumulated_step(m, net, [mb], 0.9, train.nullcontext, torch.device("cpu"), bwd)
+        step = train.train_step if path == "forward" else train.accumulated_step      # one micro-batch: plain
+        loss, stats, z = step(_run(m), [mb], 0.9)
         res.append((loss, m.groups.clone(), _grads(m), z, stats, [b.clone() for b in train.bn_buffers(m)]))
     (l1, g1, d1, z1, s1, b1), (l2, g2, d2, z2, s2, b2) = res
     assert torch.allclose(l1, l2, atol=1e-6) and torch.allclose(g1, g2, atol=1e-6) and torch.allclose(z1, z2, atol=1e-6)
@@ -148,8 +154,7 @@ def test_accumulated_step_updates_groups_once_on_the_concatenation():
     m = _tiny_model()
     ref = _tiny_model()
     g0 = ref.groups.clone()
-    loss, stats, z = train.accumulated_step(m, train.StepModule(m), mbs, 0.8, train.nullcontext, torch.device("cpu"),
-                                            lambda l: l.backward())
+    loss, stats, z = train.accumulated_step(_run(m), mbs, 0.8)
     with torch.no_grad():
         zs = [F.normalize(ref.projector(backbones.encode_crops(ref.backbone, on))[:10], dim=-1).view(2, 5, -1) for on, _ in mbs]
         zt = [F.normalize(ref.momentum_projector(backbones.encode_crops(ref.momentum_backbone, mo)), dim=-1).view(2, 5, -1)
@@ -230,8 +235,8 @@ def test_imagefolder_run_and_config_json_round_trip(tmp_path):
     with open(tmp_path / "folder" / "config.json") as fh:
         saved = json.load(fh)
     assert saved["model"] == dataclasses.asdict(smog.SMoGConfig.from_dict(saved["model"]))
-    again = train.parse_config(["--config", str(tmp_path / "folder" / "config.json")])
+    again = config.parse_config(["--config", str(tmp_path / "folder" / "config.json")])
     assert again.config.endswith("config.json")                 # the one field that names where it came from
-    assert dataclasses.replace(again, config="") == train.Config.from_dict(saved)
-    assert dataclasses.asdict(train.Config.from_dict(saved)) == {k: saved[k] for k in dataclasses.asdict(again)}
+    assert dataclasses.replace(again, config="") == config.Config.from_dict(saved)
+    assert dataclasses.asdict(config.Config.from_dict(saved)) == {k: saved[k] for k in dataclasses.asdict(again)}
     assert dataclasses.asdict(again.model_config()) == saved["model"]
