@@ -446,20 +446,24 @@ def build_optimizer(cfg: Config, model: smog.SMoG) -> torch.optim.Optimizer:
 
 
 def schedules(cfg: Config, steps_per_epoch: int) -> dict:
-    """Per-step float64 arrays [total_steps]: lr (warmup then cosine), beta (linear), m (EMA)."""
+    """Per-step float64 arrays [total_steps]: lr (warmup then cosine), beta (linear), m (EMA).
+    End points as released (main_SMoG.py): the warmup is linspace(start, peak, W), so its last step
+    is at the peak, and the cosine over the T - W remaining steps t is min + (peak - min) (1 +
+    cos(pi t / (T - W))) / 2, one step short of the minimum at the end; beta decreases by
+    (start - end) / T before every step's use, so it is start - (t + 1)(start - end) / T at step t."""
     total = cfg.epochs * steps_per_epoch
     peak = cfg.lr * cfg.batch_size / cfg.lr_batch
     warm = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
     t = torch.arange(total, dtype=torch.float64)
     lr = peak * cfg.min_lr_ratio + 0.5 * peak * (1 - cfg.min_lr_ratio) * (
-        1 + torch.cos(math.pi * (t - warm) / max(1, total - warm - 1)))    # exact at the last step
+        1 + torch.cos(math.pi * (t - warm) / max(1, total - warm)))
     if warm:
-        lr[:warm] = torch.linspace(peak * cfg.warmup_lr_ratio, peak, warm + 1,
-                                   dtype=torch.float64)[:warm]
+        lr[:warm] = torch.linspace(peak * cfg.warmup_lr_ratio, peak, warm, dtype=torch.float64)
     m = torch.full((total,), cfg.ema, dtype=torch.float64)
     if cfg.ema_schedule == "cosine":
         m = 1 - (1 - cfg.ema) * (torch.cos(math.pi * t / max(1, total - 1)) + 1) / 2
-    return dict(lr=lr, beta=smog.beta_schedule(cfg.beta_start, cfg.beta_end, total), m=m)
+    beta = smog.beta_schedule(cfg.beta_start, cfg.beta_end, total + 1)[1:]
+    return dict(lr=lr, beta=beta, m=m)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class StepBatches(torch.utils.data.Sampler):
         ds.set_epoch(self.epoch)
         idx = list(ds)
         for s in range(self.start, self.steps):
-            online = "A" if (self.epoch * self.steps + s) % 2 == 0 else "B"
+            online = "A" if s % 2 == 0 else "B"
             for a in range(self.accum):
                 chunk = idx[(s * self.accum + a) * self.micro:(s * self.accum + a + 1) * self.micro]
                 yield [(i, online, item_seed(self.seed, self.epoch, i)) for i in chunk]
