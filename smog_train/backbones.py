@@ -2,8 +2,10 @@
 
 SMoG feeds each network crops of two sizes (global and local). The released ResNet normalises the
 crops of all sizes with ONE BatchNorm ("unified bn on different input size"): convolutions run per
-size, every BatchNorm sees all pixels of all sizes at once. `encode_crops` does that for ResNets and
-SmallCNN in training mode; Swin-T runs each size on its own, as released.
+size, and the stem BN and every block's bn1-bn3 see all pixels of all sizes at once. The shortcut
+projection of a block (downsample: 1x1 conv + BN) runs once per size instead (global size first, as
+the crops come), so its BN normalises and updates its running statistics per size. `encode_crops` does that for ResNets
+and SmallCNN in training mode; Swin-T runs each size on its own, as released.
 
 Networks: SmallCNN (the demo's), torchvision's ResNets, the released ResNet-50w2 and Swin-T
 (`build_backbone`). This module imports nothing of the project; smog.py imports it.
@@ -15,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.models import resnet as tv_resnet
 from torchvision.models import swin_transformer as tv_swin
 
@@ -57,19 +60,82 @@ def resnet50w2() -> tv_resnet.ResNet:
     return m
 
 
+def released_window_attention(x, attn: "tv_swin.ShiftedWindowAttention") -> torch.Tensor:
+    """The released Swin window attention (SwinTrans_multicrop.py: SwinTransformerBlock.forward) with
+    the layer's weights: x [B, H, W, C] padded at the bottom and right to a multiple of the window,
+    cyclically shifted by attn.shift_size, whatever the map's size (torchvision drops the shift when
+    the window covers the padded map; the release keeps it), attention within windows with the
+    relative position bias and, when shifted, the mask that separates the regions of the *padded*
+    map (-100 between regions), then shifted back and unpadded."""
+    B, H, W, C = x.shape
+    wh, ww = attn.window_size
+    sh, sw = attn.shift_size
+    x = F.pad(x, (0, 0, 0, (ww - W % ww) % ww, 0, (wh - H % wh) % wh))
+    Hp, Wp = x.shape[1:3]
+    if sh or sw:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    nw, n, heads = (Hp // wh) * (Wp // ww), wh * ww, attn.num_heads
+    win = x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nw, n, C)
+    q, k, v = F.linear(win, attn.qkv.weight, attn.qkv.bias).view(B * nw, n, 3, heads, C // heads) \
+        .permute(2, 0, 3, 1, 4)
+    a = (q * (C // heads) ** -0.5) @ k.transpose(-2, -1) + attn.get_relative_position_bias()
+    if sh or sw:
+        region = x.new_zeros(Hp, Wp)
+        bands = [[slice(0, -w), slice(-w, -s), slice(-s, None)] if s else [slice(None)]
+                 for w, s in ((wh, sh), (ww, sw))]
+        for i, hs in enumerate(bands[0]):
+            for j, ws in enumerate(bands[1]):
+                region[hs, ws] = 3 * i + j
+        region = region.view(Hp // wh, wh, Wp // ww, ww).permute(0, 2, 1, 3).reshape(nw, n)
+        mask = (region.unsqueeze(1) != region.unsqueeze(2)).to(a.dtype) * -100.0
+        a = (a.view(B, nw, heads, n, n) + mask.unsqueeze(1)).view(B * nw, heads, n, n)
+    a = F.dropout(a.softmax(-1), attn.attention_dropout, attn.training)
+    y = F.linear((a @ v).transpose(1, 2).reshape(B * nw, n, C), attn.proj.weight, attn.proj.bias)
+    y = F.dropout(y, attn.dropout, attn.training)
+    y = y.view(B, Hp // wh, Wp // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+    if sh or sw:
+        y = torch.roll(y, shifts=(sh, sw), dims=(1, 2))
+    return y[:, :H, :W].contiguous()
+
+
+class ReleasedWindowAttention(tv_swin.ShiftedWindowAttention):
+    """torchvision's layer (same parameters and names) computing released_window_attention: window and
+    shift as set at construction, kept on every map size."""
+
+    def forward(self, x):
+        return released_window_attention(x, self)
+
+
 class SwinBlockBN(tv_swin.SwinTransformerBlock):
     """The released Swin-T block: LayerNorm before the attention, BatchNorm1d over channels before the MLP
     (every token of every image is one sample of the BN). As released, the MLP's residual adds to the
-    *normalised* stream: x <- BN(x); x <- x + MLP(x). x: [B, H, W, C]."""
+    *normalised* stream: x <- BN(x); x <- x + MLP(x). x: [B, H, W, C]. The attention is the released
+    one (ReleasedWindowAttention)."""
 
     def __init__(self, dim: int, *args, **kw):
-        super().__init__(dim, *args, **kw)
+        super().__init__(dim, *args, attn_layer=ReleasedWindowAttention, **kw)
         self.norm2 = nn.BatchNorm1d(dim)
 
     def forward(self, x):
         x = x + self.stochastic_depth(self.attn(self.norm1(x)))
         x = self.norm2(x.reshape(-1, x.shape[-1])).view_as(x)                       # (B*H*W, C) tokens as batch
         return x + self.stochastic_depth(self.mlp(x))
+
+
+def fix_windows_for(net: "tv_swin.SwinTransformer", image_size: int = 224) -> None:
+    """The released rule for every block's window and shift, fixed at construction from the layout of
+    `image_size` crops: a stage whose map (image_size / 4 / 2^stage) is no larger than the window gets
+    no shift (the window stays 7 at 224 px, where stage 4's map is 7 x 7). Other crop sizes keep these."""
+    stages = [m for m in net.features if isinstance(m, nn.Sequential)
+              and isinstance(m[0], tv_swin.SwinTransformerBlock)]
+    for i, stage in enumerate(stages):
+        side = image_size // 4 // 2 ** i
+        for blk in stage:
+            if side <= min(blk.attn.window_size):
+                if side != min(blk.attn.window_size):
+                    raise ValueError(f"a {side} px map under a {blk.attn.window_size} window: the released "
+                                     f"rule shrinks the window, which is not built here")
+                blk.attn.shift_size = [0, 0]
 
 
 ARCHS = ("smallcnn", "resnet18", "resnet34", "resnet50", "resnet50w2", "wide_resnet50_2", "swin_t")
@@ -97,6 +163,7 @@ def build_backbone(name: str, *, cifar_stem: bool = False, drop_path: float = 0.
     if name == "swin_t":   # torchvision's SwinTransformer: Linear weights trunc-normal(0.02), biases 0
         m = tv_swin.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
                                     window_size=[7, 7], stochastic_depth_prob=drop_path, block=SwinBlockBN)
+        fix_windows_for(m, 224)
         dim, m.head = m.head.in_features, nn.Identity()
         return m, dim
     raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
@@ -138,10 +205,13 @@ def joint_bn(bn: nn.Module, xs: list, act: Optional[nn.Module] = None) -> list:
 
 
 def forward_joint_bn(net: nn.Module, xs: list) -> list:
-    """The backbone on a list of per-resolution batches: convolutions, pooling and activations per
-    resolution, every BatchNorm joint over all of them (joint_bn, with the ReLU that follows it).
-    torchvision ResNets and SmallCNN; -> pooled features [N_r, F] per resolution. Same layers and
-    parameters as net(x)."""
+    """The backbone on a list of per-resolution batches, in crop order (global first):
+    convolutions, pooling and activations per resolution; the stem BN and each block's bn1, bn2 (bn3)
+    joint over all of them (joint_bn, with the ReLU that follows it); each block's shortcut projection
+    (downsample, 1x1 conv + BN) once per resolution, as the release's list_input_forward runs it, so
+    that BN normalises each size with its own statistics and updates its running statistics once per
+    size, in list order. torchvision ResNets and SmallCNN; -> pooled features [N_r, F] per resolution.
+    Same layers and parameters as net(x)."""
     if isinstance(net, SmallCNN):                                                  # (conv, BN, ReLU) x 4
         layers = list(net.features)
         for conv, bn, relu in zip(layers[0::3], layers[1::3], layers[2::3]):
@@ -154,20 +224,22 @@ def forward_joint_bn(net: nn.Module, xs: list) -> list:
         for i, k in enumerate(convs):                                              # last BN: no ReLU before +
             out = joint_bn(getattr(block, "bn" + k), _each(getattr(block, "conv" + k), out),
                            block.relu if i < len(convs) - 1 else None)
-        skip = xs if block.downsample is None else joint_bn(block.downsample[1], _each(block.downsample[0], xs))
+        skip = xs if block.downsample is None else _each(block.downsample, xs)   # per size, as released
         xs = [block.relu(o + s) for o, s in zip(out, skip)]
     return [net.fc(torch.flatten(net.avgpool(x), 1)) for x in xs]
 
 
 def joint_bn_capable(net: nn.Module) -> bool:
-    """Backbones whose BatchNorms encode_crops runs jointly over crop sizes (Swin-T: per size, as released)."""
+    """Backbones whose BatchNorms encode_crops runs jointly over crop sizes (all but the shortcut
+    projections' BNs, which run per size; Swin-T: everything per size, as released)."""
     return isinstance(net, (SmallCNN, tv_resnet.ResNet))
 
 
 def encode_crops(net: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
     """`net` on all crops -> outputs in crop order [sum B_c, F]; crops of one resolution are concatenated.
     One resolution, eval mode, or a backbone without joint BN (Swin-T): one net() call per resolution.
-    Otherwise (training a ResNet / SmallCNN on several sizes) forward_joint_bn: one BN over all sizes."""
+    Otherwise (training a ResNet / SmallCNN on several sizes) forward_joint_bn: one BN over all sizes
+    (the shortcut projections' BNs per size). Sizes go in the order of their first crop."""
     by_res: dict = {}
     for i, c in enumerate(crops):
         by_res.setdefault(tuple(c.shape[-2:]), []).append(i)
