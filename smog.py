@@ -388,17 +388,18 @@ class SMoG(nn.Module):
             crops = [c for c in crops if c.shape[-2:] == crops[0].shape[-2:]]
         return self._mlp(self.momentum_projector, encode_crops(self.momentum_backbone, crops), crops)
 
-    @torch.no_grad()
-    def update_embed(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Online projector embeddings [2*B, D] of the two global crops (first in `crops`), no
-        gradient: the update and the bank under gradient accumulation, and always for Swin-T.
-        ResNets: all crops forwarded (the BNs see them all, as in the loss forward). Swin-T, as
-        released: the global crops re-embedded with drop-path off."""
-        if not self.swin:   # no predictor: its BN statistics move only in the loss forward
-            return self.projector(encode_crops(self.backbone, crops))[:2 * crops[0].shape[0]]
-        with drop_path_off(self.backbone):
-            glob = list(crops[:2])
-            return self._mlp(self.projector, encode_crops(self.backbone, glob), glob)
+    def update_embed(self, crops: Sequence[torch.Tensor], grad: bool = False) -> torch.Tensor:
+        """Online projector embeddings [2*B, D] of the two global crops (first in `crops`), without
+        gradient unless `grad` (group_grad on Swin-T): the update and the bank under gradient
+        accumulation, and always for Swin-T. ResNets: all crops forwarded (the BNs see them all, as
+        in the loss forward). Swin-T, as released: the global crops re-embedded with drop-path
+        off."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            if not self.swin:   # no predictor: its BN statistics move only in the loss forward
+                return self.projector(encode_crops(self.backbone, crops))[:2 * crops[0].shape[0]]
+            with drop_path_off(self.backbone):
+                glob = list(crops[:2])
+                return self._mlp(self.projector, encode_crops(self.backbone, glob), glob)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised online projector embeddings [B, D] (fp32) of one batch, drop-path off: what
@@ -430,7 +431,9 @@ class SMoG(nn.Module):
         zt = self.momentum_embed(momentum_crops)[:J * B]                   # (J*B, D) global only
         z, p = self.online_forward(online_crops)                            # (C*B, D) each
         if self.swin:   # released Swin: update and bank from the drop-path-free re-embedding
-            z = torch.cat([self.update_embed(online_crops), z[2 * B:].detach()])
+            # (group_grad: with gradient through it, the only place the update's features come from)
+            zu = self.update_embed(online_crops, grad=self.cfg.group_grad)
+            z = torch.cat([zu, z[2 * B:].detach()])
         with torch.autocast(z.device.type, enabled=False):                 # grouping in fp32
             bank = F.normalize(z[:2 * B].detach().float(), dim=-1).view(2, B, -1)
             zt = F.normalize(zt.float(), dim=-1).view(J, B, -1)

@@ -450,7 +450,8 @@ def schedules(cfg: Config, steps_per_epoch: int) -> dict:
     End points as released (main_SMoG.py): the warmup is linspace(start, peak, W), so its last step
     is at the peak, and the cosine over the T - W remaining steps t is min + (peak - min) (1 +
     cos(pi t / (T - W))) / 2, one step short of the minimum at the end; beta decreases by
-    (start - end) / T before every step's use, so it is start - (t + 1)(start - end) / T at step t."""
+    (start - end) / T before every step's use, so it is start - (t + 1)(start - end) / T at step
+    t."""
     total = cfg.epochs * steps_per_epoch
     peak = cfg.lr * cfg.batch_size / cfg.lr_batch
     warm = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))

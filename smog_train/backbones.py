@@ -4,8 +4,8 @@ SMoG feeds each network crops of two sizes (global and local). The released ResN
 crops of all sizes with ONE BatchNorm ("unified bn on different input size"): convolutions run per
 size, and the stem BN and every block's bn1-bn3 see all pixels of all sizes at once. The shortcut
 projection of a block (downsample: 1x1 conv + BN) runs once per size instead (global size first, as
-the crops come), so its BN normalises and updates its running statistics per size. `encode_crops` does that for ResNets
-and SmallCNN in training mode; Swin-T runs each size on its own, as released.
+the crops come), so its BN normalises and updates its running statistics per size. `encode_crops`
+does that for ResNets and SmallCNN in training mode; Swin-T runs each size on its own, as released.
 
 Networks: SmallCNN (the demo's), torchvision's ResNets, the released ResNet-50w2 and Swin-T
 (`build_backbone`). This module imports nothing of the project; smog.py imports it.
@@ -61,12 +61,12 @@ def resnet50w2() -> tv_resnet.ResNet:
 
 
 def released_window_attention(x, attn: "tv_swin.ShiftedWindowAttention") -> torch.Tensor:
-    """The released Swin window attention (SwinTrans_multicrop.py: SwinTransformerBlock.forward) with
-    the layer's weights: x [B, H, W, C] padded at the bottom and right to a multiple of the window,
-    cyclically shifted by attn.shift_size, whatever the map's size (torchvision drops the shift when
-    the window covers the padded map; the release keeps it), attention within windows with the
-    relative position bias and, when shifted, the mask that separates the regions of the *padded*
-    map (-100 between regions), then shifted back and unpadded."""
+    """The released Swin window attention (SwinTrans_multicrop.py: SwinTransformerBlock.forward)
+    with the layer's weights: x [B, H, W, C] padded at the bottom and right to a multiple of the
+    window, cyclically shifted by attn.shift_size, whatever the map's size (torchvision drops the
+    shift when the window covers the padded map; the release keeps it), attention within windows
+    with the relative position bias and, when shifted, the mask that separates the regions of the
+    *padded* map (-100 between regions), then shifted back and unpadded."""
     B, H, W, C = x.shape
     wh, ww = attn.window_size
     sh, sw = attn.shift_size
@@ -99,8 +99,8 @@ def released_window_attention(x, attn: "tv_swin.ShiftedWindowAttention") -> torc
 
 
 class ReleasedWindowAttention(tv_swin.ShiftedWindowAttention):
-    """torchvision's layer (same parameters and names) computing released_window_attention: window and
-    shift as set at construction, kept on every map size."""
+    """torchvision's layer (same parameters and names) computing released_window_attention: window
+    and shift as set at construction, kept on every map size."""
 
     def forward(self, x):
         return released_window_attention(x, self)
@@ -123,9 +123,10 @@ class SwinBlockBN(tv_swin.SwinTransformerBlock):
 
 
 def fix_windows_for(net: "tv_swin.SwinTransformer", image_size: int = 224) -> None:
-    """The released rule for every block's window and shift, fixed at construction from the layout of
-    `image_size` crops: a stage whose map (image_size / 4 / 2^stage) is no larger than the window gets
-    no shift (the window stays 7 at 224 px, where stage 4's map is 7 x 7). Other crop sizes keep these."""
+    """The released rule for every block's window and shift, fixed at construction from the layout
+    of `image_size` crops: a stage whose map (image_size / 4 / 2^stage) is no larger than the window
+    gets no shift (the window stays 7 at 224 px, where stage 4's map is 7 x 7). Other crop sizes
+    keep these."""
     stages = [m for m in net.features if isinstance(m, nn.Sequential)
               and isinstance(m[0], tv_swin.SwinTransformerBlock)]
     for i, stage in enumerate(stages):
@@ -133,8 +134,8 @@ def fix_windows_for(net: "tv_swin.SwinTransformer", image_size: int = 224) -> No
         for blk in stage:
             if side <= min(blk.attn.window_size):
                 if side != min(blk.attn.window_size):
-                    raise ValueError(f"a {side} px map under a {blk.attn.window_size} window: the released "
-                                     f"rule shrinks the window, which is not built here")
+                    raise ValueError(f"a {side} px map under a {blk.attn.window_size} window: the "
+                                     f"released rule shrinks the window, which is not built here")
                 blk.attn.shift_size = [0, 0]
 
 
@@ -206,12 +207,12 @@ def joint_bn(bn: nn.Module, xs: list, act: Optional[nn.Module] = None) -> list:
 
 def forward_joint_bn(net: nn.Module, xs: list) -> list:
     """The backbone on a list of per-resolution batches, in crop order (global first):
-    convolutions, pooling and activations per resolution; the stem BN and each block's bn1, bn2 (bn3)
-    joint over all of them (joint_bn, with the ReLU that follows it); each block's shortcut projection
-    (downsample, 1x1 conv + BN) once per resolution, as the release's list_input_forward runs it, so
-    that BN normalises each size with its own statistics and updates its running statistics once per
-    size, in list order. torchvision ResNets and SmallCNN; -> pooled features [N_r, F] per resolution.
-    Same layers and parameters as net(x)."""
+    convolutions, pooling and activations per resolution; the stem BN and each block's bn1, bn2
+    (bn3) joint over all of them (joint_bn, with the ReLU that follows it); each block's shortcut
+    projection (downsample, 1x1 conv + BN) once per resolution, as the release's list_input_forward
+    runs it, so that BN normalises each size with its own statistics and updates its running
+    statistics once per size, in list order. torchvision ResNets and SmallCNN; -> pooled features
+    [N_r, F] per resolution. Same layers and parameters as net(x)."""
     if isinstance(net, SmallCNN):                                                  # (conv, BN, ReLU) x 4
         layers = list(net.features)
         for conv, bn, relu in zip(layers[0::3], layers[1::3], layers[2::3]):
@@ -224,7 +225,8 @@ def forward_joint_bn(net: nn.Module, xs: list) -> list:
         for i, k in enumerate(convs):                                              # last BN: no ReLU before +
             out = joint_bn(getattr(block, "bn" + k), _each(getattr(block, "conv" + k), out),
                            block.relu if i < len(convs) - 1 else None)
-        skip = xs if block.downsample is None else _each(block.downsample, xs)   # per size, as released
+        # per size, as released
+        skip = xs if block.downsample is None else _each(block.downsample, xs)
         xs = [block.relu(o + s) for o, s in zip(out, skip)]
     return [net.fc(torch.flatten(net.avgpool(x), 1)) for x in xs]
 
@@ -238,8 +240,8 @@ def joint_bn_capable(net: nn.Module) -> bool:
 def encode_crops(net: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
     """`net` on all crops -> outputs in crop order [sum B_c, F]; crops of one resolution are concatenated.
     One resolution, eval mode, or a backbone without joint BN (Swin-T): one net() call per resolution.
-    Otherwise (training a ResNet / SmallCNN on several sizes) forward_joint_bn: one BN over all sizes
-    (the shortcut projections' BNs per size). Sizes go in the order of their first crop."""
+    Otherwise (training a ResNet / SmallCNN on several sizes) forward_joint_bn: one BN over all
+    sizes (the shortcut projections' BNs per size). Sizes go in the order of their first crop."""
     by_res: dict = {}
     for i, c in enumerate(crops):
         by_res.setdefault(tuple(c.shape[-2:]), []).append(i)

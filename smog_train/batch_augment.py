@@ -174,9 +174,10 @@ def color_jitter(x: torch.Tensor, u: torch.Tensor, strength: tuple, p: float) ->
 
 
 def box_radius(sigma: torch.Tensor, passes: int = 3) -> torch.Tensor:
-    """PIL's box radius for a Gaussian of sigma made of `passes` extended box blurs (Gwosdek et al., 2011, as
-    in Pillow's _gaussian_blur_radius, in float32 as there): integer part l and fractional part a of
-    r = l + a, chosen so that the `passes` boxes together have variance sigma^2. sigma [n] -> r [n]."""
+    """PIL's box radius for a Gaussian of sigma made of `passes` extended box blurs (Gwosdek et al.,
+    2011, as in Pillow's _gaussian_blur_radius, in float32 as there): integer part l and fractional
+    part a of r = l + a, chosen so that the `passes` boxes together have variance sigma^2. sigma [n]
+    -> r [n]."""
     s2 = sigma.float() ** 2 / passes
     big = torch.sqrt(12 * s2 + 1)
     lo = torch.floor((big - 1) / 2)
@@ -185,26 +186,31 @@ def box_radius(sigma: torch.Tensor, passes: int = 3) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, passes: int = 3) -> torch.Tensor:
-    """PIL's ImageFilter.GaussianBlur(radius=sigma): x [n, C, h, w] in [0, 1], sigma [n] -> each image blurred
-    with its sigma, values multiples of 1/255. As PIL computes it: the image rounded to 8 bits, then `passes`
-    horizontal and `passes` vertical extended box blurs of radius r = l + a (box_radius): each output pixel
-    weighs the 2l+1 nearest pixels by ww = 1/(2r+1) and the next two by fw = (1 - (2l+1) ww) / 2 (PIL's
-    24-bit fixed-point weights), pixels beyond the border are copies of the edge pixel (every pass clamps to
-    the edge, so the borders are PIL's too), and every pass rounds to a grey level (half up). A blurred
-    impulse therefore has PIL's variance, about sigma^2, also for sigma < 0.5, where a sampled Gaussian
-    kernel is nearly a delta. PIL sums in integers, this in float32: a sum within float32 rounding of a half
-    may round the other way (one grey level). One depthwise convolution per pass, one kernel per image."""
+    """PIL's ImageFilter.GaussianBlur(radius=sigma): x [n, C, h, w] in [0, 1], sigma [n] -> each
+    image blurred with its sigma, values multiples of 1/255. As PIL computes it: the image rounded
+    to 8 bits, then `passes` horizontal and `passes` vertical extended box blurs of radius r = l + a
+    (box_radius): each output pixel weighs the 2l+1 nearest pixels by ww = 1/(2r+1) and the next two
+    by fw = (1 - (2l+1) ww) / 2 (PIL's 24-bit fixed-point weights), pixels beyond the border are
+    copies of the edge pixel (every pass clamps to the edge, so the borders are PIL's too), and
+    every pass rounds to a grey level (half up). A blurred impulse therefore has PIL's variance,
+    about sigma^2, also for sigma < 0.5, where a sampled Gaussian kernel is nearly a delta. PIL sums
+    in integers, this in float32: a sum within float32 rounding of a half may round the other way
+    (one grey level). One depthwise convolution per pass, one kernel per image."""
     n, C, h, w = x.shape
     r = box_radius(sigma, passes)                                             # float32, as PIL
     lo = r.floor().long()
     R = int(lo.max()) + 1                                                     # taps each side
-    ww = torch.floor(torch.tensor(float(1 << 24)) / (2 * r + 1)).long()       # UINT32(2^24 / (2r + 1)), float32
+    # UINT32(2^24 / (2r + 1)), float32
+    ww = torch.floor(torch.tensor(float(1 << 24)) / (2 * r + 1)).long()
     fw = ((1 << 24) - (2 * lo + 1) * ww) // 2
     t = torch.arange(-R, R + 1).abs().view(1, -1)
-    k = torch.where(t <= lo.view(-1, 1), ww.view(-1, 1), torch.where(t == lo.view(-1, 1) + 1, fw.view(-1, 1), 0))
-    k = (k.double() / (1 << 24)).to(x.dtype).repeat_interleave(C, 0).view(n * C, 1, -1)    # [n C, 1, 2 R + 1]
+    lo1 = lo.view(-1, 1)
+    k = torch.where(t <= lo1, ww.view(-1, 1), torch.where(t == lo1 + 1, fw.view(-1, 1), 0))
+    # [n C, 1, 2 R + 1]
+    k = (k.double() / (1 << 24)).to(x.dtype).repeat_interleave(C, 0).view(n * C, 1, -1)
     y = x.reshape(1, n * C, h, w).mul(255).round_()
-    for rows in (True,) * passes + (False,) * passes:                        # along rows, then along columns
+    # along rows, then along columns
+    for rows in (True,) * passes + (False,) * passes:
         pad, kk = ((R, R, 0, 0), k.unsqueeze(2)) if rows else ((0, 0, R, R), k.unsqueeze(3))
         y = F.conv2d(F.pad(y, pad, mode="replicate"), kk, groups=n * C).add_(0.5).floor_()
     return y.view(n, C, h, w).div_(255)

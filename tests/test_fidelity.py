@@ -342,6 +342,25 @@ def test_swin_update_uses_drop_path_free_reembedding_and_per_size_heads(swin):
             assert not torch.equal(m.groups[h], g0[h])
 
 
+def test_swin_group_grad_flows_through_the_reembedding(swin):
+    """--group-grad on Swin-T: the update's features are the drop-path-free re-embedding, so the
+    gradient through the update must reach the network through it (without the option it does
+    not)."""
+    import dataclasses
+    g = torch.Generator().manual_seed(5)
+    on, mo = ([torch.randn(3, 3, px, px, generator=g) for px in (64, 64, 32)] for _ in range(2))
+    grads = {}
+    for gg in (False, True):
+        m = copy.deepcopy(swin)
+        m.cfg = dataclasses.replace(m.cfg, group_grad=gg)
+        torch.manual_seed(7)                                             # the same drop-path masks
+        loss, _, _ = m(on, mo, 0.5)
+        loss.backward()
+        grads[gg] = m.projector[0].weight.grad.clone()
+    # the gradient through the update (1 - beta) mean term adds to the loss's own
+    assert (grads[True] - grads[False]).abs().max() > 1e-6 * grads[False].abs().max()
+
+
 # ---------------------------------------------------------------- checkpoint format
 
 def test_old_checkpoint_refused_in_one_line():

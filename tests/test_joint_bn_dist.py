@@ -1,9 +1,11 @@
-"""One BatchNorm across crop sizes under data parallelism: 2 gloo processes, uneven shards (issue 10).
+"""BatchNorm across crop sizes under data parallelism: 2 gloo processes, uneven shards.
 
 torch's SyncBatchNorm runs on GPUs only. Its reduction -- per-channel sums, sums of squares and pixel
 counts all-reduced over ranks, then divided -- is written out on the CPU here (CPUSyncBN). Because
 backbones.joint_bn calls the norm layer ONCE on the pixels of all crop sizes, such a layer reduces over all
-sizes and all ranks at once: the shards must give exactly the whole batch's joint-BN result.
+sizes and all ranks at once; a shortcut BN is called once per size, reducing each size over all
+ranks. The shards must give exactly the whole batch through the released rule written out by hand
+(release_ref.released_resnet with plain BNs, one process), not through the code under test.
 """
 import os
 
@@ -13,8 +15,8 @@ import torch.distributed.nn.functional as dnn
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-import smog
 from smog_train import backbones
+from release_ref import released_resnet
 from test_core_dist import SPLIT, WORLD, _free_port, shard
 
 TOL = 1e-5
@@ -39,8 +41,10 @@ class CPUSyncBN(nn.BatchNorm2d):
 
 
 def net_and_crops():
+    """A ResNet-18 (small-image stem) cut after stage 2: joint BNs and one strided shortcut."""
     torch.manual_seed(0)
-    net = backbones.SmallCNN(8)
+    net, _ = backbones.build_backbone("resnet18", cifar_stem=True)
+    net.layer3 = net.layer4 = nn.Sequential()
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -48,22 +52,30 @@ def net_and_crops():
                 m.bias.normal_()
     g = torch.Generator().manual_seed(1)
     B = sum(SPLIT)
-    crops = [torch.randn(B, 3, 16, 16, generator=g) for _ in range(2)] + \
-            [torch.randn(B, 3, 8, 8, generator=g) for _ in range(2)]
+    crops = [torch.randn(B, 3, 8, 8, generator=g) for _ in range(2)] + \
+            [torch.randn(B, 3, 4, 4, generator=g) for _ in range(2)]
     return net.train(), crops
+
+
+WATCH = ("bn1", "layer2.0.bn2", "layer2.0.downsample.1")       # stem, a joint BN, the shortcut BN
 
 
 def _job(rank):
     net, crops = net_and_crops()
-    for i, m in enumerate(net.features):
+    for name, m in list(net.named_modules()):
         if isinstance(m, nn.BatchNorm2d):
             sync = CPUSyncBN(m.num_features)
             sync.load_state_dict(m.state_dict())
-            net.features[i] = sync
+            parent, _, leaf = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, leaf, sync)
     out = backbones.encode_crops(net, [shard(c, rank) for c in crops])   # (4 * b_r, F)
     out.square().sum().backward()
-    bn = net.features[-2]
-    return {"out": out.detach(), "grad": net.features[0].weight.grad, "rm": bn.running_mean, "rv": bn.running_var}
+    mods = dict(net.named_modules())
+    res = {"out": out.detach(), "grad": net.conv1.weight.grad, "sgrad": mods[WATCH[2]].weight.grad}
+    for w in WATCH:
+        res |= {w + " rm": mods[w].running_mean, w + " rv": mods[w].running_var,
+                w + " n": mods[w].num_batches_tracked}
+    return res
 
 
 def _worker(rank, port, out_dir):
@@ -80,16 +92,23 @@ def test_joint_bn_two_ranks_equal_whole_batch(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r = [torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in range(WORLD)]
     net, crops = net_and_crops()
-    whole = backbones.encode_crops(net, crops)                            # one process, plain BN, joint
+    # by hand
+    whole = torch.cat(released_resnet(net, [torch.cat(crops[:2]), torch.cat(crops[2:])]))
     whole.square().sum().backward()
+    mods = dict(net.named_modules())
     B, n = sum(SPLIT), len(crops)
     for k in range(WORLD):
         rows = torch.cat([whole[c * B:(c + 1) * B].split(SPLIT)[k] for c in range(n)])
         torch.testing.assert_close(r[k]["out"], rows, rtol=TOL, atol=TOL)
-        torch.testing.assert_close(r[k]["rm"], net.features[-2].running_mean, rtol=TOL, atol=TOL)
-        torch.testing.assert_close(r[k]["rv"], net.features[-2].running_var, rtol=TOL, atol=TOL)
-    torch.testing.assert_close(r[0]["grad"] + r[1]["grad"], net.features[0].weight.grad, rtol=1e-3, atol=1e-4)
+        for w in WATCH:
+            torch.testing.assert_close(r[k][w + " rm"], mods[w].running_mean, rtol=TOL, atol=TOL)
+            torch.testing.assert_close(r[k][w + " rv"], mods[w].running_var, rtol=TOL, atol=TOL)
+            calls = 2 if "downsample" in w else 1                   # the shortcut BN: once per size
+            assert int(r[k][w + " n"]) == int(mods[w].num_batches_tracked) == calls
+    for key, p in (("grad", net.conv1.weight), ("sgrad", mods[WATCH[2]].weight)):
+        torch.testing.assert_close(r[0][key] + r[1][key], p.grad, rtol=1e-3, atol=1e-4)
     # per-shard statistics (no reduction) would give other outputs: the comparison has teeth
     net2, _ = net_and_crops()
-    alone = backbones.encode_crops(net2, [shard(c, 0) for c in crops])
+    alone = torch.cat(released_resnet(net2, [torch.cat([shard(c, 0) for c in crops[:2]]),
+                                             torch.cat([shard(c, 0) for c in crops[2:]])]))
     assert (alone - r[0]["out"]).abs().max() > 1e-3

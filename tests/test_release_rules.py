@@ -18,7 +18,8 @@ from release_ref import released_resnet, released_swin_attention
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-# ---------------------------------------------------------------- BN across sizes, shortcut per size
+# ---------------------------------------------------------------- BN across sizes, shortcut per
+# size
 
 def scrambled(net, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +69,8 @@ def test_resnet_shortcut_bn_per_size_as_released(kind):
     for (name, a), b in zip(net.named_modules(), ref.modules()):
         if isinstance(a, nn.BatchNorm2d):
             shortcut += "downsample" in name
-            assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == (2 if "downsample" in name else 1)
+            calls = 2 if "downsample" in name else 1
+            assert int(a.num_batches_tracked) == int(b.num_batches_tracked) == calls
             torch.testing.assert_close(a.running_mean, b.running_mean, **TOL)
             torch.testing.assert_close(a.running_var, b.running_var, **TOL)
     assert shortcut == (2 if kind == "bottleneck" else 1)
@@ -92,13 +94,15 @@ def test_swin_windows_fixed_from_the_224_layout(swin_t):
     assert all(b.attn.window_size == [7, 7] for s in stages for b in s)
 
 
-@pytest.mark.parametrize("side, stage, block", [(6, 5, 1), (12, 3, 1), (3, 7, 1), (14, 5, 1), (7, 7, 0)])
+@pytest.mark.parametrize("side, stage, block",
+                         [(6, 5, 1), (12, 3, 1), (3, 7, 1), (14, 5, 1), (7, 7, 0)])
 def test_swin_attention_follows_the_released_shift_rule(swin_t, side, stage, block):
     """Maps of 96-px crops (stage 3: 6 x 6, padded to 7 x 7; stage 2: 12; stage 4: 3) and of 224-px
-    crops (stage 3: 14, stage 4: 7): the block's attention equals the released one with the window and
-    shift of the 224-px layout (stage 3's odd blocks shift by 3 also on the 6 x 6 map)."""
+    crops (stage 3: 14, stage 4: 7): the block's attention equals the released one with the window
+    and shift of the 224-px layout (stage 3's odd blocks shift by 3 also on the 6 x 6 map)."""
     attn = swin_t.features[stage][block].attn
-    x = torch.randn(2, side, side, attn.qkv.in_features, generator=torch.Generator().manual_seed(side))
+    g = torch.Generator().manual_seed(side)
+    x = torch.randn(2, side, side, attn.qkv.in_features, generator=g)
     shift = {5: 3, 3: 3, 7: 0}[stage] if block == 1 else 0
     with torch.no_grad():
         torch.testing.assert_close(attn(x), released_swin_attention(attn, x, 7, shift), **TOL)
@@ -108,14 +112,15 @@ def test_swin_attention_follows_the_released_shift_rule(swin_t, side, stage, blo
 
 def test_swin_96px_forward_uses_the_shift_in_stage_3(swin_t):
     calls = []
-    hooks = [swin_t.features[5][1].attn.register_forward_hook(lambda m, i, o: calls.append((i[0], o)))]
+    attn = swin_t.features[5][1].attn
+    hooks = [attn.register_forward_hook(lambda m, i, o: calls.append((i[0], o)))]
     with torch.no_grad():
         swin_t.features[:6](torch.randn(1, 3, 96, 96))                 # up to stage 3
     for h in hooks:
         h.remove()
     (x, y), = calls
     assert x.shape[1:3] == (6, 6)
-    torch.testing.assert_close(y, released_swin_attention(swin_t.features[5][1].attn, x, 7, 3), **TOL)
+    torch.testing.assert_close(y, released_swin_attention(attn, x, 7, 3), **TOL)
 
 
 # ---------------------------------------------------------------- the blur is PIL's
@@ -127,8 +132,9 @@ def pil_blur(img, sigma):
 
 
 def test_gaussian_blur_equals_pils_everywhere_including_borders():
-    """Random uint8 images (the worst case for rounding), sigma over [0.05, 3]: at most 2 grey levels
-    and on average under 0.05 from PIL, on every pixel, borders included (both clamp to the edge)."""
+    """Random uint8 images (the worst case for rounding), sigma over [0.05, 3]: at most 2 grey
+    levels and on average under 0.05 from PIL, on every pixel, borders included (both clamp to the
+    edge)."""
     g = torch.Generator().manual_seed(0)
     sig = torch.linspace(0.05, 3.0, 40)
     imgs = torch.randint(0, 256, (40, 3, 24, 20), generator=g, dtype=torch.uint8)
@@ -155,7 +161,8 @@ def test_blurred_impulse_has_pils_variance(sigma):
     assert var(got) > 0.5 * sigma ** 2                               # not a delta at small sigma
 
 
-# ---------------------------------------------------------------- the recipe's numbers are the release's
+# ---------------------------------------------------------------- the recipe's numbers are the
+# release's
 
 def test_augmentation_recipe_is_the_releases():
     """src/multicropdataset.py (byolAug): blur p 1.0 / 0.1, radius U(0.1, 2.0); solarise p 0 / 0.2;
@@ -165,11 +172,15 @@ def test_augmentation_recipe_is_the_releases():
     from smog_train import config, data
     for kind, blur_p, sol_p in (("A", 1.0, 0.0), ("B", 0.1, 0.2)):
         b = ba.BatchAugment(kind, 24, (0.2, 1.0), blur_scale=0.15)
-        assert (b.blur_p, b.sol_p, b.jitter_p, b.gray_p, b.jitter) == (blur_p, sol_p, 0.8, 0.2, (0.4, 0.4, 0.2, 0.1))
-        assert b.sigma == pytest.approx((0.1 * 0.15, 2.0 * 0.15)) and b.ratio == pytest.approx((3 / 4, 4 / 3))
-        pil = {type(o).__name__: o for o in data.Augmentation(kind, 24, (0.2, 1.0), blur_scale=0.15).pil.transforms}
+        assert (b.blur_p, b.sol_p, b.jitter_p, b.gray_p) == (blur_p, sol_p, 0.8, 0.2)
+        assert b.jitter == (0.4, 0.4, 0.2, 0.1)
+        assert b.sigma == pytest.approx((0.1 * 0.15, 2.0 * 0.15))
+        assert b.ratio == pytest.approx((3 / 4, 4 / 3))
+        aug = data.Augmentation(kind, 24, (0.2, 1.0), blur_scale=0.15)
+        pil = {type(o).__name__: o for o in aug.pil.transforms}
         assert (pil["GaussianBlur"].lo, pil["GaussianBlur"].hi) == pytest.approx((0.015, 0.3))
         assert pil["RandomHorizontalFlip"].p == 0.5
     c = config.parse_config(["--preset", "imagenet-r50"])
-    assert (c.global_scale_min, c.global_scale_max, c.local_scale_min, c.local_scale_max) == (0.2, 1.0, 0.05, 0.2)
+    scales = (c.global_scale_min, c.global_scale_max, c.local_scale_min, c.local_scale_max)
+    assert scales == (0.2, 1.0, 0.05, 0.2)
     assert (c.blur_scale, c.image_size, c.local_size, c.n_local) == (1.0, 224, 96, 4)
