@@ -96,10 +96,17 @@ def test_schedules_warmup_cosine_beta_and_ema():
     c = dataclasses.replace(config.parse_config(["--preset", "imagenet-r50"]), epochs=20, batch_size=2048)
     s = train.schedules(c, 10)
     peak = 4.8 * 2048 / 4096
+    # the released end points (main_SMoG.py): warmup linspace(start, peak, W), then the cosine over
+    # t = 0 .. T-W-1 with period 2 (T - W), one step short of the minimum
     assert s["lr"].shape == (200,) and math.isclose(s["lr"][0], peak * c.warmup_lr_ratio)
-    assert math.isclose(s["lr"][100], peak) and s["lr"][99] < peak
-    assert math.isclose(s["lr"][-1], peak * 0.001, rel_tol=1e-3) and bool((s["lr"][100:].diff() <= 0).all())
-    assert (s["beta"][0], s["beta"][-1]) == (1.0, 0.99) and bool((s["m"] == 0.999).all())
+    assert math.isclose(s["lr"][99], peak) and math.isclose(s["lr"][100], peak)
+    assert math.isclose(s["lr"][98], peak * c.warmup_lr_ratio + 98 / 99 * peak * (1 - c.warmup_lr_ratio))
+    low = peak * 0.001
+    assert math.isclose(s["lr"][-1], low + (peak - low) * (1 + math.cos(math.pi * 99 / 100)) / 2)
+    assert bool((s["lr"][100:].diff() <= 0).all())
+    # C_momentum decreased by (1 - 0.99) / T before each use
+    assert math.isclose(s["beta"][0], 1 - 0.01 / 200) and math.isclose(s["beta"][-1], 0.99)
+    assert bool((s["m"] == 0.999).all())
     m = train.schedules(dataclasses.replace(c, ema_schedule="cosine"), 10)["m"]
     assert math.isclose(m[0], 0.999) and m[-1] > 0.99999 and bool((m.diff() >= 0).all())
 
