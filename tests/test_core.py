@@ -1,4 +1,4 @@
-"""smog.py's functional core and modules against slow loop oracles written here (issue 2).
+"""smog.py's functional core and modules against slow loop oracles written here.
 
 The real multi-process checks live in test_core_dist.py.
 """

@@ -558,7 +558,7 @@ def _call_train_main(argv, capfd) -> tuple:
 
 
 def test_train_bad_inputs_one_line_exit_2_nothing_written(folders, ref1, ref2, tmp_path, capfd):
-    """Every bad input of issue 6 (in this process, train.main): exit 2, exactly one stderr line that
+    """Every bad input (in this process, train.main): exit 2, exactly one stderr line that
     names the problem and the fix, no traceback, out_dir (absent, or holding a run) unchanged."""
     failures = []
     for i, case in enumerate(_train_bad_inputs(folders, ref1, ref2)):
