@@ -1,4 +1,4 @@
-"""Issue 6: reliability of train.py and eval_linear.py, with real processes and real signals.
+"""Reliability of train.py and eval_linear.py, with real processes and real signals.
 
 Faults: SIGKILL (through the test-only fault points of smog_train/faults.py) mid-iteration,
 mid-regroup and half-way through a checkpoint write, for one process and for 2 gloo processes under
