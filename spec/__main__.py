@@ -124,14 +124,15 @@ def verdicts(col: Collector) -> dict:
     return out
 
 
-def optional_left_out(col: Collector) -> dict:
-    """{optional mode: sorted invariant ids} of the tests skipped as not implemented (optional ...)."""
+def skipped_as(col: Collector, prefix: str) -> dict:
+    """{what: sorted invariant ids} of the tests skipped with a reason `prefix` + what + ')'; for the
+    optional modes not implemented and the declarations that made tests n/a."""
     out: dict = {}
     for test, reason in col.reason.items():
-        if col.outcome.get(test) == "skipped" and reason.startswith(OPTIONAL_NOT_IMPLEMENTED):
-            mode = reason[len(OPTIONAL_NOT_IMPLEMENTED):].split(")")[0]
-            out.setdefault(mode, set()).update(col.cites.get(test, ()))
-    return {m: sorted(ids, key=lambda i: (i[0], int(i[1:]))) for m, ids in out.items()}
+        if col.outcome.get(test) == "skipped" and reason.startswith(prefix):
+            what = reason[len(prefix):].split(")")[0]
+            out.setdefault(what, set()).update(col.cites.get(test, ()))
+    return {m: sorted(ids, key=lambda i: ("GLKSMH".index(i[0]), int(i[1:]))) for m, ids in out.items()}
 
 
 def _ancestors(inv: str) -> list:
@@ -144,18 +145,28 @@ def _ancestors(inv: str) -> list:
     return seen
 
 
-def report(verdict: dict, impl: str, profile: str, out=sys.stdout, declared=None, optional=None,
+def _roots(inv: str, verdict: dict) -> list:
+    """The invariants `inv` builds on (harness.DEPENDS, transitively) that fail or are not implemented."""
+    return [d for d in _ancestors(inv) if verdict.get(d, ("",))[0] in BAD]
+
+
+def report(verdict: dict, impl: str, profile: str, out=sys.stdout, declared=None, optional=None, moot=None,
            judge: str = "all") -> int:
     titles = {}
     for doc in DOCS:
         titles.update(dict(TITLE.findall((SPEC_DIR / doc).read_text())))
     kinds = invariant_kinds()
     print(f"spec verdict for {impl} (profile {profile}): one line per invariant of spec/*.md", file=out)
+    if declared:
+        print("declared by the implementation (SPEC_DECLARES):", file=out)
     for name, words in (declared or {}).items():
-        print(f"declared: {name}" + (f" ({words})" if words else "") + f"; {DECLARABLE[name]}", file=out)
+        ids = (moot or {}).get(name)
+        print(f"  {name}" + (f' ("{words}")' if words else "") + f": {DECLARABLE[name]}; "
+              + (f"n/a (declared): its tests of {', '.join(ids)}" if ids else "no test ran that it concerns"), file=out)
+    if optional:
+        print("optional modes the implementation does not implement (NotImplementedError):", file=out)
     for mode, ids in (optional or {}).items():
-        print(f"optional mode not implemented: {mode} (NotImplementedError; the tests of {', '.join(ids)} "
-              f"that need it read not implemented (optional))", file=out)
+        print(f"  {mode}: not implemented (optional): its tests of {', '.join(ids)}", file=out)
     failing = {}
     for kind in ("mathematics", "contract"):
         rows = [(i, v) for i, v in verdict.items() if kinds.get(i) == kind and v[0] != "not run"]
@@ -163,7 +174,7 @@ def report(verdict: dict, impl: str, profile: str, out=sys.stdout, declared=None
             continue
         print(f"\n{KIND_HEADINGS[kind]}", file=out)
         for inv, (status, detail) in rows:
-            roots = [d for d in _ancestors(inv) if verdict.get(d, ("",))[0] in BAD]
+            roots = _roots(inv, verdict)
             shown = "FAIL (consequential)" if status == "FAIL" and roots else status
             extra = f"probably follows from {', '.join(roots)}; " if status == "FAIL" and roots else ""
             title = titles.get(inv, "")
@@ -172,19 +183,21 @@ def report(verdict: dict, impl: str, profile: str, out=sys.stdout, declared=None
         failing[kind] = [i for i, (s, _) in rows if s in BAD]
     print("", file=out)
     for kind in ("mathematics", "contract"):
-        rows = [v for i, v in verdict.items() if kinds.get(i) == kind and v[0] != "not run"]
+        rows = [(i, v) for i, v in verdict.items() if kinds.get(i) == kind and v[0] != "not run"]
         if not rows:
             continue
         counts: dict = {}
-        for status, _ in rows:
+        for _, (status, _) in rows:
             counts[status] = counts.get(status, 0) + 1
-        bad = failing[kind]
-        print(f"{kind}: {len(rows)} invariants: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-              + (f"; failing: {', '.join(bad)}" if bad else "; every one holds"), file=out)
+        roots = [i for i, (s, _) in rows if s == "FAIL" and not _roots(i, verdict)]
+        words = [f"{n} {s}" + (f" ({len(roots)} not consequential: {', '.join(roots)})"
+                               if s == "FAIL" and len(roots) < n else "") for s, n in counts.items()]
+        print(f"{kind}: {len(rows)} invariant{'s' if len(rows) > 1 else ''}: " + ", ".join(words)
+              + ("" if failing[kind] else "; every one holds"), file=out)
     judged = ["mathematics"] if judge == "mathematics" else ["mathematics", "contract"]
     bad = [i for k in judged for i in failing.get(k, [])]
-    print(f"judged: {' and '.join(judged)}" + (f"; exit status 1 ({', '.join(bad)})" if bad else "; exit status 0"),
-          file=out)
+    print(f"judged: {' and '.join(judged)}; "
+          + (f"{len(bad)} FAIL or not implemented, exit status 1" if bad else "exit status 0"), file=out)
     return 1 if bad else 0
 
 
@@ -234,8 +247,8 @@ def main(argv=None) -> int:
         print(buf.getvalue()[-3000:], file=sys.stderr)
         print(f"error: pytest exited with {int(rc)} before judging {args.impl!r}", file=sys.stderr)
         return 2
-    return report(verdicts(col), args.impl, args.profile, declared=declared, optional=optional_left_out(col),
-                  judge=args.judge)
+    return report(verdicts(col), args.impl, args.profile, declared=declared, judge=args.judge,
+                  optional=skipped_as(col, OPTIONAL_NOT_IMPLEMENTED), moot=skipped_as(col, NA_DECLARED))
 
 
 if __name__ == "__main__":

@@ -80,8 +80,8 @@ def invariant_kinds() -> dict:
 # {name: its own words} or a list of names). A declared difference turns the tests it concerns into
 # "n/a (declared)"; the verdict lists every declaration.
 DECLARABLE = {
-    "replicated_kmeans": "spherical_kmeans clusters a memory bank that every rank holds whole (gathered "
-                         "beforehand), so the tests that shard its rows over ranks do not apply (K1, K6, K9)",
+    "replicated_kmeans": "k-means over a memory bank replicated on every rank, so the tests that shard "
+                         "its rows over ranks do not apply",
 }
 
 
