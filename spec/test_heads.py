@@ -164,6 +164,7 @@ def test_fewer_than_two_online_crops_is_a_value_error(impl):
     try:
         impl.smog_multihead_step(g, x, x, x, 0.5, 0.1)
     except Exception as e:  # noqa: BLE001 - the type is what this test checks
-        assert isinstance(e, ValueError), f"one online crop raised {type(e).__name__}; the protocol's error is ValueError"
+        assert isinstance(e, ValueError), \
+            f"one online crop raised {type(e).__name__}; the protocol's error is ValueError"
         return
     raise AssertionError("smog_multihead_step returned with one online crop; the protocol raises ValueError")

@@ -246,6 +246,7 @@ def test_fewer_rows_than_k_is_a_value_error(impl):
     try:
         impl.spherical_kmeans(x, 4, 2, generator=_gen(0))
     except Exception as e:  # noqa: BLE001 - the type is what this test checks
-        assert isinstance(e, ValueError), f"3 rows into k = 4 raised {type(e).__name__}; the protocol's error is ValueError"
+        assert isinstance(e, ValueError), \
+            f"3 rows into k = 4 raised {type(e).__name__}; the protocol's error is ValueError"
         return
     raise AssertionError("3 rows into k = 4 returned; the protocol raises ValueError")

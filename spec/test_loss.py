@@ -258,6 +258,7 @@ def test_logits_and_loss_return_types(impl, dtype, want):
     g = ref_normalise(torch.randn(4, 3, generator=gen, dtype=torch.float64)).to(dtype)
     logits = impl.group_logits(p, g, 0.1)
     assert logits.dtype == want and tuple(logits.shape) == (5, 4), \
-        f"group_logits returned {logits.dtype} {tuple(logits.shape)} for {dtype} inputs; the protocol's is {want} (5, 4)"
+        f"group_logits returned {logits.dtype} {tuple(logits.shape)} for {dtype} inputs; " \
+        f"the protocol's is {want} (5, 4)"
     loss = impl.smog_loss(p, g, torch.tensor([0, 1, 2, 3, 0]), 0.1)
     assert loss.dim() == 0, f"smog_loss returned shape {tuple(loss.shape)}; the protocol's is a 0-dim tensor"

@@ -60,7 +60,8 @@ def _momentum_step_raw_members(protos, emb, labels, beta):
     out = protos.clone()
     for k in range(K):
         if stats[k, D] > 0:
-            out[k] = F.normalize(beta * protos[k].to(ct) + (1 - beta) * stats[k, :D] / stats[k, D], dim=0).to(protos.dtype)
+            moved = beta * protos[k].to(ct) + (1 - beta) * stats[k, :D] / stats[k, D]
+            out[k] = F.normalize(moved, dim=0).to(protos.dtype)
     return out
 
 
