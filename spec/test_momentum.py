@@ -70,7 +70,7 @@ def _schedule_tol(s) -> float:
 def test_beta_schedule_is_linear(impl, start, end, total):
     """beta_t = beta_start + (beta_end - beta_start) t / (T - 1), within the rounding of the returned
     dtype (the exact ends and the dtype are the contract of M5)."""
-    s = impl.beta_schedule(start, end, total)
+    s = torch.as_tensor(impl.beta_schedule(start, end, total))
     assert tuple(s.shape) == (total,), f"{tuple(s.shape)} values for {total} steps"
     t = torch.arange(total, dtype=torch.float64)
     want = start + (end - start) * t / max(total - 1, 1)
@@ -79,7 +79,7 @@ def test_beta_schedule_is_linear(impl, start, end, total):
 
 @invariant("M3")
 def test_beta_schedule_released_recipe(impl):
-    s = impl.beta_schedule(1.0, 0.99, 1001)
+    s = torch.as_tensor(impl.beta_schedule(1.0, 0.99, 1001))
     tol = _schedule_tol(s)
     s = s.double()
     assert abs(float(s[0]) - 1.0) <= tol and abs(float(s[500]) - 0.995) <= tol and abs(float(s[-1]) - 0.99) <= tol, \
@@ -93,6 +93,7 @@ def test_beta_schedule_released_recipe(impl):
 @given(start=st.floats(0.0, 1.0), end=st.floats(0.0, 1.0), total=st.integers(1, 500))
 def test_beta_schedule_is_float64_with_exact_ends(impl, start, end, total):
     s = impl.beta_schedule(start, end, total)
+    assert isinstance(s, torch.Tensor), f"schedule returned as {type(s).__name__}; the protocol's is a float64 tensor"
     assert s.dtype == torch.float64, f"schedule in {s.dtype}; the protocol's is float64"
     assert float(s[0]) == start, f"first value {float(s[0])!r} is not beta_start = {start!r} exactly"
     if total == 1:

@@ -42,10 +42,13 @@ def test_simulated_torch_distributed_on_the_ranks_only():
         parts = [torch.zeros(2) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, torch.tensor([rank, 10.0 * rank]))
         both = all_reduce(torch.tensor([1.0]))               # the handed function shares the sequence
+        objs = [None] * 3
+        dist.all_gather_object(objs, {"rank": rank})
         if rank == 0:                                       # another thread sees the real module
             other = threading.Thread(target=lambda: seen_outside.append(dist.is_initialized()))
             other.start()
             other.join()
+        assert objs == [{"rank": 0}, {"rank": 1}, {"rank": 2}]
         return dist.is_initialized(), dist.get_rank(), dist.get_world_size(), t, b, parts, both
 
     out = run_ranks(3, fn)
