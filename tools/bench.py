@@ -69,7 +69,7 @@ class BenchConfig:
     preset: str = "cpu-small"
     device: str = "auto"            # auto (cuda if available) | cpu | cuda
     threads: int = 1                # torch intra-op threads; 0 keeps torch's default
-    malloc_top_pad_mb: int = 0      # >0: glibc mallopt(M_TOP_PAD) before anything runs (see BENCHMARKS.md)
+    malloc_top_pad_mb: int = 0      # >0: glibc mallopt(M_TOP_PAD) before anything runs (see docs/BENCHMARKS.md)
     sections: str = "step,jointbn,update,kmeans,input,crops"
     out: str = "bench.json"
     profile: bool = False           # torch.profiler tables of both steps after the timed runs
@@ -116,7 +116,7 @@ class BenchConfig:
 
 PRESETS = {
     # train.py's demo model (smallcnn, D=64, K=60, H=3, 2x32 + 2x16 px crops, SGD) at half the demo's batch,
-    # so that enough interleaved pairs fit in 2 minutes; one intra-op thread (see BENCHMARKS.md: on a
+    # so that enough interleaved pairs fit in 2 minutes; one intra-op thread (see docs/BENCHMARKS.md: on a
     # shared 2-core machine two threads were 2-3x slower and far noisier), the other core loads data.
     "cpu-small": {},
     "r50-224": dict(threads=0, arch="resnet50", dim=128, hidden_dim=2048, n_groups=3000, n_heads=3, batch=256,
