@@ -68,7 +68,8 @@ def train(cfg: Config) -> int:
     if cfg.augment == "tensor" and data.in_memory_arrays(train_raw) is None \
             and not isinstance(train_raw, data.ImageFolderDataset):
         raise UsageError(f"--augment tensor needs a dataset held as one array (demo, cifar10, "
-                         f"cifar100, stl10) or an image folder, not {cfg.data}; use --augment pil or auto")
+                         f"cifar100, stl10) or an image folder, not {cfg.data}; use --augment "
+                         f"pil or auto")
     micro, spe = batch_geometry(cfg, len(train_raw), world)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"))

@@ -57,8 +57,9 @@ class BatchAugment:
         return self.finish(x, u)
 
     def finish(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Everything after crop + resize + flip: x float [n, 3, size, size] in [0, 1] (overwritten), u its
-        rows -> uint8 crops. Shared by __call__ and the crops of sources of different sizes (resized_crops)."""
+        """Everything after crop + resize + flip: x float [n, 3, size, size] in [0, 1]
+        (overwritten), u its rows -> uint8 crops. Shared by __call__ and the crops of sources of
+        different sizes (resized_crops)."""
         x = color_jitter(x, u, self.jitter, self.jitter_p)
         gray = u[:, _GRAY] < self.gray_p
         x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
@@ -100,8 +101,8 @@ def interpolation_matrix(start: torch.Tensor, length: torch.Tensor, size: int, n
     around its centre c = start + (o + 0.5) * length / size, s = max(1, length / size) (antialiased when
     shrinking), restricted to the crop and normalised to sum 1."""
     step = (length / size).view(-1, 1, 1)
-    centre = start.view(-1, 1, 1) + (torch.arange(size, dtype=step.dtype, device=step.device).view(1, -1, 1)
-                                     + 0.5) * step
+    o = torch.arange(size, dtype=step.dtype, device=step.device).view(1, -1, 1)
+    centre = start.view(-1, 1, 1) + (o + 0.5) * step
     p = torch.arange(n_in, dtype=step.dtype, device=step.device).view(1, 1, -1)
     wt = (1 - (p + 0.5 - centre).abs() / step.clamp(min=1)).clamp_(min=0)
     wt = wt * ((p >= start.view(-1, 1, 1)) & (p < (start + length).view(-1, 1, 1)))
@@ -128,41 +129,47 @@ def resized_crop(src: torch.Tensor, i, j, h, w, size: int, channels: int, flip: 
 
 
 
-# sources of different sizes (image folders): each crop's box from its own source's size, crop + resize per
-# crop on the CPU (torch's antialiased uint8 resize, PIL's algorithm), one batched matmul on a GPU
+# sources of different sizes (image folders): each crop's box from its own source's size, crop +
+# resize per crop on the CPU (torch's antialiased uint8 resize, PIL's algorithm), batched matmuls on
+# a GPU
 
 
-def crop_boxes_sized(u: torch.Tensor, H: torch.Tensor, W: torch.Tensor, scale: tuple, ratio: tuple) -> tuple:
-    """crop_boxes with each row's own source size H, W (integer tensors [n]); for equal sizes the same
-    numbers as crop_boxes(u, H, W, ...) (tests/test_batch_augment.py)."""
+def crop_boxes_sized(u: torch.Tensor, H: torch.Tensor, W: torch.Tensor, scale: tuple,
+                     ratio: tuple) -> tuple:
+    """crop_boxes with each row's own source size H, W (integer tensors [n]); for equal sizes the
+    same numbers as crop_boxes(u, H, W, ...) (tests/test_folder_tensor.py)."""
     Hf, Wf = H.to(u.dtype).view(-1, 1), W.to(u.dtype).view(-1, 1)
-    area = (H * W).to(u.dtype).view(-1, 1) * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA:_AREA + ATTEMPTS])
+    s = scale[0] + (scale[1] - scale[0]) * u[:, _AREA:_AREA + ATTEMPTS]
+    area = (H * W).to(u.dtype).view(-1, 1) * s
     lr = (math.log(ratio[0]), math.log(ratio[1]))
     aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, _RATIO:_RATIO + ATTEMPTS])
     w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= Wf) & (h > 0) & (h <= Hf)
     first = fits.to(torch.uint8).argmax(1, keepdim=True)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    Hd, Wd = H.double(), W.double()                                 # the fallback in Python's float64
+    Hd, Wd = H.double(), W.double()                     # the fallback in Python's float64
     tall, wide = Wd / Hd < ratio[0], Wd / Hd > ratio[1]
     fw = torch.where(wide, torch.round(Hd * ratio[1]), Wd)
     fh = torch.where(tall, torch.round(Wd / ratio[0]), Hd)
     ok = fits.any(1)
     w, h = torch.where(ok, w, fw.to(u.dtype)), torch.where(ok, h, fh.to(u.dtype))
-    i = torch.where(ok, torch.floor(u[:, _POS] * (Hf[:, 0] - h + 1)), torch.floor((Hd - fh) / 2).to(u.dtype))
-    j = torch.where(ok, torch.floor(u[:, _POS + 1] * (Wf[:, 0] - w + 1)), torch.floor((Wd - fw) / 2).to(u.dtype))
+    i = torch.where(ok, torch.floor(u[:, _POS] * (Hf[:, 0] - h + 1)),
+                    torch.floor((Hd - fh) / 2).to(u.dtype))
+    j = torch.where(ok, torch.floor(u[:, _POS + 1] * (Wf[:, 0] - w + 1)),
+                    torch.floor((Wd - fw) / 2).to(u.dtype))
     return i, j, h, w
 
 
 def resized_crops(images: list, k: torch.Tensor, i, j, h, w, size: int, flip: torch.Tensor,
                   method: Optional[str] = None) -> torch.Tensor:
-    """Crop the box (i, j, h, w) of images[k] (uint8 [C, H_k, W_k], sizes may differ) and resize it to
-    size x size, mirrored where flip -> float [n, C, size, size] in [0, 1], on the images' device.
-    method "interp": one antialiased bilinear resize per crop of the uint8 box (torch's implementation of
-    PIL's filter, rounding as PIL does), cost ~ the box's pixels: the CPU default. "matmul": the sources
-    zero-padded to a common size and every crop one pair of batched matmuls with interpolation matrices
-    that read only its box (resized_crop's arithmetic): cost ~ size x the padded source, few large kernels,
-    the GPU default. The two differ by PIL's rounding (at most one grey level, tests/test_batch_augment.py)."""
+    """Crop the box (i, j, h, w) of images[k] (uint8 [C, H_k, W_k], sizes may differ), resize it to
+    size x size, mirror it where flip -> float [n, C, size, size] in [0, 1], on the images' device.
+    method "interp": one antialiased bilinear resize per crop of the uint8 box (torch's version of
+    PIL's filter, rounding as PIL does); cost ~ the box's pixels; the CPU default. "matmul": the
+    sources zero-padded to a common size, every crop a pair of batched matmuls with interpolation
+    matrices that read only its box (resized_crop's arithmetic); cost ~ size x the padded source, in
+    a few large kernels; the GPU default. Both within one grey level of PIL
+    (tests/test_folder_tensor.py)."""
     dev = images[0].device
     method = method or ("matmul" if dev.type == "cuda" else "interp")
     n, C = len(k), images[0].shape[0]
@@ -170,7 +177,8 @@ def resized_crops(images: list, k: torch.Tensor, i, j, h, w, size: int, flip: to
         return torch.empty(0, C, size, size, device=dev)
     if method == "interp":
         out = torch.empty(n, C, size, size, dtype=torch.uint8, device=dev)
-        for c, (kk, ii, jj, hh, ww) in enumerate(zip(*(t.long().tolist() for t in (k, i, j, h, w)))):
+        boxes = zip(*(t.long().tolist() for t in (k, i, j, h, w)))
+        for c, (kk, ii, jj, hh, ww) in enumerate(boxes):
             box = images[kk][None, :, ii:ii + hh, jj:jj + ww]
             out[c] = F.interpolate(box, size=(size, size), mode="bilinear", antialias=True,
                                    align_corners=False)[0]
@@ -190,8 +198,8 @@ def resized_crops(images: list, k: torch.Tensor, i, j, h, w, size: int, flip: to
         for r, src_k in enumerate(used.tolist()):
             pad[r, :, :images[src_k].shape[1], :images[src_k].shape[2]] = images[src_k]
         src = source_rows(pad)[inv]                                  # [chunk, Hm, C Wm]
-        out[sel] = resized_crop(src, i.to(dev)[sel], j.to(dev)[sel], h.to(dev)[sel], w.to(dev)[sel], size, C,
-                                flip=flip.to(dev)[sel])
+        box = [t.to(dev)[sel] for t in (i, j, h, w)]
+        out[sel] = resized_crop(src, *box, size, C, flip=flip.to(dev)[sel])
     return out
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -209,14 +217,16 @@ def rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(chroma > 0, sector / 6, torch.zeros_like(sector))
     hue = (hue + shift.view(-1, 1, 1)) % 1.0
     # HSV -> RGB: channel n in (5, 3, 1) is v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6
-    k = (torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    n531 = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = (n531 + 6 * hue.unsqueeze(1)) % 6
     return v.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def jitter_factors(u: torch.Tensor, strength: tuple) -> torch.Tensor:
     """ColorJitter(b, c, s, h) factors per row -> [n, 4]: 1 +- b, 1 +- c, 1 +- s (multiplicative), +- h (hue turns)."""
-    lo = torch.tensor([1 - strength[0], 1 - strength[1], 1 - strength[2], -strength[3]], device=u.device)
-    hi = torch.tensor([1 + strength[0], 1 + strength[1], 1 + strength[2], strength[3]], device=u.device)
+    b, c, s, h = strength
+    lo = torch.tensor([1 - b, 1 - c, 1 - s, -h], device=u.device)
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h], device=u.device)
     return lo + (hi - lo) * u[:, _FACT:_FACT + 4]
 
 

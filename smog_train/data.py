@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from smog_train import decode
-from smog_train.batch_augment import _FLIP, N_UNIFORM, BatchAugment, crop_boxes_sized, resized_crops, source_rows
+from smog_train.batch_augment import (_FLIP, N_UNIFORM, BatchAugment, crop_boxes_sized,
+                                     resized_crops, source_rows)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
@@ -516,10 +517,11 @@ class MultiCropViews:
         return crops[:m], crops[m:]
 
     def batch_sources(self, images: list, seeds: list, online: list) -> tuple:
-        """batch() for sources of different sizes (image folders): images a list of uint8 [3, H_b, W_b] on
-        one device -> the same lists of crops, on that device. Each crop's box is drawn from its own
-        source's size with crop_boxes' rule; crop + resize by batch_augment.resized_crops, the rest of
-        the set's operations batched as in batch(). An item's crops depend on its seed only."""
+        """batch() for sources of different sizes (image folders): images a list of uint8
+        [3, H_b, W_b] on one device -> the same lists of crops, on that device. Each crop's box is
+        drawn from its own source's size with crop_boxes' rule; crop + resize by
+        batch_augment.resized_crops, the set's other operations batched as in batch(). An item's
+        crops depend on its seed only."""
         dev = images[0].device
         m, n = 2 + self.n_local, len(seeds)
         u = torch.stack([item_uniforms(s, 2 * m) for s in seeds]).to(dev)   # [n, 2m, N_UNIFORM]
@@ -530,7 +532,7 @@ class MultiCropViews:
         for glob in (True, False):
             slots = [c for c in range(2 * m) if (c % m < 2) == glob]
             aug, r = (self.glob if glob else self.loc), len(slots)
-            geo = aug["A"].batch                              # sets A and B share size, scale and ratio
+            geo = aug["A"].batch                    # sets A and B share size, scale and ratio
             uu = u[:, slots].reshape(n * r, N_UNIFORM)          # row b r + t: item b, slot t
             k = torch.arange(n, device=dev).repeat_interleave(r)
             i, j, h, w = crop_boxes_sized(uu, H[k], W[k], geo.scale, geo.ratio)
@@ -547,16 +549,17 @@ class MultiCropViews:
 
 
 def decode_on_device(device, workers: int) -> bool:
-    """Where an image folder's batches are decoded and cropped on the tensor path: by the training process on
-    a GPU (the workers only read bytes); on a CPU-only run in the loader workers when there are any (the
-    same operations, on the same CPU, overlapped with the step), else in the training process."""
+    """Where an image folder's batches are decoded and cropped on the tensor path: by the training
+    process on a GPU (the workers only read bytes); on a CPU-only run in the loader workers when
+    there are any (the same operations on the same CPU, overlapped with the step), else in the
+    training process."""
     return torch.device(device).type != "cpu" or workers <= 0
 
 
 class EncodedBatch:
-    """One batch of image-folder keys as a loader worker leaves it for the device: JPEG files as bytes
-    (uint8 [n]); other formats already decoded by PIL in the worker (uint8 [3, H, W]). ViewsDataset.finish
-    makes the views."""
+    """One batch of image-folder keys as a loader worker leaves it for the device: JPEG files as
+    bytes (uint8 [n]); other formats already decoded by PIL in the worker (uint8 [3, H, W]).
+    ViewsDataset.finish makes the views."""
 
     def __init__(self, keys: list, blobs: list):
         self.keys, self.blobs = keys, blobs
@@ -586,7 +589,8 @@ class ViewsDataset(torch.utils.data.Dataset):
     made at once with tensor ops (MultiCropViews.batch; the DataLoader calls __getitems__); else crop by crop
     with PIL."""
 
-    def __init__(self, base, views: MultiCropViews, batched: bool = False, decode_on_device: bool = False):
+    def __init__(self, base, views: MultiCropViews, batched: bool = False,
+                 decode_on_device: bool = False):
         self.base, self.views = base, views
         self.arrays = in_memory_arrays(base) if batched else None
         self.folder = batched and isinstance(base, ImageFolderDataset) and base.transform is None
@@ -610,8 +614,8 @@ class ViewsDataset(torch.utils.data.Dataset):
     # image folders, batched: workers read bytes, the device decodes and crops (decode.py)
 
     def read(self, keys: list) -> EncodedBatch:
-        """A loader worker's share: each JPEG's bytes; other formats decoded with PIL here (their only
-        decoder), under --bad-images as on the PIL path."""
+        """A loader worker's share: each JPEG's bytes; other formats decoded with PIL here (their
+        only decoder), under --bad-images as on the PIL path."""
         blobs = []
         for i, _, _ in keys:
             blob = decode.read_bytes(self.base.samples[i][0])
@@ -621,19 +625,21 @@ class ViewsDataset(torch.utils.data.Dataset):
         return EncodedBatch(list(keys), blobs)
 
     def finish(self, batch: EncodedBatch, device) -> tuple:
-        """Decode (decode.decode_rgb) and crop (MultiCropViews.batch_sources) one batch on `device`
-        -> (online crops, momentum crops, dataset indices), what the loader yields for arrays. A JPEG the
-        decoder refuses is read through the PIL path (self.base[i]): decoded if PIL can, else --bad-images
-        (fail naming the file, or skip: the next readable image of the folder, reported once)."""
+        """Decode (decode.decode_rgb) and crop (MultiCropViews.batch_sources) one batch on
+        `device` -> (online crops, momentum crops, dataset indices), what the loader yields for
+        arrays. A JPEG the decoder refuses is read through the PIL path (self.base[i]): decoded if
+        PIL can, else --bad-images (fail naming the file, or skip: the next readable image of the
+        folder, reported once)."""
         device = torch.device(device)
-        imgs = decode.decode_rgb([b if b.dim() == 1 else torch.empty(0, dtype=torch.uint8) for b in batch.blobs],
-                                 device)
+        none = torch.empty(0, dtype=torch.uint8)
+        imgs = decode.decode_rgb([b if b.dim() == 1 else none for b in batch.blobs], device)
         for b, (key, blob) in enumerate(zip(batch.keys, batch.blobs)):
             if blob.dim() == 3:
                 imgs[b] = blob.to(device)
             elif imgs[b] is None:
                 imgs[b] = pil_to_tensor(self.base[key[0]][0]).to(device)
-        on, mo = self.views.batch_sources(imgs, [k[2] for k in batch.keys], [k[1] for k in batch.keys])
+        seeds, online = [k[2] for k in batch.keys], [k[1] for k in batch.keys]
+        on, mo = self.views.batch_sources(imgs, seeds, online)
         return on, mo, torch.tensor([k[0] for k in batch.keys])
 
     def batches(self, it, device):
@@ -643,7 +649,8 @@ class ViewsDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def collate(items):
-        """The DataLoader's collate_fn: an EncodedBatch or finished batch (a tuple) as it is, else the default."""
+        """The DataLoader's collate_fn: an EncodedBatch or a finished batch (a tuple) as it is,
+        else the default."""
         if isinstance(items, (EncodedBatch, tuple)):
             return items
         return torch.utils.data.default_collate(items)

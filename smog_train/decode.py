@@ -1,11 +1,12 @@
-"""Image files as bytes, decoded per batch on the training device (the image-folder tensor path, data.py).
+"""Image files as bytes, decoded per batch on the training device (data.py's tensor path for image
+folders).
 
-Loader workers only read each file's bytes (read_bytes); the process that holds the device decodes the
-batch (decode_rgb): JPEGs with torchvision.io.decode_jpeg -- batched nvJPEG with device="cuda", libjpeg-turbo
-on the CPU -- as RGB (greyscale and CMYK JPEGs converted as PIL converts them: on this project's CPU the
-pixels equal PIL's, tests/test_decode.py). Anything the decoder refuses (another format, a corrupt file)
-comes back as None; data.py then reads that item through the PIL path, which decodes other formats as
-PIL always did and applies --bad-images to files nothing can read. EXIF orientation is not applied, as
+Loader workers only read each file's bytes (read_bytes); the process that makes the crops decodes
+the batch (decode_rgb): JPEGs with torchvision.io.decode_jpeg -- batched nvJPEG with device="cuda",
+libjpeg-turbo on the CPU -- as RGB, greyscale and CMYK JPEGs converted as PIL converts them (on
+this project's CPU the pixels equal PIL's, tests/test_folder_tensor.py). What the decoder refuses
+(a corrupt file) comes back as None; data.py then reads that item through the PIL path, which
+decodes what PIL can and applies --bad-images to the rest. EXIF orientation is not applied, as
 on the PIL path (torchvision's ImageFolder loader ignores it too).
 """
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Optional
 import torch
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+_FAILED = (RuntimeError, ValueError, UserWarning)
 
 
 def read_bytes(path: str) -> torch.Tensor:
-    """The file's bytes as uint8 [n]; empty when it cannot be read (decoding then fails -> PIL path)."""
+    """The file's bytes as uint8 [n]; empty when it cannot be read (decoding fails -> PIL path)."""
     try:
         with open(path, "rb") as f:
             return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
@@ -32,7 +34,7 @@ def is_jpeg(blob: torch.Tensor) -> bool:
 
 
 def jpeg_components(blob: torch.Tensor) -> int:
-    """Colour components of a JPEG from its frame header (1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK); 0 if none found."""
+    """Colour components in a JPEG's frame header: 1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK; 0 not found."""
     b, p = blob[:65536].numpy().tobytes(), 2
     while p + 10 <= len(b) and b[p] == 0xFF:
         marker, length = b[p + 1], (b[p + 2] << 8) | b[p + 3]
@@ -45,30 +47,31 @@ def jpeg_components(blob: torch.Tensor) -> int:
 def _decode_jpegs(blobs: list, device: torch.device) -> list:
     from torchvision.io import ImageReadMode, decode_jpeg
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)   # torchvision 0.29: decoders move to TorchCodec
-        warnings.simplefilter("error", UserWarning)  # a decoder warning (corrupt data) counts as a failure
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29: see TorchCodec
+        warnings.simplefilter("error", UserWarning)  # a decoder warning (corrupt data): a failure
         if device.type == "cuda":
             return decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
         return [decode_jpeg(b, mode=ImageReadMode.RGB) for b in blobs]
 
 
 def decode_rgb(blobs: list, device: torch.device) -> list:
-    """uint8 byte tensors -> one uint8 [3, H, W] on `device` per blob, or None where torchvision cannot
-    decode it (not a JPEG, corrupt). One batched call for all JPEGs; if it fails, one call per JPEG, so
-    one bad file costs only itself."""
+    """uint8 byte tensors -> one uint8 [3, H, W] on `device` per blob, or None where torchvision
+    cannot decode it (not a JPEG, corrupt). One batched call for all JPEGs; if that fails, one call
+    per JPEG, so a bad file costs only itself."""
+    device = torch.device(device)
     out: list = [None] * len(blobs)
     jpegs = [k for k, b in enumerate(blobs) if is_jpeg(b)]
-    if device.type == "cuda":                     # CMYK / YCCK: libjpeg's conversion (PIL's), then copied
+    if device.type == "cuda":  # CMYK / YCCK: libjpeg's conversion (PIL's) on the CPU, then copied
         for k in [k for k in jpegs if jpeg_components(blobs[k]) == 4]:
-            out[k] = _decode_one(blobs[k], torch.device("cpu"))
-            out[k] = None if out[k] is None else out[k].to(device)
-        jpegs = [k for k in jpegs if out[k] is None and jpeg_components(blobs[k]) != 4]
+            x = _decode_one(blobs[k], torch.device("cpu"))
+            out[k] = None if x is None else x.to(device)
+        jpegs = [k for k in jpegs if jpeg_components(blobs[k]) != 4]
     if not jpegs:
         return out
     try:
         for k, x in zip(jpegs, _decode_jpegs([blobs[k] for k in jpegs], device)):
             out[k] = x
-    except (RuntimeError, ValueError, UserWarning):
+    except _FAILED:
         for k in jpegs:
             out[k] = _decode_one(blobs[k], device)
     return out
@@ -77,10 +80,10 @@ def decode_rgb(blobs: list, device: torch.device) -> list:
 def _decode_one(blob: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
     try:
         return _decode_jpegs([blob], device)[0]
-    except (RuntimeError, ValueError, UserWarning):
-        if device.type == "cuda":                 # nvJPEG may refuse what libjpeg reads (e.g. some CMYK)
+    except _FAILED:
+        if device.type == "cuda":  # nvJPEG may refuse what libjpeg reads
             try:
                 return _decode_jpegs([blob], torch.device("cpu"))[0].to(device)
-            except (RuntimeError, ValueError, UserWarning):
+            except _FAILED:
                 return None
         return None
