@@ -17,6 +17,7 @@ a linear probe on raw pixels and one on a random encoder are both weak.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -529,6 +530,9 @@ class MultiCropViews:
         H = torch.tensor([x.shape[-2] for x in images], device=dev)
         W = torch.tensor([x.shape[-1] for x in images], device=dev)
         crops = [None] * (2 * m)
+        # a GPU: constants the operations make (kernels, jitter ranges) on it too; not on the CPU,
+        # where the device context would cost a Python call per operation
+        on_device = torch.device(dev) if dev.type != "cpu" else contextlib.nullcontext()
         for glob in (True, False):
             slots = [c for c in range(2 * m) if (c % m < 2) == glob]
             aug, r = (self.glob if glob else self.loc), len(slots)
@@ -542,7 +546,8 @@ class MultiCropViews:
             out = torch.empty(x.shape, dtype=torch.uint8, device=dev)
             for kk, sel in (("A", set_a), ("B", ~set_a)):
                 if bool(sel.any()):
-                    out[sel] = aug[kk].batch.finish(x[sel], uu[sel])
+                    with on_device:
+                        out[sel] = aug[kk].batch.finish(x[sel], uu[sel])
             for t, c in enumerate(slots):
                 crops[c] = out[:, t].contiguous()
         return crops[:m], crops[m:]
