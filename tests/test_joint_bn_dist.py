@@ -1,4 +1,4 @@
-"""One BatchNorm across crop sizes under data parallelism: 2 gloo processes, uneven shards (issue 10).
+"""One BatchNorm across crop sizes under data parallelism: 2 gloo processes, uneven shards.
 
 torch's SyncBatchNorm runs on GPUs only. Its reduction -- per-channel sums, sums of squares and pixel
 counts all-reduced over ranks, then divided -- is written out on the CPU here (CPUSyncBN). Because
