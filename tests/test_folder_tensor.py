@@ -3,6 +3,7 @@ MultiCropViews.batch_sources, ViewsDataset.read / finish) against independent re
 torchvision's RandomResizedCrop rule as a scalar oracle, PIL's decoder and resized crop, and the PIL
 pipeline's crop statistics, on sources of several sizes and aspect ratios (greyscale and CMYK
 JPEGs, PNGs included)."""
+import functools
 import json
 import math
 import os
@@ -123,11 +124,14 @@ def test_decoded_pixels_equal_pil(folder, base):
     assert sum(x is not None for x in decoded) == jpegs
 
 
-@pytest.mark.parametrize("on_device", [False, True])
-def test_folder_item_crops_do_not_depend_on_the_batch(base, on_device):
+@pytest.mark.parametrize("on_device,method", [(False, None), (True, None), (True, "matmul")])
+def test_folder_item_crops_do_not_depend_on_the_batch(base, on_device, method, monkeypatch):
     """An item's crops are a function of its seed: alone, or at any place in a batch, made in a
-    worker or on the device (finish in the training process); crop sizes and dtypes as the
-    in-memory path's."""
+    worker or on the device (finish in the training process), with either resize (matmul: the GPU
+    default); crop sizes and dtypes as the in-memory path's."""
+    if method:
+        resize = functools.partial(ba.resized_crops, method=method)
+        monkeypatch.setattr(data, "resized_crops", resize)
     ds = data.ViewsDataset(base, data.MultiCropViews(32, 16, 2), batched=True,
                            decode_on_device=on_device)
     keys = [(i % len(base), "AB"[i % 2], 500 + i) for i in range(20)]
