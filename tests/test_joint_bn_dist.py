@@ -106,7 +106,8 @@ def test_joint_bn_two_ranks_equal_whole_batch(tmp_path):
             calls = 2 if "downsample" in w else 1                   # the shortcut BN: once per size
             assert int(r[k][w + " n"]) == int(mods[w].num_batches_tracked) == calls
     for key, p in (("grad", net.conv1.weight), ("sgrad", mods[WATCH[2]].weight)):
-        torch.testing.assert_close(r[0][key] + r[1][key], p.grad, rtol=1e-3, atol=1e-4)
+        scale = float(p.grad.abs().max())                   # float32 sums in another order
+        torch.testing.assert_close(r[0][key] + r[1][key], p.grad, rtol=1e-3, atol=1e-4 * scale)
     # per-shard statistics (no reduction) would give other outputs: the comparison has teeth
     net2, _ = net_and_crops()
     alone = torch.cat(released_resnet(net2, [torch.cat([shard(c, 0) for c in crops[:2]]),

@@ -184,3 +184,20 @@ def test_augmentation_recipe_is_the_releases():
     scales = (c.global_scale_min, c.global_scale_max, c.local_scale_min, c.local_scale_max)
     assert scales == (0.2, 1.0, 0.05, 0.2)
     assert (c.blur_scale, c.image_size, c.local_size, c.n_local) == (1.0, 224, 96, 4)
+
+
+# ---------------------------------------------------------------- online set parity
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_online_set_parity_restarts_every_epoch(accum):
+    """main_SMoG.py: `if it % 2 == 0: q = inputs` with `it` the loader index, from 0 every epoch;
+    with an odd number of steps per epoch the parity of the global step would differ from it. Under
+    --accum every micro-batch of a step has the step's set."""
+    from smog_train import batches
+    s = batches.StepBatches(n=30 * accum, rank=0, world=1, micro=2, accum=accum, seed=0)
+    assert s.steps == 15
+    for epoch in (0, 1, 2):
+        s.set_epoch(epoch)
+        sets = [mb[0][1] for mb in s]
+        assert sets == ["A" if k // accum % 2 == 0 else "B" for k in range(15 * accum)]
+        assert all(len({it[1] for it in mb}) == 1 for mb in s)
