@@ -38,7 +38,20 @@ class MemoryBank:
         out[order] = rows
         return out.transpose(0, 1).contiguous()
 
+    def rows(self, j: int, idx: torch.Tensor) -> torch.Tensor:
+        """bank[j, idx] [len(idx), D] on every rank, gathered from the shards that hold them
+        (collective, exact: rows are moved, not summed)."""
+        idx = idx.to(self.local.device)
+        mine = idx % self.world == self.rank
+        pos = launch.all_gather_rows(torch.nonzero(mine).flatten())
+        got = launch.all_gather_rows(self.local[j, idx[mine] // self.world].contiguous())
+        out = torch.empty(len(idx), self.local.shape[2], dtype=self.local.dtype, device=self.local.device)
+        out[pos] = got
+        return out
+
     def load(self, full: torch.Tensor) -> None:
+        """The whole bank in dataset order [2, N, D] (a checkpoint's, written with any number of
+        ranks) -> this rank's shard: re-sharding is exact, whatever the world size that wrote it."""
         if tuple(full.shape) != (2, self.n, self.local.shape[2]):
             raise UsageError(f"checkpoint memory bank has shape {tuple(full.shape)}, expected "
                              f"{(2, self.n, self.local.shape[2])}; the dataset or --dim changed")
