@@ -128,9 +128,11 @@ def check_resume(ck: dict, cfg, runtime_fields: set, world: int, path: str) -> N
             raise UsageError(f"cannot resume {path!r}: its config has no field {f.name!r} (written by an older "
                              f"train.py); use a new --out-dir")
         if old[f.name] != getattr(cfg, f.name):
+            flag = f.name.replace('_', '-')
+            fix = (f"--{flag}" if old[f.name] else f"--no-{flag}") if isinstance(old[f.name], bool) else \
+                f"--{flag} {old[f.name]}"
             raise UsageError(f"cannot resume {path!r}: config field {f.name!r} is {old[f.name]!r} in the checkpoint but "
-                             f"{getattr(cfg, f.name)!r} now; pass --{f.name.replace('_', '-')} {old[f.name]} or use a "
-                             f"new --out-dir")
+                             f"{getattr(cfg, f.name)!r} now; pass {fix} or use a new --out-dir")
 
 
 def prepare_out_dir(out_dir: str, config_json: str, resumed: bool, same_dir: bool, log_offset: int) -> None:

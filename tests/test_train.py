@@ -194,7 +194,7 @@ def test_kill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
     a = checkpoint.load_checkpoint(str(tmp_path / "full" / "checkpoint.pth"))
     b = checkpoint.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pth"))
     assert a["step"] == 12
-    for k in ("model", "optimizer", "bank", "rng", "knn", "step", "epoch"):
+    for k in ("model", "optimizer", "bank", "knn", "step", "epoch"):
         assert_same(a[k], b[k], k)
     la = [{k: r[k] for k in DETERMINISTIC if k in r} for r in records(tmp_path / "full", "step") + records(
         tmp_path / "full", "epoch")]
@@ -212,7 +212,7 @@ def test_two_gloo_processes_agree_on_groups(tmp_path):
     steps = records(tmp_path / "dist", "step")
     assert len(steps) == 12 and all(math.isfinite(s["loss"]) for s in steps)  # 96 / 2 ranks / (4 x 2 accum): 6 per epoch
     ck = checkpoint.load_checkpoint(str(tmp_path / "dist" / "checkpoint.pth"))
-    assert ck["format"] == checkpoint.FORMAT and ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert ck["format"] == checkpoint.FORMAT and ck["world_size"] == 2 and "rng" not in ck
     assert ck["bank"].shape == (2, 96, 16) and torch.allclose(ck["bank"].norm(dim=-1), torch.ones(2, 96))
     assert ck["config"]["model"]["n_groups"] == 8 and ck["step"] == 12
 
