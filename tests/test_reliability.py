@@ -178,12 +178,12 @@ def ref2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cut2(tmp_path_factory):
-    """The run of ref2, rank 1 SIGKILLed in step 7 (mid-epoch 1): out_dir holds the checkpoint written
-    after step 5 (step=6). Tests copy it before resuming."""
+    """The run of ref2, rank 1 SIGKILLed in step 3 (mid-epoch 0): out_dir holds the checkpoint written
+    after step 2 (step=3). Tests copy it before resuming."""
     out = tmp_path_factory.mktemp("cut2") / "run"
-    r = run(train_cmd(out, nproc=2), env={"SMOG_TEST_DIE_AT_STEP": 7, "SMOG_TEST_DIE_RANK": 1})
-    assert r.returncode != 0 and "SIGKILL self: at step 7" in r.stderr, r.stderr[-3000:]
-    assert load(out / "checkpoint.pth")["step"] == 6
+    r = run(train_cmd(out, nproc=2), env={"SMOG_TEST_DIE_AT_STEP": 3, "SMOG_TEST_DIE_RANK": 1})
+    assert r.returncode != 0 and "SIGKILL self: at step 3" in r.stderr, r.stderr[-3000:]
+    assert load(out / "checkpoint.pth")["step"] == 3
     return out
 
 
@@ -305,12 +305,12 @@ def test_skip_nonfinite_skips_the_step_and_leaves_every_state_untouched(tmp_path
 
 
 def test_2proc_sigkill_one_rank_mid_iteration_resumes_bitwise(ref2, cut2, tmp_path):
-    """Rank 1 is SIGKILLed in step 7; torchrun takes the job down; the same command again resumes
-    from the checkpoint after step 5 and ends bitwise identical to the uninterrupted 2-process run."""
+    """Rank 1 is SIGKILLed in step 3; torchrun takes the job down; the same command again resumes
+    from the checkpoint after step 2 and ends bitwise identical to the uninterrupted 2-process run."""
     out = tmp_path / "run"
     shutil.copytree(cut2, out)
     r = ok(run(train_cmd(out, nproc=2)))
-    assert "resuming at step 6" in r.stdout
+    assert "resuming at step 3" in r.stdout
     assert_same_final(ref2, out)
 
 
@@ -433,71 +433,73 @@ def assert_same_log_within_tolerance(ref_dir, out_dir, world_from: int, world_to
                 assert abs(a[k] - b[k]) <= RTOL * abs(a[k]) + ATOL, (k, a, b)
 
 
-@pytest.mark.parametrize("launcher,nproc", [("python", 1), ("torchrun", 1), ("torchrun", 4)],
-                         ids=["python", "torchrun-1", "torchrun-4"])
-def test_2proc_sigkill_resumes_on_another_world_size(ref2, cut2, tmp_path, launcher, nproc):
-    """The 2-process run SIGKILLed mid-epoch (cut2: step 7 of 8, last checkpoint after step 5), resumed
-    with the same --out-dir on 1 process (plain python, torchrun) and on 4, against the uninterrupted
-    2-process run: the same global batches and every crop bitwise; the memory bank re-sharded exactly
-    (rows not written since the resume are the checkpoint's bits); groups, weights, BN statistics,
-    momentum network, optimiser state and the rewritten bank rows within the tolerance above. (BN is
-    synchronised, --sync-bn, the default, so normalisation does not depend on the per-rank batch.)"""
+@pytest.mark.parametrize("nproc", [1, 4])
+def test_2proc_sigkill_resumes_on_another_world_size(ref2, cut2, tmp_path, nproc):
+    """The 2-process run SIGKILLed mid-epoch (cut2: in step 3, last checkpoint after step 2), resumed
+    with the same --out-dir on 1 process (plain python) and on 4 (torchrun), against the uninterrupted
+    2-process run. First a SIGTERM stops the resumed run after one step: in its checkpoint the memory
+    bank rows not written since are the killed run's bits, re-sharded and gathered again. Then the same
+    command finishes the run (the regroup of epoch 1 on the new world size included): the same global
+    batches and every crop, bitwise; groups, weights, BN statistics, momentum network, optimiser state
+    and memory bank within the tolerance above. (BatchNorm is synchronised, --sync-bn, the default, so
+    normalisation does not depend on the per-rank batch.)"""
     out, rec = tmp_path / "run", tmp_path / "batches"
     shutil.copytree(cut2, out)
     rec.mkdir()
-    before = load(out / "checkpoint.pth")
-    cmd = train_cmd(out, nproc=nproc)
-    if launcher == "torchrun" and nproc == 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port",
-               str(_free_port()), *cmd[1:]]
-    r = ok(run(cmd, env={"SMOG_TEST_RECORD_BATCHES": rec}))
-    assert "resuming at step 6" in r.stdout and f"world {nproc} (was 2)" in r.stdout, r.stdout[-3000:]
-    assert f"world size changed from 2 to {nproc}" in r.stdout
+    cut = load(out / "checkpoint.pth")
+    env = {"SMOG_TEST_RECORD_BATCHES": rec}
+    r = ok(run(train_cmd(out, nproc=nproc), env={**env, "SMOG_TEST_SIGTERM_AT_STEP": 3}))
+    assert "resuming at step 3" in r.stdout and f"world {nproc} (was 2)" in r.stdout, r.stdout[-3000:]
+    assert f"world size changed from 2 to {nproc}" in r.stdout and "SIGTERM: checkpoint written" in r.stdout
+    mid = load(out / "checkpoint.pth")
+    assert (mid["step"], mid["world_size"]) == (4, nproc)
+    kept = [i for i in range(N_TRAIN) if i not in {i for i, _ in batch_records(rec)[3]}]
+    assert len(kept) == N_TRAIN - 16 and torch.equal(mid["bank"][:, kept], cut["bank"][:, kept])
+    r = ok(run(train_cmd(out, nproc=nproc), env=env))
+    assert "resuming at step 4" in r.stdout and "epoch 1: regrouped" in r.stdout
+    assert "world size changed" not in r.stdout                        # it was written by this world
     ref, got = load(ref2 / "checkpoint.pth"), load(out / "checkpoint.pth")
     assert (got["step"], got["epoch"], got["world_size"]) == (TOTAL_STEPS, 2, nproc)
     for k in ("step", "epoch", "step_in_epoch", "steps_per_epoch", "total_steps", "knn", "skipped_nonfinite"):
         assert got[k] == ref[k], k
     seen, want = batch_records(rec), batch_records(ref2.parent / "batches")
-    assert sorted(seen) == [6, 7] and all(seen[s] == want[s] for s in seen)
-    written = {i for s in seen for i, _ in seen[s]}
-    kept = [i for i in range(N_TRAIN) if i not in written]
-    assert len(kept) == N_TRAIN - 2 * 16
-    assert torch.equal(got["bank"][:, kept], before["bank"][:, kept])
-    assert torch.equal(got["bank"][:, kept], ref["bank"][:, kept])
+    assert sorted(seen) == list(range(3, TOTAL_STEPS)) and all(seen[s] == want[s] for s in seen)
     bad, worst = tolerance_violations(ref, got)
     assert bad == [], bad
-    print(f"resumed on {nproc} ({launcher}): largest difference {worst:.3g} x the tolerance")
+    print(f"resumed on {nproc}: largest difference {worst:.3g} x the tolerance")
     assert_same_log_within_tolerance(ref2, out, 2, nproc)
-    # the tolerance has teeth: the checkpoint two optimiser steps earlier is far outside it
-    assert len(tolerance_violations(ref, before)[0]) > 10
+    # the tolerance has teeth: the uninterrupted run one optimiser step earlier is far outside it
+    assert len(tolerance_violations(ref, mid)[0]) > 10
     assert tmp_files(out) == []
 
 
-def test_per_rank_bn_run_resumes_on_4_processes(ref2, tmp_path):
+def test_per_rank_bn_run_resumes_on_1_process_under_torchrun(ref2, tmp_path):
     """--no-sync-bn (each rank normalises its own micro-batch): 2 processes, rank 0 SIGKILLed in step 3
-    (mid-epoch 0, after the checkpoint of step 3), resumed on 4. It finishes, and what the README says a
-    per-rank-BN resume keeps holds: the global batches and crops of ref2 (BN does not enter them) and
-    its schedules, exactly; the regroup of epoch 1, run on 4 ranks, gives groups identical on all of
-    them. What it cannot keep, BN statistics over the per-rank batch, makes the weights differ."""
+    (mid-epoch 0, after the checkpoint of step 3), resumed by `torchrun --nproc_per_node=1`. It finishes,
+    and what the README says a per-rank-BN resume keeps holds: the global batches and crops of ref2 (BN
+    does not enter them) and its schedules, exactly. What it cannot keep, BN statistics over the
+    per-rank batch, makes the weights differ from an uninterrupted run."""
     out, rec = tmp_path / "run", tmp_path / "batches"
     rec.mkdir()
     r = run(train_cmd(out, "--no-sync-bn", nproc=2), env={"SMOG_TEST_DIE_AT_STEP": 3, "SMOG_TEST_DIE_RANK": 0})
     assert r.returncode != 0 and "SIGKILL self: at step 3" in r.stderr, r.stderr[-3000:]
     assert load(out / "checkpoint.pth")["step"] == 3
-    r = ok(run(train_cmd(out, "--no-sync-bn", nproc=4), env={"SMOG_TEST_RECORD_BATCHES": rec}))
-    assert "resuming at step 3" in r.stdout and "world size changed from 2 to 4" in r.stdout
+    cmd = train_cmd(out, "--no-sync-bn")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port", str(_free_port()),
+           *cmd[1:]]
+    r = ok(run(cmd, env={"SMOG_TEST_RECORD_BATCHES": rec}))
+    assert "resuming at step 3" in r.stdout and "world size changed from 2 to 1" in r.stdout
     assert "epoch 1: regrouped" in r.stdout
     got = load(out / "checkpoint.pth")
-    assert (got["step"], got["world_size"], got["config"]["sync_bn"]) == (TOTAL_STEPS, 4, False)
+    assert (got["step"], got["world_size"], got["config"]["sync_bn"]) == (TOTAL_STEPS, 1, False)
     seen, want = batch_records(rec), batch_records(ref2.parent / "batches")
     assert sorted(seen) == list(range(3, TOTAL_STEPS)) and all(seen[s] == want[s] for s in seen)
     recs = log_records(out)
     assert [(r["type"], r.get("from"), r.get("to")) for r in recs if r["type"] == "world_size_changed"] == \
-        [("world_size_changed", 2, 4)]
+        [("world_size_changed", 2, 1)]
     sched = lambda rs: [{k: r.get(k) for k in SCHEDULE_KEYS} for r in rs if r["type"] == "step"]  # noqa: E731
     assert sched(recs) == sched(log_records(ref2))
-    epochs = [r for r in recs if r["type"] == "epoch"]
-    assert [e["epoch"] for e in epochs] == [0, 1] and epochs[1]["groups_rank_max_diff"] == 0.0
+    assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [0, 1]
     assert all(torch.isfinite(v).all() for v in got["model"].values() if v.is_floating_point())
     assert tolerance_violations(load(ref2 / "checkpoint.pth"), got)[0] != []
 
@@ -508,7 +510,8 @@ def test_resume_on_a_world_size_that_cannot_divide_the_batch_is_refused(cut2, tm
     untouched."""
     out, logs = tmp_path / "run", tmp_path / "logs"
     shutil.copytree(cut2, out)
-    before = snapshot(out)
+    files = lambda: {k: v for k, v in snapshot(out).items() if k != "."}  # noqa: E731 (the folder's
+    before = files()                                    # mtime moves with check_writable's probe)
     r = run(train_cmd(out, nproc=3, torchrun=("--log-dir", str(logs), "--redirects", "3")))
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
     said = 0
@@ -519,7 +522,7 @@ def test_resume_on_a_world_size_that_cannot_divide_the_batch_is_refused(cut2, tm
             assert re.search(r"^error: --batch-size 16 is not divisible by world size 3 x --accum 1; run on a "
                              r"number of processes that divides it \(1, 2, 4, 8;", lines[0]), lines
             said += 1
-    assert said >= 1 and snapshot(out) == before
+    assert said >= 1 and files() == before
 
 
 # ----------------------------------------------------------------------------------------------
