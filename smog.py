@@ -112,15 +112,15 @@ def group_logits(p: torch.Tensor, groups: torch.Tensor, tau: float) -> torch.Ten
 
 def smog_loss(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor,
               tau: float) -> torch.Tensor:
-    """(L1) mean cross-entropy of group_logits(p) against integer targets [N]: the single-target form
-    that spec/loss.md states. Training uses multi_target_loss, its average over crops and targets."""
+    """(L1) mean cross-entropy of group_logits(p) against integer targets [N]: the single-target
+    form spec/loss.md states. Training uses multi_target_loss, its mean over crops and targets."""
     return F.cross_entropy(group_logits(p, groups, tau), targets)
 
 
 def multi_target_loss(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor,
                       tau: float) -> torch.Tensor:
     """(S2) the loss that trains: every online prediction against every target; p [C, B, D],
-    groups [K, D], targets [J, B] -> mean over (c, j, b) of cross-entropy(group_logits(p[c]), t[j])."""
+    groups [K, D], targets [J, B] -> mean over (c, j, b) of CE(group_logits(p[c]), targets[j])."""
     C, B, D = p.shape
     J = targets.shape[0]
     logp = group_logits(p.reshape(C * B, D), groups, tau).log_softmax(-1).view(C, B, -1)  # (C,B,K)
@@ -128,60 +128,53 @@ def multi_target_loss(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------
-# one iteration: of one head (spec/step.md), of all heads (spec/heads.md)
-
-
-def head_targets_and_update(groups: torch.Tensor, z_update: torch.Tensor, z_target: torch.Tensor,
-                            beta, *, all_reduce: Optional[Reduce] = None,
-                            group_grad: bool = False) -> tuple:
-    """One head's targets, then its update: groups [K, D], z_update [B, D], z_target [J, B, D]
-    -> (new groups [K, D], targets [J, B]). (S1) targets and the update's assignment both use the
-    groups *before* the update. group_grad=False: new groups detached (released code); True:
-    gradient reaches z_update through the (1 - beta) mean term. Assignments carry no gradient."""
-    J, B, D = z_target.shape
-    g0 = groups.detach()
-    targets = assign_groups(z_target.reshape(J * B, D), g0).view(J, B)
-    a = assign_groups(z_update.detach(), g0)
-    new = update_groups(g0, z_update if group_grad else z_update.detach(), a, beta,
-                        all_reduce=all_reduce)
-    return (new if group_grad else new.detach()), targets
-
-
-def smog_step(groups: torch.Tensor, z_update: torch.Tensor, z_target: torch.Tensor,
-              p: torch.Tensor, beta, tau: float, *, all_reduce: Optional[Reduce] = None,
-              group_grad: bool = False):
-    """One head's iteration: groups [K, D]; z_update [B, D] online projector embedding of one
-    global crop; z_target [J, B, D] momentum embeddings; p [C, B, D] online predictions.
-    -> (loss [], new_groups [K, D], targets [J, B]); (S2) the loss uses the groups after the update."""
-    new, targets = head_targets_and_update(groups, z_update, z_target, beta,
-                                           all_reduce=all_reduce, group_grad=group_grad)
-    return multi_target_loss(p, new, targets, tau), new, targets
+# one iteration: targets, then the update, then the loss; of one head, of all heads
 
 
 def targets_and_update(groups: torch.Tensor, z: torch.Tensor, z_target: torch.Tensor, beta, *,
                        all_reduce: Optional[Reduce] = None, group_grad: bool = False) -> tuple:
     """Targets, then the update, for all H heads: groups [H, K, D]; z [C, B, D] online projector
-    embeddings (C >= 2, the two global crops first); z_target [J, B, D]
+    embeddings (the two global crops first); z_target [J, B, D] momentum embeddings
     -> (new groups [H, K, D], targets [H, J, B]).
+      (S1, H3) head h's targets and its update's assignment use its groups *before* the update
       (H2) head h updates from the global crop h mod 2, z[h % 2]
-      (H3) head h's targets come from its own groups, before its update
-      (H4) the incoming groups never receive gradient
-    SMoG.forward (through smog_multihead_step) and train.py's gradient accumulation both call this."""
-    if z.shape[0] < 2:
-        raise ValueError(f"smog_multihead_step: z holds {z.shape[0]} online crop(s); head h updates "
-                         f"from global crop h mod 2, so pass at least the 2 global crops")
-    out = [head_targets_and_update(groups[h], z[h % 2], z_target, beta, all_reduce=all_reduce,
-                                   group_grad=group_grad) for h in range(groups.shape[0])]
-    return torch.stack([g for g, _ in out]), torch.stack([t for _, t in out])
+      (H4) the incoming groups never receive gradient; assignments carry none
+    group_grad=False: the new groups are detached (released code); True: gradient reaches z
+    through the (1 - beta) mean term. SMoG.forward (via smog_multihead_step) and train.py's
+    gradient accumulation both call this, so the order of the steps is written once."""
+    J, B, D = z_target.shape
+    g0 = groups.detach()
+    new, targets = [], []
+    for h in range(groups.shape[0]):
+        targets.append(assign_groups(z_target.reshape(J * B, D), g0[h]).view(J, B))
+        z_update = z[h % 2] if group_grad else z[h % 2].detach()
+        a = assign_groups(z_update.detach(), g0[h])
+        g = update_groups(g0[h], z_update, a, beta, all_reduce=all_reduce)
+        new.append(g if group_grad else g.detach())
+    return torch.stack(new), torch.stack(targets)
+
+
+def smog_step(groups: torch.Tensor, z_update: torch.Tensor, z_target: torch.Tensor,
+              p: torch.Tensor, beta, tau: float, *, all_reduce: Optional[Reduce] = None,
+              group_grad: bool = False):
+    """One head's iteration (spec/step.md): groups [K, D]; z_update [B, D] online projector
+    embedding of one global crop; z_target [J, B, D]; p [C, B, D] online predictions.
+    -> (loss [], new_groups [K, D], targets [J, B]). (S2) The loss uses the updated groups."""
+    new, targets = targets_and_update(groups[None], z_update[None], z_target, beta,
+                                      all_reduce=all_reduce, group_grad=group_grad)
+    return multi_target_loss(p, new[0], targets[0], tau), new[0], targets[0]
 
 
 def smog_multihead_step(groups: torch.Tensor, z: torch.Tensor, z_target: torch.Tensor,
                         p: torch.Tensor, beta, tau: float, *, all_reduce: Optional[Reduce] = None,
                         group_grad: bool = False):
-    """One iteration of all H heads: targets_and_update, then (H1) the loss, the mean over heads of
-    each head's multi_target_loss with its new groups. p [C, B, D].
-    -> (loss [], new_groups [H, K, D], targets [H, J, B]). The caller copies new_groups into its
-    buffer after all heads are done (H5, S7)."""
+    """One iteration of all H heads (spec/heads.md): targets_and_update, then (H1) the loss, the
+    mean over heads of each head's multi_target_loss with its new groups. z [C, B, D] with C >= 2,
+    p [C, B, D]. -> (loss [], new_groups [H, K, D], targets [H, J, B]). The caller copies
+    new_groups into its buffer after all heads are done (H5, S7)."""
+    if z.shape[0] < 2:
+        raise ValueError(f"smog_multihead_step: z holds {z.shape[0]} online crop(s); head h "
+                         f"updates from global crop h mod 2, so pass at least the 2 global crops")
     new, targets = targets_and_update(groups, z, z_target, beta, all_reduce=all_reduce,
                                       group_grad=group_grad)
     losses = [multi_target_loss(p, new[h], targets[h], tau) for h in range(new.shape[0])]
@@ -263,7 +256,7 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, *,
 @torch.no_grad()
 def momentum_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor],
                      m: float) -> None:
-    """(M1) theta_k <- m theta_k + (1 - m) theta_q, in place, one foreach kernel over all tensors."""
+    """(M1) theta_k <- m theta_k + (1 - m) theta_q, in place, foreach kernels over all tensors."""
     target, online = list(target), list(online)
     torch._foreach_mul_(target, m)
     torch._foreach_add_(target, online, alpha=1 - m)
@@ -284,7 +277,8 @@ def beta_schedule(beta_start: float, beta_end: float, total_steps: int) -> torch
 def build_mlp(d_in: int, d_hidden: int, d_out: int, *, last_bn: bool, act=nn.ReLU) -> nn.Sequential:
     """Projector / predictor: Linear -> BN -> act -> Linear (-> BN without affine, for the
     projector); every Linear with a bias."""
-    layers = [nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), act(), nn.Linear(d_hidden, d_out)]
+    layers = [nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), act(),
+              nn.Linear(d_hidden, d_out)]
     if last_bn:
         layers.append(nn.BatchNorm1d(d_out, affine=False))
     return nn.Sequential(*layers)
@@ -356,16 +350,16 @@ class SMoG(nn.Module):
 
     @torch.no_grad()
     def reset_momentum(self) -> None:
-        """(M2) copy the online backbone + projector (parameters, BN buffers) into the momentum ones."""
+        """(M2) copy the online backbone + projector (parameters, BN buffers) to the momentum."""
         self.momentum_backbone.load_state_dict(self.backbone.state_dict())
         self.momentum_projector.load_state_dict(self.projector.state_dict())
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, crops: Sequence[torch.Tensor]) -> torch.Tensor:
-        """mlp on rows [sum B_c, *] in crop order: at once (its BNs see all crops), or for Swin-T, as
-        released, once per run of consecutive crops of one size (BN statistics per size)."""
+        """mlp on rows [sum B_c, *] in crop order: at once (its BNs see all crops), or for Swin-T,
+        as released, once per run of consecutive crops of one size (BN statistics per size)."""
         if not self.swin:
             return mlp(x)
-        runs: list = []                                             # [size, rows] per run of one size
+        runs: list = []                                   # [size, rows] per run of one crop size
         for c in crops:
             if runs and runs[-1][0] == c.shape[-2:]:
                 runs[-1][1] += c.shape[0]
@@ -386,7 +380,8 @@ class SMoG(nn.Module):
         and are skipped (they would only move running statistics that nothing reads)."""
         if self.swin:
             crops = [c for c in crops if c.shape[-2:] == crops[0].shape[-2:]]
-        return self._mlp(self.momentum_projector, encode_crops(self.momentum_backbone, crops), crops)
+        feats = encode_crops(self.momentum_backbone, crops)
+        return self._mlp(self.momentum_projector, feats, crops)
 
     @torch.no_grad()
     def update_embed(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:

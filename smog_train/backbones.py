@@ -121,16 +121,16 @@ def joint_bn(bn: nn.Module, xs: list, act: Optional[nn.Module] = None) -> list:
     The outputs are views of one tensor: `act` (in place or not) runs on the whole before it is cut up;
     callers must not modify the outputs in place."""
     C = xs[0].shape[1]
-    rows = all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in xs)
+    channels_last = all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in xs)
     sizes = [x.shape[0] * x.shape[2] * x.shape[3] for x in xs]
-    if rows:                                                                       # pixels as rows: free views
+    if channels_last:                                                                     # pixels as rows: free views
         y = bn(torch.cat([x.permute(0, 2, 3, 1).reshape(-1, C) for x in xs]).view(-1, C, 1, 1))
     else:                                                                          # (C, sum NHW)
         y = bn(torch.cat([x.transpose(0, 1).flatten(1) for x in xs], 1).view(1, C, -1, 1))
     if act is not None:
         y = act(y)          # on the BN output itself, not a view of it: an in-place ReLU costs no copy in backward
     # split, not slicing: its backward concatenates the gradients instead of zero-filling one tensor per piece
-    if rows:                                                                       # (N, C, H, W) channels_last
+    if channels_last:                                                                     # (N, C, H, W) channels_last
         return [p.view(x.shape[0], x.shape[2], x.shape[3], C).permute(0, 3, 1, 2)
                 for p, x in zip(y.view(-1, C).split(sizes), xs)]
     return [p.view(C, x.shape[0], x.shape[2], x.shape[3]).transpose(0, 1)

@@ -233,7 +233,8 @@ def read_config_file(path: str) -> dict:
               "int": isinstance(value, int) and not isinstance(value, bool),
               "float": isinstance(value, (int, float)) and not isinstance(value, bool)}[want]
         if not ok:
-            raise UsageError(f"--config {path!r}: {key!r} must be a {want}, got {value!r}")
+            kind = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[want]
+            raise UsageError(f"--config {path!r}: {key!r} must be {kind}, got {value!r}")
         out[key] = float(value) if want == "float" else value
     return out
 

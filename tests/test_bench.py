@@ -1,4 +1,4 @@
-"""bench.py (issue 7): the structure of bench.json from a real `python bench.py --smoke` run, and the
+"""bench.py: the structure of bench.json from a real `python bench.py --smoke` run, and the
 references bench.py times smog.py against (the naive group update, the ideal step's loss).
 
 No timing is asserted: CI machines are shared and noisy. What must hold is that the figures exist, are

@@ -1,4 +1,4 @@
-"""smog.py's functional core and modules against slow loop oracles written here (issue 2).
+"""smog.py's functional core and modules against slow loop oracles written here.
 
 The real multi-process checks live in test_core_dist.py.
 """
@@ -337,7 +337,7 @@ def test_momentum_step_reset_and_regroup():
 def test_backbone_state_dict_has_no_classifier_and_loads_in_torchvision():
     import torchvision
     m = smog.SMoG(tiny_cfg(arch="resnet18"))
-    sd = m.backbone_state_dict()
+    sd = m.backbone.state_dict()                      # what smog_train.export writes
     missing, unexpected = torchvision.models.resnet18().load_state_dict(sd, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
 

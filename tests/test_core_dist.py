@@ -1,4 +1,4 @@
-"""Real data parallelism: 2 processes, a gloo process group on the CPU, *uneven* shards (issue 2).
+"""Real data parallelism: 2 processes, a gloo process group on the CPU, *uneven* shards.
 
 Each worker writes what it holds after the collective call; the parent compares the ranks with
 each other and with the single-process result on the whole batch.

@@ -1,4 +1,4 @@
-"""eval_linear.py (issue 5): kNN against a loop oracle, the linear probe, the frozen-backbone checks, the
+"""eval_linear.py: kNN against a loop oracle, the linear probe, the frozen-backbone checks, the
 command line on the built-in demo data (trained vs random encoder, train checkpoint vs exported
 backbone, bad inputs), and real 2-process runs (gloo) that must equal the single-process result."""
 import json

@@ -1,4 +1,4 @@
-"""`python -m smog_train.export` round trip (issue 5): a train.py checkpoint's online backbone becomes a plain
+"""`python -m smog_train.export` round trip: a train.py checkpoint's online backbone becomes a plain
 state_dict that torchvision.models.<arch>() loads with strict=False, missing exactly the classification
 head (the released resnet50w2 and Swin-T are not torchvision networks: a fresh backbones.build_backbone takes
 it with strict=True), and that computes the same features as the SMoG backbone."""

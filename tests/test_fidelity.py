@@ -1,4 +1,4 @@
-"""The released training recipe (issue 10): LARS over every parameter, one BatchNorm across crop sizes,
+"""The released training recipe: LARS over every parameter, one BatchNorm across crop sizes,
 momentum local crops, ResNet / ResNet-50w2 / Swin-T as released, checkpoint format. Each test compares
 against a hand computation written here, never against the code under test."""
 import copy

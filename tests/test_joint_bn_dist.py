@@ -1,4 +1,4 @@
-"""One BatchNorm across crop sizes under data parallelism: 2 gloo processes, uneven shards (issue 10).
+"""One BatchNorm across crop sizes under data parallelism: 2 gloo processes, uneven shards.
 
 torch's SyncBatchNorm runs on GPUs only; smog_train/sync_bn.py (what train.py uses for several CPU
 processes) does its reduction on the CPU: per-rank counts, means and centred sums of squares

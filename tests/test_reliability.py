@@ -1,4 +1,4 @@
-"""Issue 6: reliability of train.py and eval_linear.py, with real processes and real signals.
+"""Reliability of train.py and eval_linear.py, with real processes and real signals.
 
 Faults: SIGKILL (through the test-only fault points of smog_train/faults.py) mid-iteration,
 mid-regroup and half-way through a checkpoint write, for one process and for 2 gloo processes under
@@ -672,6 +672,11 @@ def folders(tmp_path_factory):
     return root
 
 
+def _json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
 def _train_bad_inputs(folders, ref1, ref2):
     """(extra args, problem regex, fix regex, out_dir state: 'absent' | 'ref1' | 'ref2')."""
     f = folders
@@ -701,7 +706,18 @@ def _train_bad_inputs(folders, ref1, ref2):
         (["--resume", f / "missing.pth"], r"'.*missing.pth' does not exist", r"pass the path of a \.pth"),
         (["--resume", f / "not_a_dir"], r"cannot load '.*not_a_dir' as a weights-only checkpoint", r"not a checkpoint"),
         (["--out-dir", f / "not_a_dir" / "sub"],
-         r"cannot write to --out-dir '.*not_a_dir/sub'.*not a writable directory", r"choose another --out-dir"),
+         r"cannot create --out-dir '.*not_a_dir/sub': '.*not_a_dir' is a file", r"choose another --out-dir"),
+        (["--out-dir", f / "not_a_dir"], r"--out-dir '.*not_a_dir' is a file, not a folder",
+         r"choose another --out-dir"),
+        *([(["--out-dir", "/proc/smog-run"], r"cannot write to --out-dir '/proc/smog-run'",
+            r"choose another --out-dir")] if os.path.isdir("/proc/self") else []),   # cannot be created
+        (["--resume", f], r"checkpoint '.*' is a folder", r"pass the path of a \.pth file in it"),
+        (["--config", f], r"--config '.*' is a folder", r"pass a config.json file"),
+        (["--config", _json(f / "typed.json", {"epochs": "ten"})], r"'epochs' must be an integer, got 'ten'",
+         r"--config"),
+        (["--config", _json(f / "unknown.json", {"epochz": 2})], r"unknown key 'epochz'",
+         r"keys are the option names"),
+        (["--config", _json(f / "list.json", [1, 2])], r"holds a JSON list", r"object of option: value"),
         *([(["--out-dir", f / "read_only" / "run"], r"cannot write to --out-dir '.*read_only/run'",
             r"choose another --out-dir")] if os.geteuid() != 0 else []),      # root may write anywhere
         # resuming a run that this command cannot continue: out_dir holds the reference's checkpoint
@@ -749,7 +765,7 @@ def _call_train_main(argv, capfd) -> tuple:
 
 
 def test_train_bad_inputs_one_line_exit_2_nothing_written(folders, ref1, ref2, tmp_path, capfd):
-    """Every bad input of issue 6 (in this process, train.main): exit 2, exactly one stderr line that
+    """Every bad input (in this process, train.main): exit 2, exactly one stderr line that
     names the problem and the fix, no traceback, out_dir (absent, or holding a run) unchanged."""
     failures = []
     for i, case in enumerate(_train_bad_inputs(folders, ref1, ref2)):

@@ -1,4 +1,4 @@
-"""train.py (issue 4): CLI and presets, the optimiser and schedules, the accumulated step, and real runs:
+"""train.py: CLI and presets, the optimiser and schedules, the accumulated step, and real runs:
 one process on the built-in data and on an image folder, two gloo processes under torchrun, and a run
 killed mid-epoch (SIGKILL) then resumed, bitwise equal to an uninterrupted one."""
 import dataclasses

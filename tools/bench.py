@@ -130,7 +130,7 @@ PRESETS = {
                   workers=0, loader_batches=2, crop_pairs=1, out="runs/bench-smoke.json"),
 }
 
-# issue 7's targets, per device type
+# the targets bench.py checks, per device type
 TARGETS = {"cpu": {"step_ratio_max": 1.05, "update_speedup_min": 20.0},
            "cuda": {"step_ratio_max": 1.03, "update_speedup_min": 100.0, "kmeans_1281167_max_s": 1.0}}
 SPEEDUP_KEY = "K=3000,N=4096"
