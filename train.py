@@ -77,7 +77,7 @@ def train(cfg: Config) -> int:
     model, sync_bn = build_model(cfg, rank, world, device)    # identical initial weights on all ranks
     optimizer = build_optimizer(cfg, model)
     step_module = StepModule(model)
-    # without SyncBN (--no-sync-bn) DDP broadcasts rank 0's buffers every forward: BN statistics agree
+    # --no-sync-bn: DDP broadcasts rank 0's buffers every forward, so BN statistics agree
     net = step_module if world == 1 else nn.parallel.DistributedDataParallel(
         step_module, device_ids=[device.index] if device.type == "cuda" else None,
         broadcast_buffers=not sync_bn)
@@ -116,9 +116,10 @@ def train(cfg: Config) -> int:
 
 def regroup(run: Run, epoch: int) -> None:
     """Re-cluster the groups of every head from the memory bank (spherical k-means, identical on all
-    ranks), then reset the momentum network to the online one. Head h's initial centres are the bank
-    rows of K dataset indices drawn from a generator seeded by (seed, epoch) -- the same rows whatever
-    the number of ranks (SMoG.regroup's default draws from rank 0's shard, which depends on it)."""
+    ranks), then reset the momentum network to the online one. Head h's initial centres are the
+    bank rows of K dataset indices drawn from a generator seeded by (seed, epoch) -- the same rows
+    whatever the number of ranks (SMoG.regroup's default draws from rank 0's shard, which depends
+    on it)."""
     cfg, model, bank, t0 = run.cfg, run.model, run.bank, time.time()
     gen = torch.Generator().manual_seed(item_seed(cfg.seed, epoch, 1 << 40))
     for h in range(cfg.n_heads):

@@ -3,17 +3,17 @@
 Checkpoint (out_dir/checkpoint.pth, written by rank 0 with save_atomic, loaded with
 load_checkpoint, i.e. weights_only=True):
   both networks and the groups (SMoG.state_dict()), the whole memory bank in dataset order (fp32),
-  optimiser, GradScaler, step / epoch / position in the epoch (the sampler is rebuilt from (seed, epoch)
-  and fast-forwarded), the config as plain types, the world size that wrote it, kNN history,
+  optimiser, GradScaler, step / epoch / position in the epoch (the sampler is rebuilt from (seed,
+  epoch) and fast-forwarded), the config as plain types, the world size that wrote it, kNN history,
   collapse-guard state and the length of log.jsonl (truncated back to it on resume, so the log of a
-  resumed run equals an uninterrupted one). No RNG state: train.py seeds every generator a step draws
-  from with (seed, global step, rank) at the start of the step.
-Nothing in it is laid out per rank, so a run resumes on another number of processes (any that divides
-the global batch / accum): the bank is re-sharded, the data position is the global step; the log and
-the banner say that the world size changed. It is saved at the end of every epoch, every --save-every
-steps and on SIGTERM (then exit 0). Resuming with a different config field (other than RUNTIME_FIELDS
-in train.py) is refused, naming the field. Bad input raises UsageError: train.py prints it as one line
-and exits with code 2.
+  resumed run equals an uninterrupted one). No RNG state: train.py seeds every generator a step
+  draws from with (seed, global step, rank) at the start of the step.
+Nothing in it is laid out per rank, so a run resumes on another number of processes (any that
+divides the global batch / accum): the bank is re-sharded, the data position is the global step;
+the log and the banner say that the world size changed. It is saved at the end of every epoch,
+every --save-every steps and on SIGTERM (then exit 0). Resuming with a different config field
+(other than RUNTIME_FIELDS in train.py) is refused, naming the field. Bad input raises UsageError:
+train.py prints it as one line and exits with code 2.
 
 The test-only faults that kill a run at chosen points are in smog_train/faults.py.
 """
@@ -117,7 +117,8 @@ def check_resume(ck: dict, cfg, runtime_fields: set, world: int, path: str) -> N
     that this one divides the global batch)."""
     if str(ck.get("format", "")).startswith("smog-train-") and ck.get("format") != FORMAT:
         raise UsageError(f"cannot resume {path!r}: it was written by an older train.py (format {ck['format']!r}, "
-                         f"this one writes {FORMAT!r}: another recipe or state layout); use a new --out-dir")
+                         f"this one writes {FORMAT!r}: another recipe or state layout); use a new "
+                         f"--out-dir")
     if ck.get("format") != FORMAT:
         raise UsageError(f"{path!r} is not a train.py checkpoint (format {ck.get('format')!r}, expected {FORMAT!r})")
     old = ck.get("config", {})
@@ -129,8 +130,9 @@ def check_resume(ck: dict, cfg, runtime_fields: set, world: int, path: str) -> N
                              f"train.py); use a new --out-dir")
         if old[f.name] != getattr(cfg, f.name):
             flag = f.name.replace('_', '-')
-            fix = (f"--{flag}" if old[f.name] else f"--no-{flag}") if isinstance(old[f.name], bool) else \
-                f"--{flag} {old[f.name]}"
+            fix = f"--{flag} {old[f.name]}"
+            if isinstance(old[f.name], bool):
+                fix = f"--{flag}" if old[f.name] else f"--no-{flag}"
             raise UsageError(f"cannot resume {path!r}: config field {f.name!r} is {old[f.name]!r} in the checkpoint but "
                              f"{getattr(cfg, f.name)!r} now; pass {fix} or use a new --out-dir")
 
@@ -219,8 +221,8 @@ class Run:
 def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> bool:
     """Restore everything from the checkpoint (automatic from out_dir, or --resume), or call start() (fill
     the memory bank) for a new run; all is validated before the run writes anything, then out_dir is
-    prepared. A checkpoint written with another world size is re-sharded (the bank), and a record of the
-    change is appended to log.jsonl. -> resumed?"""
+    prepared. A checkpoint written with another world size is re-sharded (the bank), and a record
+    of the change is appended to log.jsonl. -> resumed?"""
     cfg, ck_path = run.cfg, run.path("checkpoint.pth")
     resume = cfg.resume or (ck_path if os.path.exists(ck_path) else "")
     same_dir = False
@@ -251,7 +253,8 @@ def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> bool:
     if run.rank == 0:
         prepare_out_dir(cfg.out_dir, json.dumps(run.cfg_dict, indent=1), bool(resume), same_dir, run.log_offset)
     if resume and run.resumed_world != run.world:
-        log(run, {"type": "world_size_changed", "step": run.step, "from": run.resumed_world, "to": run.world})
+        log(run, {"type": "world_size_changed", "step": run.step, "from": run.resumed_world,
+                  "to": run.world})
     if cfg.bad_images == "skip" and hasattr(train_raw, "skip_log"):
         train_raw.skip_log = run.path("skipped_images.txt")
         if getattr(train_raw, "_reported", None):  # met while filling the bank, before out_dir could be written
@@ -269,7 +272,8 @@ def save(run: Run, why: str) -> None:
     ck_path, log_path = run.path("checkpoint.pth"), run.path("log.jsonl")
     if run.rank == 0:
         obj = {"format": FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-               "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {}, "bank": bank_full,
+               "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+               "bank": bank_full,
                "config": run.cfg_dict, "world_size": run.world, "step": run.step, "epoch": run.epoch,
                "step_in_epoch": run.step_in_epoch, "steps_per_epoch": run.spe, "total_steps": run.total_steps,
                "knn": run.knn, "skipped_nonfinite": run.skipped_nonfinite, "peak_hit": float(run.peak_hit),

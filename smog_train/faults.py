@@ -16,10 +16,11 @@ the value it is called with:
                                                 (1-based), after writing half of the serialised bytes to
                                                 the temporary file save_atomic would use
                                                 (.checkpoint.pth.tmp-<pid>)
-  batch             SMOG_TEST_RECORD_BATCHES=D  record, does not act: rank r appends one JSON line per
-                                                step to D/batches-rank<r>.jsonl: the step, and per
-                                                micro-batch the dataset indices and a SHA-1 of each
-                                                item's crops as they reach the model
+  batch             SMOG_TEST_RECORD_BATCHES=D  records, does not act: rank r appends one JSON
+                                                line per step to D/batches-rank<r>.jsonl: the
+                                                step, and per micro-batch the dataset indices and
+                                                a SHA-1 of each item's crops as they reach the
+                                                model
   SMOG_TEST_DIE_RANK=R     every point acts on rank R only (default: every rank).
   SMOG_TEST_DIE_ONCE=PATH  a point acts only if PATH does not exist, and creates it first (so a torchrun
                            --max-restarts restart, which inherits the environment, runs through).

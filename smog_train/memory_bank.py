@@ -45,7 +45,7 @@ class MemoryBank:
         mine = idx % self.world == self.rank
         pos = launch.all_gather_rows(torch.nonzero(mine).flatten())
         got = launch.all_gather_rows(self.local[j, idx[mine] // self.world].contiguous())
-        out = torch.empty(len(idx), self.local.shape[2], dtype=self.local.dtype, device=self.local.device)
+        out = self.local.new_empty(len(idx), self.local.shape[2])
         out[pos] = got
         return out
 
@@ -97,9 +97,9 @@ def fill_bank(model: smog.SMoG, bank: MemoryBank, ds, cfg, device, micro: int, a
         try:
             for s, (x, _) in zip(starts, loader(ds, parts, cfg, device)):
                 with autocast():
-                    z = model.embed(to_device(x, device, cfg))                           # (b, D) unit rows
-                keep = max(0, min(b, bank.n - s))                                        # not the padding
-                idx = torch.arange(s, s + keep, device=device)                           # order[p] = p
+                    z = model.embed(to_device(x, device, cfg))          # (b, D) unit rows
+                keep = max(0, min(b, bank.n - s))                       # not the padding
+                idx = torch.arange(s, s + keep, device=device)          # order[p] = p
                 bank.write(idx, z[:keep].to(bank.local.dtype)[None].expand(2, -1, -1))
         except data.BadImageError as e:
             reraise_data_error(e)

@@ -1,15 +1,15 @@
-"""BatchNorm over the samples of all ranks on the CPU (gloo), where torch's SyncBatchNorm does not run
-(it needs a GPU). train.py converts every BatchNorm of the model with `convert` when a run has several
-CPU processes and --sync-bn (the default); on CUDA it uses torch's SyncBatchNorm.
+"""BatchNorm over the samples of all ranks on the CPU (gloo), where torch's SyncBatchNorm does not
+run (it needs a GPU). train.py converts every BatchNorm of the model with `convert` when a run has
+several CPU processes and --sync-bn (the default); on CUDA it uses torch's SyncBatchNorm.
 
-The reduction is SyncBatchNorm's: every rank computes its count, mean and centred sum of squares per
-channel; the rows of all ranks are summed (an all-gather written as an all-reduce of one non-zero row
-per rank, exact) and combined (Chan et al.), so the statistics are those of the global micro-batch and
-no longer depend on how it is split over ranks -- except for the order of floating-point operations.
-The all-reduce is autograd-aware (torch.distributed.nn): its backward sums the gradient over ranks, so
-each rank's inputs get the gradient of the global statistics. Running statistics are updated with the
-global mean and unbiased variance, identically on every rank. In eval mode, and in a single process,
-it is the plain BatchNorm.
+The reduction is SyncBatchNorm's: every rank computes its count, mean and centred sum of squares
+per channel; the rows of all ranks are summed (an all-gather written as an all-reduce of one
+non-zero row per rank, exact) and combined (Chan et al.), so the statistics are those of the global
+micro-batch and do not depend on how it is split over ranks -- except for the order of
+floating-point operations. The all-reduce is autograd-aware (torch.distributed.nn): its backward
+sums the gradient over ranks, so each rank's inputs get the gradient of the global statistics.
+Running statistics are updated with the global mean and unbiased variance, identically on every
+rank. In eval mode, and in a single process, it is the plain BatchNorm.
 """
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                f = self.momentum
+                if f is None:                                    # cumulative moving average
+                    f = 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
                 unbiased = m2 / (total - 1).clamp_min(1)
                 self.running_var.mul_(1 - f).add_(unbiased.to(self.running_var.dtype), alpha=f)
@@ -64,7 +66,8 @@ def convert(module: nn.Module) -> nn.Module:
     """Every BatchNorm in `module` replaced by a CPUSyncBatchNorm holding the same tensors (as
     nn.SyncBatchNorm.convert_sync_batchnorm does for torch's)."""
     out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
+    bn = nn.modules.batchnorm._BatchNorm
+    if isinstance(module, bn) and not isinstance(module, CPUSyncBatchNorm):
         out = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                module.track_running_stats)
         if module.affine:

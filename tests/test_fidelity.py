@@ -348,8 +348,9 @@ def test_old_checkpoint_refused_in_one_line():
     cfg = config.parse_config(["--preset", "demo"])
     for old in ("smog-train-v1", "smog-train-v2"):
         with pytest.raises(config.UsageError) as e:
-            checkpoint.check_resume({"format": old, "world_size": 1, "config": {}}, cfg, config.RUNTIME_FIELDS,
-                                    1, "old.pth")
+            checkpoint.check_resume({"format": old, "world_size": 1, "config": {}}, cfg,
+                                    config.RUNTIME_FIELDS, 1, "old.pth")
         msg = str(e.value)
-        assert "older train.py" in msg and old in msg and "use a new --out-dir" in msg and "\n" not in msg
+        assert "older train.py" in msg and old in msg and "use a new --out-dir" in msg
+        assert "\n" not in msg
     assert checkpoint.FORMAT == "smog-train-v3"

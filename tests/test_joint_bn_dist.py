@@ -1,10 +1,10 @@
 """One BatchNorm across crop sizes under data parallelism: 2 gloo processes, uneven shards.
 
-torch's SyncBatchNorm runs on GPUs only; smog_train/sync_bn.py (what train.py uses for several CPU
-processes) does its reduction on the CPU: per-rank counts, means and centred sums of squares
-all-reduced, then combined. Because backbones.joint_bn calls the norm layer ONCE on the pixels of all
-crop sizes, such a layer reduces over all sizes and all ranks at once: the shards must give exactly the
-whole batch's joint-BN result (outputs, running statistics, gradients).
+torch's SyncBatchNorm runs on GPUs only; smog_train/sync_bn.py (what train.py uses for several
+CPU processes) does its reduction on the CPU: per-rank counts, means and centred sums of squares
+all-reduced, then combined. Because backbones.joint_bn calls the norm layer ONCE on the pixels of
+all crop sizes, such a layer reduces over all sizes and all ranks at once: the shards must give
+exactly the whole batch's joint-BN result (outputs, running statistics, gradients).
 """
 import os
 

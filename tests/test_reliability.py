@@ -167,8 +167,8 @@ def ref1(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref2(tmp_path_factory):
-    """2 gloo processes under torchrun, uninterrupted; out/../batches records every step's micro-batches
-    (dataset indices, a hash of each item's crops; recording changes nothing)."""
+    """2 gloo processes under torchrun, uninterrupted; out/../batches records every step's
+    micro-batches (dataset indices, a hash of each item's crops; recording changes nothing)."""
     out = tmp_path_factory.mktemp("ref2") / "run"
     rec = out.parent / "batches"
     rec.mkdir()
@@ -178,8 +178,8 @@ def ref2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cut2(tmp_path_factory):
-    """The run of ref2, rank 1 SIGKILLed in step 3 (mid-epoch 0): out_dir holds the checkpoint written
-    after step 2 (step=3). Tests copy it before resuming."""
+    """The run of ref2, rank 1 SIGKILLed in step 3 (mid-epoch 0): out_dir holds the checkpoint
+    written after step 2 (step=3). Tests copy it before resuming."""
     out = tmp_path_factory.mktemp("cut2") / "run"
     r = run(train_cmd(out, nproc=2), env={"SMOG_TEST_DIE_AT_STEP": 3, "SMOG_TEST_DIE_RANK": 1})
     assert r.returncode != 0 and "SIGKILL self: at step 3" in r.stderr, r.stderr[-3000:]
@@ -306,7 +306,8 @@ def test_skip_nonfinite_skips_the_step_and_leaves_every_state_untouched(tmp_path
 
 def test_2proc_sigkill_one_rank_mid_iteration_resumes_bitwise(ref2, cut2, tmp_path):
     """Rank 1 is SIGKILLed in step 3; torchrun takes the job down; the same command again resumes
-    from the checkpoint after step 2 and ends bitwise identical to the uninterrupted 2-process run."""
+    from the checkpoint after step 2 and ends bitwise identical to the uninterrupted 2-process
+    run."""
     out = tmp_path / "run"
     shutil.copytree(cut2, out)
     r = ok(run(train_cmd(out, nproc=2)))
@@ -359,14 +360,16 @@ def test_2proc_sigterm_on_one_rank_checkpoints_exits_0_and_resumes(ref2, tmp_pat
 # k-means sums. fp32 rounds at u = 2^-24 = 6e-8; reordering a sum of n mixed-sign terms moves it by
 # about sqrt(n) u of its terms' size. The longest sums are the BatchNorm statistics over ~10^4 pixel
 # values here (16 images x (2 x 16^2 + 8^2) pixels in the first layer): sqrt(10^4) u = 6e-6, so
-# ~1e-5 of a tensor's scale per step. The runs below resume 2 to 5 steps before the end and a stable
+# ~1e-5 of a tensor's scale per step. The runs below resume 5 steps before the end and a stable
 # run amplifies such perturbations by far less than 10 over that many steps: RTOL = 1e-4. Tensors
 # that are zero in exact arithmetic (the gradient, hence momentum buffer, of a bias that a
 # BatchNorm follows) are rounding noise, a few u times the terms summed (gradients up to ~1):
 # ATOL = 1e-6 (16 u). Measured (2-vCPU AMD EPYC, torch 2.14.1): at most 2.5e-6 of a tensor's scale
 # (bank, 5 steps and a regroup after the resume), 7e-8 absolute on the noise tensors: 0.07 of the
 # tolerance; a real difference (one optimiser step more or less, per-rank BatchNorm, k-means
-# started from other rows) is 1e-2 or more of the scale.
+# started from other rows) is 1e-2 or more of the scale. What the tolerance cannot absorb is an
+# argmax (target, group, k-means assignment) that sits within rounding of a tie and flips; none
+# does in these runs, deterministically on a given machine.
 RTOL, ATOL = 1e-4, 1e-6
 SCHEDULE_KEYS = ("type", "step", "epoch", "lr", "beta", "m")       # exact in every log record
 
@@ -374,7 +377,8 @@ SCHEDULE_KEYS = ("type", "step", "epoch", "lr", "beta", "m")       # exact in ev
 def batch_records(rec_dir) -> dict:
     """{global step: [(dataset index, SHA-1 of the item's crops)] of the global batch}: every
     micro-batch's items of rank 0, rank 1, ... in turn (SMOG_TEST_RECORD_BATCHES files)."""
-    files = sorted(Path(rec_dir).glob("batches-rank*.jsonl"), key=lambda f: int(f.stem[len("batches-rank"):]))
+    rank = lambda f: int(f.stem[len("batches-rank"):])                    # noqa: E731
+    files = sorted(Path(rec_dir).glob("batches-rank*.jsonl"), key=rank)
     per_rank = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
     out = {}
     for recs in zip(*per_rank):
@@ -412,7 +416,8 @@ def tolerance_violations(ref: dict, got: dict) -> tuple:
                 if not torch.equal(x, y):
                     bad.append(p)
             else:
-                ratio = ((x.double() - y.double()).abs().max() / (RTOL * x.double().abs().max() + ATOL)).item()
+                x, y = x.double(), y.double()
+                ratio = ((x - y).abs().max() / (RTOL * x.abs().max() + ATOL)).item()
                 worst = max(worst, ratio)
                 if ratio > 1:
                     bad.append(f"{p} ({ratio:.3g} x the tolerance)")
@@ -420,11 +425,11 @@ def tolerance_violations(ref: dict, got: dict) -> tuple:
 
 
 def assert_same_log_within_tolerance(ref_dir, out_dir, world_from: int, world_to: int) -> None:
-    """log.jsonl of the resumed run = the uninterrupted run's plus one record of the world-size change:
-    the same records, schedule values exact, measured values within the tolerance."""
+    """log.jsonl of the resumed run = the uninterrupted run's plus one record of the world-size
+    change: the same records, schedule values exact, measured values within the tolerance."""
     got = log_records(out_dir)
-    changed = [r for r in got if r["type"] == "world_size_changed"]
-    assert len(changed) == 1 and (changed[0]["from"], changed[0]["to"]) == (world_from, world_to), changed
+    changed = [(r["from"], r["to"]) for r in got if r["type"] == "world_size_changed"]
+    assert changed == [(world_from, world_to)], changed
     got = [r for r in got if r["type"] != "world_size_changed"]
     ref = log_records(ref_dir)
     assert len(got) == len(ref)
@@ -435,34 +440,43 @@ def assert_same_log_within_tolerance(ref_dir, out_dir, world_from: int, world_to
                 assert abs(a[k] - b[k]) <= RTOL * abs(a[k]) + ATOL, (k, a, b)
 
 
+def torchrun1(cmd: list) -> list:
+    """A plain `python train.py ...` command as `torchrun --nproc_per_node=1 train.py ...`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port",
+            str(_free_port()), *cmd[1:]]
+
+
 @pytest.mark.parametrize("nproc", [1, 4])
 def test_2proc_sigkill_resumes_on_another_world_size(ref2, cut2, tmp_path, nproc):
-    """The 2-process run SIGKILLed mid-epoch (cut2: in step 3, last checkpoint after step 2), resumed
-    with the same --out-dir on 1 process (plain python) and on 4 (torchrun), against the uninterrupted
-    2-process run. First a SIGTERM stops the resumed run after one step: in its checkpoint the memory
-    bank rows not written since are the killed run's bits, re-sharded and gathered again. Then the same
-    command finishes the run (the regroup of epoch 1 on the new world size included): the same global
-    batches and every crop, bitwise; groups, weights, BN statistics, momentum network, optimiser state
-    and memory bank within the tolerance above. (BatchNorm is synchronised, --sync-bn, the default, so
-    normalisation does not depend on the per-rank batch.)"""
+    """The 2-process run SIGKILLed mid-epoch (cut2: in step 3, last checkpoint after step 2),
+    resumed with the same --out-dir on 1 process (plain python) and on 4 (torchrun), against the
+    uninterrupted 2-process run. First a SIGTERM stops the resumed run after one step: in its
+    checkpoint the memory bank rows not written since are the killed run's bits, re-sharded and
+    gathered again. Then the same command finishes the run (the regroup of epoch 1 on the new
+    world size included): the same global batches and every crop, bitwise; groups, weights, BN
+    statistics, momentum network, optimiser state and memory bank within the tolerance above.
+    (BatchNorm is synchronised, --sync-bn, the default: normalisation does not depend on the
+    per-rank batch.)"""
     out, rec = tmp_path / "run", tmp_path / "batches"
     shutil.copytree(cut2, out)
     rec.mkdir()
     cut = load(out / "checkpoint.pth")
     env = {"SMOG_TEST_RECORD_BATCHES": rec}
     r = ok(run(train_cmd(out, nproc=nproc), env={**env, "SMOG_TEST_SIGTERM_AT_STEP": 3}))
-    assert "resuming at step 3" in r.stdout and f"world {nproc} (was 2)" in r.stdout, r.stdout[-3000:]
-    assert f"world size changed from 2 to {nproc}" in r.stdout and "SIGTERM: checkpoint written" in r.stdout
+    assert "resuming at step 3" in r.stdout and f"world {nproc} (was 2)" in r.stdout, r.stdout
+    assert f"world size changed from 2 to {nproc}" in r.stdout
+    assert "SIGTERM: checkpoint written" in r.stdout
     mid = load(out / "checkpoint.pth")
     assert (mid["step"], mid["world_size"]) == (4, nproc)
     kept = [i for i in range(N_TRAIN) if i not in {i for i, _ in batch_records(rec)[3]}]
     assert len(kept) == N_TRAIN - 16 and torch.equal(mid["bank"][:, kept], cut["bank"][:, kept])
     r = ok(run(train_cmd(out, nproc=nproc), env=env))
     assert "resuming at step 4" in r.stdout and "epoch 1: regrouped" in r.stdout
-    assert "world size changed" not in r.stdout                        # it was written by this world
+    assert "world size changed" not in r.stdout                 # it was written by this world
     ref, got = load(ref2 / "checkpoint.pth"), load(out / "checkpoint.pth")
     assert (got["step"], got["epoch"], got["world_size"]) == (TOTAL_STEPS, 2, nproc)
-    for k in ("step", "epoch", "step_in_epoch", "steps_per_epoch", "total_steps", "knn", "skipped_nonfinite"):
+    for k in ("step", "epoch", "step_in_epoch", "steps_per_epoch", "total_steps", "knn",
+              "skipped_nonfinite"):
         assert got[k] == ref[k], k
     seen, want = batch_records(rec), batch_records(ref2.parent / "batches")
     assert sorted(seen) == list(range(3, TOTAL_STEPS)) and all(seen[s] == want[s] for s in seen)
@@ -476,20 +490,18 @@ def test_2proc_sigkill_resumes_on_another_world_size(ref2, cut2, tmp_path, nproc
 
 
 def test_per_rank_bn_run_resumes_on_1_process_under_torchrun(ref2, tmp_path):
-    """--no-sync-bn (each rank normalises its own micro-batch): 2 processes, rank 0 SIGKILLed in step 3
-    (mid-epoch 0, after the checkpoint of step 3), resumed by `torchrun --nproc_per_node=1`. It finishes,
-    and what the README says a per-rank-BN resume keeps holds: the global batches and crops of ref2 (BN
-    does not enter them) and its schedules, exactly. What it cannot keep, BN statistics over the
-    per-rank batch, makes the weights differ from an uninterrupted run."""
+    """--no-sync-bn (each rank normalises its own micro-batch): 2 processes, rank 0 SIGKILLed in
+    step 3 (mid-epoch 0, after the checkpoint of step 3), resumed by `torchrun --nproc_per_node=1`.
+    It finishes, and what the README says a per-rank-BN resume keeps holds: the global batches and
+    crops of ref2 (BN does not enter them) and its schedules, exactly. What it cannot keep, BN
+    statistics over the per-rank batch, makes the weights differ from an uninterrupted run."""
     out, rec = tmp_path / "run", tmp_path / "batches"
     rec.mkdir()
-    r = run(train_cmd(out, "--no-sync-bn", nproc=2), env={"SMOG_TEST_DIE_AT_STEP": 3, "SMOG_TEST_DIE_RANK": 0})
+    r = run(train_cmd(out, "--no-sync-bn", nproc=2),
+            env={"SMOG_TEST_DIE_AT_STEP": 3, "SMOG_TEST_DIE_RANK": 0})
     assert r.returncode != 0 and "SIGKILL self: at step 3" in r.stderr, r.stderr[-3000:]
     assert load(out / "checkpoint.pth")["step"] == 3
-    cmd = train_cmd(out, "--no-sync-bn")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port", str(_free_port()),
-           *cmd[1:]]
-    r = ok(run(cmd, env={"SMOG_TEST_RECORD_BATCHES": rec}))
+    r = ok(run(torchrun1(train_cmd(out, "--no-sync-bn")), env={"SMOG_TEST_RECORD_BATCHES": rec}))
     assert "resuming at step 3" in r.stdout and "world size changed from 2 to 1" in r.stdout
     assert "epoch 1: regrouped" in r.stdout
     got = load(out / "checkpoint.pth")
@@ -497,9 +509,9 @@ def test_per_rank_bn_run_resumes_on_1_process_under_torchrun(ref2, tmp_path):
     seen, want = batch_records(rec), batch_records(ref2.parent / "batches")
     assert sorted(seen) == list(range(3, TOTAL_STEPS)) and all(seen[s] == want[s] for s in seen)
     recs = log_records(out)
-    assert [(r["type"], r.get("from"), r.get("to")) for r in recs if r["type"] == "world_size_changed"] == \
-        [("world_size_changed", 2, 1)]
-    sched = lambda rs: [{k: r.get(k) for k in SCHEDULE_KEYS} for r in rs if r["type"] == "step"]  # noqa: E731
+    assert [(r["from"], r["to"]) for r in recs if r["type"] == "world_size_changed"] == [(2, 1)]
+    sched = lambda rs: [{k: r.get(k) for k in SCHEDULE_KEYS} for r in rs  # noqa: E731
+                        if r["type"] == "step"]
     assert sched(recs) == sched(log_records(ref2))
     assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [0, 1]
     assert all(torch.isfinite(v).all() for v in got["model"].values() if v.is_floating_point())
@@ -521,8 +533,9 @@ def test_resume_on_a_world_size_that_cannot_divide_the_batch_is_refused(cut2, tm
         lines = [ln for ln in e.read_text().splitlines() if ln.strip()]
         assert len(lines) <= 1, lines
         if lines:
-            assert re.search(r"^error: --batch-size 16 is not divisible by world size 3 x --accum 1; run on a "
-                             r"number of processes that divides it \(1, 2, 4, 8;", lines[0]), lines
+            assert re.search(r"^error: --batch-size 16 is not divisible by world size 3 x "
+                             r"--accum 1; run on a number of processes that divides it "
+                             r"\(1, 2, 4, 8;", lines[0])
             said += 1
     assert said >= 1 and files() == before
 
@@ -725,8 +738,8 @@ def _train_bad_inputs(folders, ref1, ref2):
          r"pass --n-groups 8 or use a new --out-dir", "ref1"),
         (["--epochs", "3"], r"config field 'epochs' is 2 in the checkpoint but 3 now", r"--epochs 2", "ref1"),
         (["--seed", "1"], r"config field 'seed'", r"--seed 0", "ref1"),
-        (["--no-sync-bn"], r"config field 'sync_bn' is True in the checkpoint but False now", r"--sync-bn",
-         "ref2"),
+        (["--no-sync-bn"], r"config field 'sync_bn' is True in the checkpoint but False now",
+         r"pass --sync-bn or", "ref2"),
     ]
 
 

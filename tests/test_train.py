@@ -132,13 +132,15 @@ def _run(m):
 
 def test_step_batches_global_batch_is_the_same_block_whatever_the_world_size():
     """StepBatches: the global batch of step s, gathered over ranks in rank order (micro-batch by
-    micro-batch), is perm[s*B:(s+1)*B] of the epoch's permutation for any world size and --accum, also
-    after set_epoch(epoch, start); on one process it is DistributedSampler's order (as before)."""
+    micro-batch), is perm[s*B:(s+1)*B] of the epoch's permutation for any world size and --accum,
+    also after set_epoch(epoch, start); on one process it is DistributedSampler's order (as
+    before)."""
     from smog_train.batches import StepBatches
     n, B, seed = 103, 12, 5
     for epoch in (0, 3):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        ds = torch.utils.data.DistributedSampler(range(n), num_replicas=1, rank=0, seed=seed, drop_last=True)
+        ds = torch.utils.data.DistributedSampler(range(n), num_replicas=1, rank=0, seed=seed,
+                                                 drop_last=True)
         ds.set_epoch(epoch)
         assert list(ds) == perm
         for accum in (1, 2):
@@ -151,12 +153,15 @@ def test_step_batches_global_batch_is_the_same_block_whatever_the_world_size():
                         sb.set_epoch(epoch, start)
                         ranks.append(list(sb))
                     assert all(len(x) == (n // B - start) * accum for x in ranks)
-                    got = [[item for a in range(accum) for x in ranks for item in x[(s - start) * accum + a]]
-                           for s in range(start, n // B)]
-                    for s, items in zip(range(start, n // B), got):
-                        assert [i for i, _, _ in items] == perm[s * B:(s + 1) * B], (world, accum, s)
-                        assert {o for _, o, _ in items} == {"A" if (epoch * (n // B) + s) % 2 == 0 else "B"}
-                        assert [k for _, _, k in items] == [train.item_seed(seed, epoch, i) for i, _, _ in items]
+                    for s in range(start, n // B):
+                        j = (s - start) * accum
+                        items = [it for a in range(accum) for x in ranks for it in x[j + a]]
+                        idx = [i for i, _, _ in items]
+                        assert idx == perm[s * B:(s + 1) * B], (world, accum, s)
+                        online = "A" if (epoch * (n // B) + s) % 2 == 0 else "B"
+                        assert {o for _, o, _ in items} == {online}
+                        seeds = [train.item_seed(seed, epoch, i) for i in idx]
+                        assert [k for _, _, k in items] == seeds
 
 
 def test_accumulated_step_of_one_micro_batch_equals_the_plain_step():
