@@ -1,11 +1,21 @@
-"""python -m spec --impl MODULE[:ATTR] [--xfail FILE] [--profile ci|thorough] [-m EXPR]
+"""python -m spec --impl MODULE[:ATTR] [--xfail FILE] [--profile ci|thorough] [-m EXPR] [--judge all|mathematics]
 
-Runs the spec suite against an implementation and prints one line per invariant of spec/*.md:
-pass, FAIL (with the first failing test and its message), xfail (listed in --xfail), not implemented
-(every failure is a protocol function the implementation lacks), skipped or not run. A failure whose
-invariant depends (harness.DEPENDS) on another failing invariant is marked as probably following
-from it, so root causes stand out from cascades. Exit status 0 only if no required invariant fails
-(required: everything not listed in --xfail); 2 for bad arguments.
+Runs the spec suite against an implementation and prints one line per invariant of spec/*.md, the
+*mathematics* (what SMoG computes) and the *contract* (the protocol's conventions: error types, exact
+end points, returned dtypes and shapes) in two blocks. Each line gives a status and the partial
+results of the invariant's tests ("3/4 pass, 1 xfail"):
+
+  pass                        every test that applies passes (some may be n/a or optional, see the counts)
+  FAIL                        a test fails; the first failing test and its message follow
+  FAIL (consequential)        ... and an invariant it builds on (harness.DEPENDS) fails too
+  not implemented             every failure is a protocol function that is missing or raises NotImplementedError
+  not implemented (optional)  every test is of an optional mode (group_grad=True) the implementation does not have
+  n/a (declared)              every test is moot by a declaration of the implementation (SPEC_DECLARES)
+  xfail                       a failure listed in --xfail
+  skipped
+
+Exit status 0 only if no judged invariant (--judge all: both kinds, the default; --judge mathematics:
+the mathematics alone) outside the xfail file is FAIL or not implemented; 2 for bad arguments.
 """
 from __future__ import annotations
 
@@ -16,10 +26,13 @@ import os
 import re
 import sys
 
-from spec.harness import DEPENDS, DOCS, IMPL_ENV, SPEC_DIR, cited_ids, invariant_ids, load_namespace
+from spec.harness import DECLARABLE, DEPENDS, DOCS, IMPL_ENV, NA_DECLARED, NOT_DEFINED, NOT_IMPLEMENTED, \
+    OPTIONAL_NOT_IMPLEMENTED, SPEC_DIR, cited_ids, declarations, invariant_ids, invariant_kinds, load_namespace
 
-NOT_DEFINED = " is not defined in "
 TITLE = re.compile(r"^#{2,4}\s+\(([A-Z]\d+)\)\s*(.*)$", re.M)
+KIND_HEADINGS = {"mathematics": "mathematics: what SMoG computes",
+                 "contract": "contract: the protocol's conventions (error types, exact end points, dtypes and shapes)"}
+BAD = {"FAIL", "not implemented"}   # statuses that fail a judged invariant (unless listed in --xfail)
 
 
 class Collector:
@@ -29,6 +42,7 @@ class Collector:
         self.cites: dict = {}
         self.outcome: dict = {}
         self.message: dict = {}
+        self.reason: dict = {}
 
     def pytest_collection_modifyitems(self, items):
         self.cites = {item.nodeid: cited_ids(item) for item in items}
@@ -41,6 +55,8 @@ class Collector:
         if outcome == "failed" or report.when == "call" or (outcome != "passed" and report.when == "setup"):
             if self.outcome.get(report.nodeid) != "failed":
                 self.outcome[report.nodeid] = outcome
+        if outcome == "skipped" and isinstance(report.longrepr, tuple):
+            self.reason[report.nodeid] = str(report.longrepr[2]).replace("Skipped: ", "", 1)
         if outcome == "failed" and report.nodeid not in self.message:
             crash = getattr(report.longrepr, "reprcrash", None)
             text = crash.message if crash is not None else str(report.longrepr)
@@ -49,31 +65,74 @@ class Collector:
             self.message[report.nodeid] = " ".join(text.replace("Failed: ", "").split())
 
 
+def _category(col: Collector, test: str) -> str:
+    """pass, fail, missing, xfail, optional, n/a or skipped."""
+    outcome = col.outcome[test]
+    if outcome in ("passed", "xpass"):
+        return "pass"
+    if outcome == "failed":
+        msg = col.message.get(test, "")
+        return "missing" if NOT_DEFINED in msg or NOT_IMPLEMENTED in msg else "fail"
+    if outcome == "xfail":
+        return "xfail"
+    reason = col.reason.get(test, "")
+    if reason.startswith(OPTIONAL_NOT_IMPLEMENTED):
+        return "optional"
+    if reason.startswith(NA_DECLARED):
+        return "n/a"
+    return "skipped"
+
+
+def _counts(cats: list) -> str:
+    """'3/4 pass, 1 xfail': the partial results of one invariant's tests."""
+    n = len(cats)
+    words = [f"{cats.count('pass')}/{n} pass"]
+    for cat, word in (("fail", "FAIL"), ("missing", "not implemented"), ("xfail", "xfail"),
+                      ("optional", "not implemented (optional)"), ("n/a", "n/a (declared)"), ("skipped", "skipped")):
+        if cats.count(cat):
+            words.append(f"{cats.count(cat)} {word}")
+    return ", ".join(words)
+
+
 def verdicts(col: Collector) -> dict:
     """{invariant id: (status, detail)} in document order."""
     out = {}
     for inv in invariant_ids():
         tests = [t for t, ids in col.cites.items() if inv in ids]
         ran = [t for t in tests if t in col.outcome]
-        failed = [t for t in ran if col.outcome[t] == "failed"]
         if not ran:
             out[inv] = ("not run", "")
-        elif failed:
-            msgs = [col.message.get(t, "") for t in failed]
-            if all(NOT_DEFINED in m for m in msgs):
-                out[inv] = ("not implemented", msgs[0][:100])
-            else:
-                first = next(t for t, m in zip(failed, msgs) if NOT_DEFINED not in m)
-                name = first.split("::")[-1]
-                msg = col.message.get(first, "")
-                out[inv] = ("FAIL", f"{len(failed)}/{len(ran)} tests fail; first {name}: {msg[:90]}")
-        elif any(col.outcome[t] == "xfail" for t in ran):
-            out[inv] = ("xfail", "")
-        elif all(col.outcome[t] == "skipped" for t in ran):
-            out[inv] = ("skipped", "")
+            continue
+        cats = [_category(col, t) for t in ran]
+        detail = _counts(cats)
+        if "fail" in cats:
+            first = ran[cats.index("fail")]
+            out[inv] = ("FAIL", f"{detail}; first {first.split('::')[-1]}: {col.message.get(first, '')[:110]}")
+        elif "missing" in cats:
+            first = ran[cats.index("missing")]
+            out[inv] = ("not implemented", f"{detail}; {col.message.get(first, '')[:100]}")
+        elif "xfail" in cats:
+            out[inv] = ("xfail", detail)
+        elif "pass" in cats:
+            out[inv] = ("pass", detail)
+        elif "optional" in cats:
+            out[inv] = ("not implemented (optional)", detail)
+        elif "n/a" in cats:
+            out[inv] = ("n/a (declared)", detail)
         else:
-            out[inv] = ("pass", f"{len(ran)} tests")
+            out[inv] = ("skipped", detail)
     return out
+
+
+def skipped_as(col: Collector, prefix: str) -> dict:
+    """{what: sorted invariant ids} of the tests skipped with a reason `prefix` + what + ')'; for the
+    optional modes not implemented and the declarations that made tests n/a."""
+    out: dict = {}
+    for test, reason in col.reason.items():
+        if col.outcome.get(test) == "skipped" and reason.startswith(prefix):
+            what = reason[len(prefix):].split(")")[0]
+            out.setdefault(what, set()).update(col.cites.get(test, ()))
+    return {m: sorted(ids, key=lambda i: ("GLKSMH".index(i[0]), int(i[1:]))) for m, ids in out.items()}
 
 
 def _ancestors(inv: str) -> list:
@@ -86,29 +145,60 @@ def _ancestors(inv: str) -> list:
     return seen
 
 
-def report(verdict: dict, impl: str, profile: str, out=sys.stdout) -> int:
+def _roots(inv: str, verdict: dict) -> list:
+    """The invariants `inv` builds on (harness.DEPENDS, transitively) that fail or are not implemented."""
+    return [d for d in _ancestors(inv) if verdict.get(d, ("",))[0] in BAD]
+
+
+def report(verdict: dict, impl: str, profile: str, out=sys.stdout, declared=None, optional=None, moot=None,
+           judge: str = "all") -> int:
     titles = {}
     for doc in DOCS:
         titles.update(dict(TITLE.findall((SPEC_DIR / doc).read_text())))
-    bad = {"FAIL", "not implemented"}
+    kinds = invariant_kinds()
     print(f"spec verdict for {impl} (profile {profile}): one line per invariant of spec/*.md", file=out)
-    for inv, (status, detail) in verdict.items():
-        if status == "not run":   # deselected with -m
+    if declared:
+        print("declared by the implementation (SPEC_DECLARES):", file=out)
+    for name, words in (declared or {}).items():
+        ids = (moot or {}).get(name)
+        print(f"  {name}" + (f' ("{words}")' if words else "") + f": {DECLARABLE[name]}; "
+              + (f"n/a (declared): its tests of {', '.join(ids)}" if ids else "no test ran that it concerns"), file=out)
+    if optional:
+        print("optional modes the implementation does not implement (NotImplementedError):", file=out)
+    for mode, ids in (optional or {}).items():
+        print(f"  {mode}: not implemented (optional): its tests of {', '.join(ids)}", file=out)
+    failing = {}
+    for kind in ("mathematics", "contract"):
+        rows = [(i, v) for i, v in verdict.items() if kinds.get(i) == kind and v[0] != "not run"]
+        if not rows:
             continue
-        roots = [d for d in _ancestors(inv) if verdict.get(d, ("",))[0] in bad]
-        shown = "FAIL (consequential)" if status == "FAIL" and roots else status
-        extra = f"probably follows from {', '.join(roots)}; " if status == "FAIL" and roots else ""
-        title = titles.get(inv, "")
-        title = title if len(title) <= 46 else title[:45] + "…"
-        print(f"{inv:4s} {shown:21s} {title:47s} {extra}{detail}".rstrip(), file=out)
-    counts = {}
-    for status, _ in verdict.values():
-        counts[status] = counts.get(status, 0) + 1
-    failing = [i for i, (s, _) in verdict.items() if s in bad]
-    print(f"{len(verdict)} invariants: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-          + (f"; required and failing: {', '.join(failing)}" if failing else "; every required invariant holds"),
-          file=out)
-    return 1 if failing else 0
+        print(f"\n{KIND_HEADINGS[kind]}", file=out)
+        for inv, (status, detail) in rows:
+            roots = _roots(inv, verdict)
+            shown = "FAIL (consequential)" if status == "FAIL" and roots else status
+            extra = f"probably follows from {', '.join(roots)}; " if status == "FAIL" and roots else ""
+            title = titles.get(inv, "")
+            title = title if len(title) <= 46 else title[:45] + "…"
+            print(f"{inv:4s} {shown:26s} {title:47s} {extra}{detail}".rstrip(), file=out)
+        failing[kind] = [i for i, (s, _) in rows if s in BAD]
+    print("", file=out)
+    for kind in ("mathematics", "contract"):
+        rows = [(i, v) for i, v in verdict.items() if kinds.get(i) == kind and v[0] != "not run"]
+        if not rows:
+            continue
+        counts: dict = {}
+        for _, (status, _) in rows:
+            counts[status] = counts.get(status, 0) + 1
+        roots = [i for i, (s, _) in rows if s == "FAIL" and not _roots(i, verdict)]
+        words = [f"{n} {s}" + (f" ({len(roots)} not consequential: {', '.join(roots)})"
+                               if s == "FAIL" and len(roots) < n else "") for s, n in counts.items()]
+        print(f"{kind}: {len(rows)} invariant{'s' if len(rows) > 1 else ''}: " + ", ".join(words)
+              + ("" if failing[kind] else "; every one holds"), file=out)
+    judged = ["mathematics"] if judge == "mathematics" else ["mathematics", "contract"]
+    bad = [i for k in judged for i in failing.get(k, [])]
+    print(f"judged: {' and '.join(judged)}; "
+          + (f"{len(bad)} FAIL or not implemented, exit status 1" if bad else "exit status 0"), file=out)
+    return 1 if bad else 0
 
 
 def main(argv=None) -> int:
@@ -117,17 +207,25 @@ def main(argv=None) -> int:
     ap.add_argument("--xfail", help="file of test names or invariant ids (one a line, # comments) expected to fail")
     ap.add_argument("--profile", choices=("ci", "thorough"), default="ci",
                     help="ci: 12 derandomized examples per test (default); thorough: 400 random ones")
-    ap.add_argument("-m", dest="select", help='pytest marker expression over invariant ids, e.g. "G5 or S6"')
+    ap.add_argument("-m", dest="select", help='pytest marker expression over invariant ids and kinds, e.g. "G5 or S6", '
+                                              '"mathematics"')
+    ap.add_argument("--judge", choices=("all", "mathematics"), default="all",
+                    help="what the exit status judges: every invariant (default) or the mathematics alone")
     args = ap.parse_args(argv)
     if args.xfail and not os.path.isfile(args.xfail):
         print(f"error: --xfail file {args.xfail!r} does not exist; pass a text file with one test name or "
               f"invariant id a line", file=sys.stderr)
         return 2
     try:
-        load_namespace(args.impl)
+        ns = load_namespace(args.impl)
     except Exception as e:  # noqa: BLE001 - any import failure of the module under test is reported in one line
         print(f"error: cannot import the implementation {args.impl!r} ({type(e).__name__}: {e}); pass "
               f"--impl MODULE or MODULE:ATTR importable from the current directory or PYTHONPATH", file=sys.stderr)
+        return 2
+    try:
+        declared = declarations(ns)
+    except ValueError as e:
+        print(f"error: {args.impl}: {e}", file=sys.stderr)
         return 2
     os.environ[IMPL_ENV] = args.impl
     if args.xfail:
@@ -149,7 +247,8 @@ def main(argv=None) -> int:
         print(buf.getvalue()[-3000:], file=sys.stderr)
         print(f"error: pytest exited with {int(rc)} before judging {args.impl!r}", file=sys.stderr)
         return 2
-    return report(verdicts(col), args.impl, args.profile)
+    return report(verdicts(col), args.impl, args.profile, declared=declared, judge=args.judge,
+                  optional=skipped_as(col, OPTIONAL_NOT_IMPLEMENTED), moot=skipped_as(col, NA_DECLARED))
 
 
 if __name__ == "__main__":

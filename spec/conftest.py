@@ -7,8 +7,13 @@
   `verdict-ci` / `verdict-thorough` the same for `python -m spec` (a verdict needs a failure, not the
   smallest one).
 - SMOG_XFAIL=path: a file of test names or invariant ids (one a line, # comments) to mark xfail,
-  for implementations that knowingly deviate (array-api-tests style).
-- Every invariant id is also a marker: `pytest spec -m G5`, `pytest spec -m "S2 or L6"`.
+  for implementations that knowingly deviate (array-api-tests style); the format is in spec/README.md.
+- Every invariant id is also a marker: `pytest spec -m G5`, `pytest spec -m "S2 or L6"`; so are the
+  kinds, `-m mathematics` and `-m contract`.
+- `@pytest.mark.optional("group_grad")`: a test of an optional mode (harness.Impl turns its
+  NotImplementedError into a skip, "not implemented (optional ...)").
+- `@pytest.mark.unless_declared("replicated_kmeans")`: a test that does not apply when the
+  implementation declares that (SPEC_DECLARES, harness.DECLARABLE); skipped as "n/a (declared ...)".
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import re
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from spec.harness import ALL_MUTANTS, ASSERTS, Impl, cited_ids, impl_name, invariant_ids
+from spec.harness import ALL_MUTANTS, ASSERTS, NA_DECLARED, Impl, cited_ids, declarations, impl_name, \
+    invariant_ids, invariant_kinds, load_namespace
 
 _quiet = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
 settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None, database=None,
@@ -33,6 +39,10 @@ settings.register_profile("verdict-thorough", parent=settings.get_profile("thoro
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "invariant(*ids): the spec/*.md invariants this test checks")
+    config.addinivalue_line("markers", "optional(mode): a test of an optional mode of the protocol (group_grad)")
+    config.addinivalue_line("markers", "unless_declared(name): n/a when the implementation declares `name`")
+    config.addinivalue_line("markers", "mathematics: tests of invariants on what SMoG computes")
+    config.addinivalue_line("markers", "contract: tests of invariants on the protocol's conventions")
     for i, doc in invariant_ids().items():
         config.addinivalue_line("markers", f"{i}: tests of invariant ({i}) of spec/{doc}")
     if not config.getoption("hypothesis_profile", None):
@@ -61,9 +71,12 @@ def impl(request):
 # -- per-implementation expected failures -----------------------------------------------------------
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:   # each cited id as a marker of its own, for -m selection
+    kinds = invariant_kinds()
+    for item in items:   # each cited id, and its kind, as a marker of its own, for -m selection
         for i in sorted(cited_ids(item)):
             item.add_marker(getattr(pytest.mark, i))
+        for kind in sorted({kinds[i] for i in cited_ids(item) if i in kinds}):
+            item.add_marker(getattr(pytest.mark, kind))
     if impl_name() == ALL_MUTANTS:
         _order_for_mutants(items)
     path = os.environ.get("SMOG_XFAIL")
@@ -73,8 +86,8 @@ def pytest_collection_modifyitems(config, items):
         entries = {line.split("#")[0].strip() for line in f} - {""}
     for item in items:
         ids = cited_ids(item)
-        hit = sorted(e for e in entries if e in ids or (not re.fullmatch(r"[A-Z]\d+", e) and
-                                                         (e == item.originalname or e in item.nodeid)))
+        hit = sorted(e for e in entries if e in ids or e == item.originalname or
+                     (re.search(r"::|\[|\.py", e) and e in item.nodeid))   # see spec/README.md, the xfail file
         if hit:
             item.add_marker(pytest.mark.xfail(reason=f"listed in {path}: {', '.join(hit)}", strict=False))
 
@@ -110,8 +123,32 @@ def _mutant_of(item):
     return cs.params.get("impl") if cs is not None else None
 
 
+_declared: dict = {}
+
+
+def _declarations() -> dict:
+    """What the implementation under test declares (SPEC_DECLARES); the mutants declare nothing."""
+    name = impl_name()
+    if name == ALL_MUTANTS:
+        return {}
+    if name not in _declared:
+        try:
+            _declared[name] = declarations(load_namespace(name))
+        except ValueError:
+            raise
+        except Exception:  # noqa: BLE001 - an unimportable implementation fails every test (harness.Impl)
+            _declared[name] = {}
+    return _declared[name]
+
+
 def pytest_runtest_setup(item):
-    """Once a mutant is killed, run only its tests of expected invariants that no test has failed yet."""
+    """A test that a declaration makes moot is skipped as n/a. Once a mutant is killed, run only its
+    tests of expected invariants that no test has failed yet."""
+    for mark in item.iter_markers("unless_declared"):
+        for what in mark.args:
+            if what in _declarations():
+                words = _declarations()[what]
+                pytest.skip(f"{NA_DECLARED}{what}){': ' + words if words else ''}")
     name = _mutant_of(item)
     if name is not None and name in _killed and not cited_ids(item) & (_expected(name) - _hit.get(name, set())):
         pytest.skip(f"mutant {name} already killed by {_killed[name]['test']}")

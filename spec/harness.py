@@ -59,6 +59,48 @@ def invariant_ids() -> dict:
     return ids
 
 
+CONTRACT_SECTION = re.compile(r"^## Contract\b", re.M)   # ids defined below this heading are contract
+
+
+def invariant_kinds() -> dict:
+    """{id: "mathematics" or "contract"}: a document's invariants below its "## Contract" heading are
+    conventions of the protocol (error types, exact end points, returned dtypes and shapes); all
+    others are the mathematics of SMoG."""
+    kinds = {}
+    for doc in DOCS:
+        text = (SPEC_DIR / doc).read_text()
+        m = CONTRACT_SECTION.search(text)
+        cut = m.start() if m else len(text)
+        for found in DEFINITION.finditer(text):
+            kinds[found.group(1)] = "contract" if found.start() > cut else "mathematics"
+    return kinds
+
+
+# What an implementation may declare about itself (SPEC_DECLARES in its module or namespace: a dict
+# {name: its own words} or a list of names). A declared difference turns the tests it concerns into
+# "n/a (declared)"; the verdict lists every declaration.
+DECLARABLE = {
+    "replicated_kmeans": "k-means over a memory bank replicated on every rank, so the tests that shard "
+                         "its rows over ranks do not apply",
+}
+
+
+def declarations(ns) -> dict:
+    """{name: the implementation's words} from `ns.SPEC_DECLARES`; ValueError for an unknown name."""
+    raw = getattr(ns, "SPEC_DECLARES", None) or {}
+    got = dict(raw) if isinstance(raw, dict) else {name: "" for name in raw}
+    unknown = sorted(set(got) - set(DECLARABLE))
+    if unknown:
+        raise ValueError(f"SPEC_DECLARES names {unknown}; what can be declared: {sorted(DECLARABLE)}")
+    return got
+
+
+NOT_DEFINED = " is not defined in "               # the message of a missing protocol function
+NOT_IMPLEMENTED = " raised NotImplementedError"   # the message of a protocol function that says so
+NA_DECLARED = "n/a (declared "                    # the skip reason of a test a declaration makes moot
+OPTIONAL_NOT_IMPLEMENTED = "not implemented (optional "   # the skip reason of an optional mode left out
+
+
 def cited_ids(item) -> set:
     """The invariant ids a collected pytest item cites with @pytest.mark.invariant."""
     return {i for m in item.iter_markers("invariant") for i in m.args}
@@ -77,7 +119,12 @@ def load_namespace(name: str):
 
 class Impl:
     """The implementation under test. Functions are fetched lazily, so a function the module lacks
-    fails only the tests that need it, with '<name> is not defined in <module>'."""
+    fails only the tests that need it, with '<name> is not defined in <module>'. A NotImplementedError
+    raised by a protocol function fails the test as '<name> raised NotImplementedError' (reported as
+    "not implemented"), except in a call that asks for an optional mode (group_grad=True): there it
+    skips the test as "not implemented (optional group_grad=True)"."""
+
+    OPTIONAL = {"group_grad": True}   # keyword arguments that switch on an optional mode of the protocol
 
     def __init__(self, name: str):
         self.name = name
@@ -92,20 +139,203 @@ class Impl:
                             f"{type(e).__name__}: {e}", pytrace=False)
         return self._ns
 
+    def declares(self, what: str) -> bool:
+        return what in declarations(self._load())
+
     def __getattr__(self, attr: str):
         if attr not in PROTOCOL:   # python and hypothesis probe objects for other attributes
             raise AttributeError(attr)
         ns = self._load()
         try:
-            return getattr(ns, attr)
+            fn = getattr(ns, attr)
         except AttributeError:
-            pytest.fail(f"{attr} is not defined in {self.name}", pytrace=False)
+            pytest.fail(f"{attr}{NOT_DEFINED}{self.name}", pytrace=False)
+        name = self.name
+
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except NotImplementedError as e:
+                modes = [f"{k}={v}" for k, v in Impl.OPTIONAL.items() if kwargs.get(k) == v]
+                if modes:
+                    pytest.skip(f"{OPTIONAL_NOT_IMPLEMENTED}{', '.join(modes)}): {attr} of {name} says: {e}")
+                pytest.fail(f"{attr}{NOT_IMPLEMENTED} in {name}: {e}", pytrace=False)
+        call.__name__ = attr
+        return call
 
     def __repr__(self):
         return f"Impl({self.name!r})"
 
 
 # -- simulated data parallelism --------------------------------------------------------------------
+
+_rank = threading.local()   # inside a simulated rank's thread: .rank, .world, .exchange
+
+
+class _Done:
+    """What a collective called with async_op=True returns: it has completed already."""
+
+    def wait(self, timeout=None):
+        return True
+
+    def is_completed(self):
+        return True
+
+
+def _combine(tensors, op):
+    import torch.distributed as dist
+    out = tensors[0].clone()
+    for t in tensors[1:]:
+        if op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+            out = out + t
+        elif op == dist.ReduceOp.MAX:
+            out = torch.maximum(out, t)
+        elif op == dist.ReduceOp.MIN:
+            out = torch.minimum(out, t)
+        elif op == dist.ReduceOp.PRODUCT:
+            out = out * t
+        else:
+            raise NotImplementedError(f"the simulated torch.distributed has no reduce op {op}")
+    return out / len(tensors) if op == dist.ReduceOp.AVG else out
+
+
+def _in_rank() -> bool:
+    return getattr(_rank, "rank", None) is not None
+
+
+class SimulatedDistributed:
+    """A stand-in for torch.distributed on the harness's simulated ranks, so that code which calls
+    torch.distributed itself needs no shim. While `run_ranks` runs, these attributes of the
+    torch.distributed module are replaced by functions that, *called from a simulated rank's thread*,
+    behave as torch.distributed does on that rank of a `world`-rank group (and, called from any other
+    thread, are the real functions):
+
+        is_initialized() -> True          get_world_size(group=None) -> W     get_rank(group=None) -> r
+        all_reduce(t, op=SUM)             in place, every op of ReduceOp but BAND/BOR/BXOR; invisible to
+                                          autograd, as the real one
+        all_gather(list, t)               in place into the list, rank order
+        all_gather_into_tensor(out, t)    in place, rank order along dim 0
+        broadcast(t, src=0)               in place
+        barrier()
+        all_gather_object(list, obj)      broadcast_object_list(list, src=0)
+        torch.distributed.nn.functional.all_reduce(t, op=SUM)   returns a new, differentiable sum
+
+    `async_op=True` returns a handle whose wait() returns at once. Every rank must call the same
+    collectives in the same order (otherwise a barrier breaks, and the test fails saying so); they
+    share one sequence with the all_reduce/broadcast functions that run_ranks hands to `fn`. The
+    replacement is made when run_ranks starts and undone when it returns, so nothing leaks into
+    other tests; only attribute look-ups at call time (`dist.all_reduce(...)`) see it, not a name
+    bound before (`from torch.distributed import all_reduce` at import time)."""
+
+    NAMES = ("is_initialized", "get_world_size", "get_rank", "all_reduce", "all_gather", "all_gather_into_tensor",
+             "broadcast", "barrier", "all_gather_object", "broadcast_object_list")
+    _lock = threading.Lock()
+    _depth = 0
+    _saved: dict = {}
+
+    @staticmethod
+    def _targets():
+        import torch.distributed as dist
+        out = [(dist, name) for name in SimulatedDistributed.NAMES]
+        try:
+            import torch.distributed.nn as dnn
+            import torch.distributed.nn.functional as dnnf
+            out += [(dnnf, "all_reduce"), (dnn, "all_reduce")]
+        except Exception:  # noqa: BLE001 - a torch without torch.distributed.nn: nothing to replace there
+            pass
+        return out
+
+    @staticmethod
+    def _stand_in(module, name, real):
+        import torch.distributed as dist
+        differentiable = module is not dist
+
+        def fn(*args, **kwargs):
+            if not _in_rank():
+                return real(*args, **kwargs)
+            return SimulatedDistributed._call(name, differentiable, *args, **kwargs)
+        fn.__name__, fn.__doc__ = name, f"the harness's simulated {module.__name__}.{name} (spec/harness.py)"
+        fn.__wrapped_real__ = real
+        return fn
+
+    @staticmethod
+    def _call(name, differentiable, *args, **kwargs):
+        import torch.distributed as dist
+        r, ex = _rank.rank, _rank.exchange
+        done = _Done() if kwargs.get("async_op") else None
+        if name == "is_initialized":
+            return True
+        if name == "get_world_size":
+            return _rank.world
+        if name == "get_rank":
+            return r
+        if name == "barrier":
+            ex(torch.zeros(()))
+            return done
+        if name == "all_reduce" and differentiable:   # torch.distributed.nn.functional.all_reduce(t, op, group)
+            t = args[0]
+            op = kwargs.get("op", args[1] if len(args) > 1 else dist.ReduceOp.SUM)
+            return _combine(ex(t), op)
+        if name == "all_reduce":
+            t = args[0]
+            op = kwargs.get("op", args[1] if len(args) > 1 else dist.ReduceOp.SUM)
+            total = _combine(ex(t.detach()), op)
+            with torch.no_grad():
+                t.copy_(total)
+            return done
+        if name == "broadcast":
+            t = args[0]
+            src = kwargs.get("src", args[1] if len(args) > 1 else 0)
+            got = ex(t.detach())
+            with torch.no_grad():
+                t.copy_(got[src])
+            return done
+        if name == "all_gather":                     # all_gather(tensor_list, tensor, group, async_op)
+            outs = args[0] if args else kwargs["tensor_list"]
+            t = args[1] if len(args) > 1 else kwargs["tensor"]
+            got = ex(t.detach())
+            with torch.no_grad():
+                for o, g in zip(outs, got):
+                    o.copy_(g)
+            return done
+        if name == "all_gather_into_tensor":         # (output_tensor, input_tensor, group, async_op)
+            out = args[0] if args else kwargs["output_tensor"]
+            t = args[1] if len(args) > 1 else kwargs["input_tensor"]
+            got = ex(t.detach())
+            with torch.no_grad():
+                out.copy_(torch.stack(got).reshape(out.shape))   # rank order along dim 0
+            return done
+        if name == "all_gather_object":              # (object_list, obj, group)
+            outs = args[0] if args else kwargs["object_list"]
+            outs[:] = ex(args[1] if len(args) > 1 else kwargs["obj"])
+            return None
+        if name == "broadcast_object_list":          # (object_list, src, group, device)
+            objs = args[0] if args else kwargs["object_list"]
+            src = kwargs.get("src", args[1] if len(args) > 1 else 0)
+            objs[:] = ex(list(objs))[src]
+            return None
+        raise AssertionError(name)
+
+    @classmethod
+    def __enter__(cls):
+        with cls._lock:
+            if cls._depth == 0:
+                cls._saved = {(m, n): getattr(m, n) for m, n in cls._targets()}
+                for (m, n), real in cls._saved.items():
+                    setattr(m, n, cls._stand_in(m, n, real))
+            cls._depth += 1
+        return cls
+
+    @classmethod
+    def __exit__(cls, *exc):
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0:
+                for (m, n), real in cls._saved.items():
+                    setattr(m, n, real)
+                cls._saved = {}
+        return False
+
 
 def run_ranks(world: int, fn, timeout: float = 10.0):
     """Run fn(rank, all_reduce, broadcast) on `world` threads, one per simulated rank, and return the
@@ -118,14 +348,17 @@ def run_ranks(world: int, fn, timeout: float = 10.0):
     rank backpropagates its own loss; here the test backpropagates the sum of the ranks' losses once.
     broadcast(t) returns a detached copy of rank 0's t. Neither touches its argument: an implementation
     that ignores the return value fails. Collectives called a different number of times on different
-    ranks end in a BrokenBarrierError."""
+    ranks end in a BrokenBarrierError.
+
+    Code that calls torch.distributed itself instead of the functions it is handed works too: while
+    the ranks run, torch.distributed is the stand-in of `SimulatedDistributed` in their threads."""
     barrier = threading.Barrier(world, timeout=timeout)
     slots: list = [None] * world
     results: list = [None] * world
     errors: list = [None] * world
 
     def exchange(rank, t):
-        slots[rank] = t.clone()          # keeps t's graph; a copy, so later writes to t do not leak
+        slots[rank] = t.clone() if isinstance(t, torch.Tensor) else t   # a copy that keeps t's graph
         barrier.wait()
         got = list(slots)
         barrier.wait()
@@ -142,17 +375,21 @@ def run_ranks(world: int, fn, timeout: float = 10.0):
         def broadcast(t):
             return exchange(rank, t)[0].detach().clone()
 
+        _rank.rank, _rank.world, _rank.exchange = rank, world, lambda t: exchange(rank, t)
         try:
             results[rank] = fn(rank, all_reduce, broadcast)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
             errors[rank] = e
             barrier.abort()
+        finally:
+            _rank.rank = _rank.world = _rank.exchange = None
 
     threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with SimulatedDistributed():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     real = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
     if real:
         raise real[0]
@@ -183,6 +420,9 @@ def margin_threshold(dtype) -> float:
 
 def close(a, b, dtype, scale: float = 1.0, msg: str = ""):
     t = tol(dtype)
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.numel() == 1 and b.numel() == 1:   # a loss of shape [1] against a 0-dim one: values, not shapes (S8)
+        a, b = a.reshape(()), b.reshape(())
     torch.testing.assert_close(a.double(), b.double(), atol=t["atol"] * scale, rtol=t["rtol"],
                                msg=(lambda m: f"{msg}\n{m}") if msg else None)
 
@@ -202,9 +442,11 @@ def ref_normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def ref_assign(z: torch.Tensor, groups: torch.Tensor):
-    """(G1) -> (assign [N] lowest index among the maxima, margin [N] best minus second best score, inf if K = 1)."""
-    s = ref_normalise(z) @ groups.double().T                              # (N, K)
+def ref_assign(z: torch.Tensor, groups: torch.Tensor, renormalise: bool = False):
+    """(G1) -> (assign [N] lowest index among the maxima, margin [N] best minus second best score, inf if K = 1).
+    Scores against the groups as given, or (renormalise=True) against unit(c_k): the true cosine."""
+    g = ref_normalise(groups) if renormalise else groups.double()
+    s = ref_normalise(z) @ g.T                                            # (N, K)
     best = s.max(dim=1, keepdim=True).values
     assign = (s == best).to(torch.int8).argmax(dim=1)                     # first maximum
     if s.shape[1] == 1:
@@ -213,6 +455,26 @@ def ref_assign(z: torch.Tensor, groups: torch.Tensor):
         top2 = s.topk(2, dim=1).values
         margin = top2[:, 0] - top2[:, 1]
     return assign, margin
+
+
+def assignment_mismatch(got: torch.Tensor, z: torch.Tensor, groups: torch.Tensor, dtype, also=None):
+    """(G1) None if `got` is the argmax of the scores against the groups as given, or against the
+    renormalised groups unit(c_k) (the true cosine), on every row without a near-tie (and every row
+    of the boolean mask `also`, e.g. zero rows with an exact tie); otherwise a message. The two
+    readings are the same function on unit groups; they part by rounding on groups that are unit
+    only up to their dtype's rounding (bf16/fp16), where the suite accepts either, row for row of
+    one reading (not a mixture)."""
+    got = got.long()
+    seen = []
+    for renormalise in (False, True):
+        ref, margin = ref_assign(z, groups, renormalise)
+        ok = unambiguous(margin, dtype) if also is None else unambiguous(margin, dtype) | also
+        if torch.equal(got[ok], ref[ok]):
+            return None
+        bad = (got != ref) & ok
+        seen.append(f"{'renormalised' if renormalise else 'raw'} groups: rows {bad.nonzero().flatten().tolist()[:8]} "
+                    f"assigned {got[bad].tolist()[:8]}, argmax {ref[bad].tolist()[:8]}")
+    return "assignment is the argmax of neither reading of (G1): " + "; ".join(seen)
 
 
 def unambiguous(margin: torch.Tensor, dtype) -> torch.Tensor:

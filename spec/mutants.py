@@ -43,7 +43,7 @@ def _derive(name: str, mistake: str, catches: str, **replacements):
 
 def _update(groups, z, assign, beta, *, all_reduce=None, members="normalised", renormalise=True,
             empty="keep", combine="sums", beta_on="group", in_place=False, promote=True, accumulate="add",
-            differentiable_reduce=True):
+            differentiable_reduce=True, round_back=True):
     """The oracle's update_groups with switches for the classic mistakes."""
     reduce = _sum_over_ranks(all_reduce)
     if not differentiable_reduce:   # dist.all_reduce in place: right values, autograd sees no reduction
@@ -87,7 +87,7 @@ def _update(groups, z, assign, beta, *, all_reduce=None, members="normalised", r
             new.append(normalise(v) if renormalise else v)
         else:
             new.append(c_k if empty == "keep" else torch.zeros_like(c_k))
-    out = torch.stack(new).to(groups.dtype)
+    out = torch.stack(new).to(groups.dtype) if round_back else torch.stack(new)
     if in_place:
         groups.copy_(out)
         return groups
@@ -122,6 +122,8 @@ _derive("zero_rows_not_counted", "zero rows skipped (treated as padding) instead
         update_groups=_mk_update(accumulate="skip zero rows"))
 _derive("duplicates_counted_once", "a group's mean over its distinct members (a repeated sample counts once)", "S5",
         update_groups=_mk_update(accumulate="distinct"))
+_derive("update_not_rounded_back", "bf16/fp16 groups updated in float32 and returned in float32", "G13",
+        update_groups=_mk_update(round_back=False))
 _derive("reduce_not_differentiable", "in-place all-reduce of the sums: gradient stays on its own rank", "L7",
         update_groups=_mk_update(differentiable_reduce=False))
 
@@ -204,11 +206,19 @@ _derive("logits_in_low_precision", "logits computed in the inputs' bf16/fp16", "
 _derive("tau_multiplies", "logits multiplied by tau instead of divided", "L1", group_logits=_logits_times_tau)
 
 
+def _logits_float64(p, groups, tau):
+    return oracle.group_logits(p.double(), groups.double(), tau)
+
+
+_derive("logits_always_float64", "logits computed and returned in float64 whatever the inputs", "L9",
+        group_logits=_logits_float64)
+
+
 # -- step -----------------------------------------------------------------------------------------
 
 def _step(groups, z_update, z_target, p, beta, tau, *, all_reduce=None, group_grad=False,
           targets_from="old", loss_groups="new", detach="auto", average="all", pass_reduce=True,
-          normalise_targets_in_place=False, detach_groups=True):
+          normalise_targets_in_place=False, detach_groups=True, targets_dtype=torch.long):
     if normalise_targets_in_place:   # a no-grad momentum output, so "why not" -- but it is the caller's tensor
         z_target.div_(z_target.norm(dim=-1, keepdim=True).clamp_min(1e-12))
     if not pass_reduce:
@@ -222,7 +232,7 @@ def _step(groups, z_update, z_target, p, beta, tau, *, all_reduce=None, group_gr
     if not leak and detach_groups:
         new = new.detach()
     tg = old if targets_from == "old" else new.detach()
-    targets = torch.stack([assign_groups(z_target[j], tg) for j in range(J)])  # noqa: F821
+    targets = torch.stack([assign_groups(z_target[j], tg) for j in range(J)]).to(targets_dtype)  # noqa: F821
     lg = new if loss_groups == "new" else old
     total = 0.0
     for c in range(C):
@@ -254,6 +264,8 @@ _derive("loss_summed_over_samples", "loss summed over the batch (reduction='sum'
         smog_step=_mk_step(average="per sample sum"))
 _derive("all_reduce_not_passed_down", "smog_step does not hand all_reduce to update_groups", "S6",
         smog_step=_mk_step(pass_reduce=False))
+_derive("targets_int32", "smog_step returns its targets as int32", "S8",
+        smog_step=_mk_step(targets_dtype=torch.int32))
 _derive("targets_normalised_in_place", "smog_step normalises z_target in place", "S7",
         smog_step=_mk_step(normalise_targets_in_place=True))
 
@@ -261,7 +273,12 @@ _derive("targets_normalised_in_place", "smog_step normalises z_target in place",
 # -- heads ----------------------------------------------------------------------------------------
 
 def _multihead(groups, z, z_target, p, beta, tau, *, all_reduce=None, group_grad=False, crop="h mod 2",
-               update_from="z", targets_head="own", combine="mean", in_place=False, step_switches=None):
+               update_from="z", targets_head="own", combine="mean", in_place=False, step_switches=None,
+               crop_check="ValueError"):
+    if crop_check == "assert":
+        assert z.shape[0] >= 2, "pass at least 2 online crops"
+    elif z.shape[0] < 2:
+        raise ValueError("smog_multihead_step: head h updates from global crop h mod 2; pass at least 2 crops")
     def step(*args, **kw):
         if step_switches:
             return _step(*args, **kw, **step_switches)
@@ -302,6 +319,8 @@ _derive("heads_share_targets_of_head0", "every head's targets computed with head
         smog_multihead_step=_mk_heads(targets_head="head 0"))
 _derive("groups_trained", "incoming groups not detached: the optimiser trains them", "H4",
         smog_multihead_step=_mk_heads(step_switches=dict(detach_groups=False)))
+_derive("heads_assert_crops", "fewer than two online crops fail an assert (AssertionError, not ValueError)", "H6",
+        smog_multihead_step=_mk_heads(crop_check="assert"))
 _derive("heads_update_buffer_in_loop", "each head writes its new groups into the input inside the loop", "H5",
         smog_multihead_step=_mk_heads(in_place=True))
 
@@ -313,14 +332,15 @@ def _assign_farthest(x, centres):
 
 
 def _kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadcast=None, init="rank0", mstep="reduced",
-            empty="keep", normalise_x=True, final_estep=True, check_rows=True, estep="nearest", centre="normalised"):
+            empty="keep", normalise_x=True, final_estep=True, check_rows=True, estep="nearest", centre="normalised",
+            row_error=ValueError):
     reduce, bcast = _sum_over_ranks(all_reduce), _rank0(broadcast)
     assign = assign_groups if estep == "nearest" else _assign_farthest  # noqa: F821
     dt = _dtype(x)
     N, D = x.shape
     rows = [normalise(x[i].to(dt)) if normalise_x else x[i].to(dt) for i in range(N)]
     if int(reduce(torch.tensor([float(N)], dtype=torch.float64)).item()) < k and check_rows:
-        raise ValueError("fewer rows than k")
+        raise row_error("fewer rows than k")
     if init == "with replacement":
         idx = torch.randint(0, N, (k,), generator=generator)
     elif init == "global rng":
@@ -382,6 +402,8 @@ _derive("kmeans_global_rng", "initial draw from the global RNG, the generator ig
         spherical_kmeans=_mk_kmeans(init="global rng"))
 _derive("kmeans_no_row_check", "fewer rows than k not checked (zero centres padded in)", "K9",
         spherical_kmeans=_mk_kmeans(check_rows=False))
+_derive("kmeans_assert_rows", "fewer rows than k fail an assert (AssertionError, not ValueError)", "K10",
+        spherical_kmeans=_mk_kmeans(row_error=AssertionError))
 _derive("estep_chunk_tail_lost", "E-step in row chunks whose last partial chunk is dropped", "K2, K3",
         assign_groups=_assign_chunk_tail_lost)
 
@@ -422,5 +444,5 @@ _derive("ema_by_difference", "EMA written as theta_k + (1 - m)(theta_q - theta_k
         momentum_update_=_ema_by_difference)
 _derive("beta_schedule_off_by_one", "schedule divides by T instead of T - 1 (never reaches beta_end)", "M3",
         beta_schedule=_schedule_off_by_one)
-_derive("beta_schedule_float32", "schedule built in float32 (0.99 is not hit exactly)", "M3",
+_derive("beta_schedule_float32", "schedule built in float32 (0.99 is not hit exactly)", "M5",
         beta_schedule=_schedule_float32)

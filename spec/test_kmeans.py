@@ -1,4 +1,8 @@
-"""kmeans.md: spherical k-means (K1-K9)."""
+"""kmeans.md: spherical k-means (K1-K9); the returned types and the error type (K10, contract).
+
+The tests that shard the rows over ranks do not apply to a k-means over a bank replicated on every
+rank; an implementation declares that with SPEC_DECLARES = {"replicated_kmeans": ...}, and they read
+"n/a (declared)"."""
 from __future__ import annotations
 
 import pytest
@@ -11,6 +15,7 @@ from spec.harness import close, kmeans_objective, ref_assign, ref_kmeans_from, r
 from spec.strategies import DTYPES, matrices, seeds
 
 invariant = pytest.mark.invariant
+sharded = pytest.mark.unless_declared("replicated_kmeans")   # n/a for a k-means over a replicated bank
 
 
 def _gen(seed):
@@ -31,12 +36,11 @@ def test_initial_centres_are_a_seeded_draw_of_rows(impl, data):
     dtype, x, k, seed = _problem(data)
     c, a = impl.spherical_kmeans(x, k, 0, generator=_gen(seed))
     idx = torch.randperm(x.shape[0], generator=_gen(seed))[:k]
-    assert c.shape == (k, x.shape[1]) and c.dtype == x.dtype
-    assert a.shape == (x.shape[0],) and a.dtype == torch.long
     close(c, ref_normalise(x)[idx], dtype, msg=f"expected rows {idx.tolist()}")
 
 
 @invariant("K1")
+@sharded
 @given(data=st.data(), world=st.integers(2, 4))
 def test_sharded_initial_centres_come_from_rank0_and_are_shared(impl, data, world):
     """All ranks hold the same k distinct rows of the data; only rank 0's generator matters."""
@@ -69,6 +73,7 @@ def test_returned_assignment_is_estep_on_returned_centres(impl, data, iters):
     c, a = impl.spherical_kmeans(x, k, iters, generator=_gen(seed))
     ref, margin = ref_assign(x, c)
     ok = unambiguous(margin, dtype)
+    a = a.long()
     assert torch.equal(a[ok], ref[ok]), f"{a.tolist()} != argmax {ref.tolist()}"
 
 
@@ -79,6 +84,7 @@ def test_one_iteration_is_normalised_mean_of_members(impl, data, t):
     E-step on c_t); a cluster without members keeps its centre bit for bit."""
     dtype, x, k, seed = _problem(data)
     c_t, a_t = impl.spherical_kmeans(x, k, t, generator=_gen(seed))
+    a_t = a_t.long()
     c_next, _ = impl.spherical_kmeans(x, k, t + 1, generator=_gen(seed))
     expected, smallest = ref_mstep(x, c_t, a_t)
     assume(smallest > 1e-2)
@@ -97,7 +103,7 @@ def test_empty_clusters_keep_their_centre(impl, data):
     seed = data.draw(seeds, "seed")
     c0, a0 = impl.spherical_kmeans(x, n, 0, generator=_gen(seed))
     c1, _ = impl.spherical_kmeans(x, n, 1, generator=_gen(seed))
-    empty = torch.bincount(a0, minlength=n) == 0
+    empty = torch.bincount(a0.long(), minlength=n) == 0
     assume(bool(empty.any()))
     assert torch.equal(c1[empty], c0[empty]), f"empty clusters {empty.nonzero().flatten().tolist()} moved"
 
@@ -124,6 +130,7 @@ def test_centres_have_unit_norm(impl, data, iters):
 
 
 @invariant("K6")
+@sharded
 @given(data=st.data(), world=st.integers(2, 4), iters=st.integers(1, 4))
 def test_sharded_run_equals_single_run_from_same_centres(impl, data, world, iters):
     d, k = data.draw(st.integers(1, 4), "D"), data.draw(st.integers(1, 4), "k")
@@ -143,7 +150,7 @@ def test_sharded_run_equals_single_run_from_same_centres(impl, data, world, iter
     for r in range(world):
         assert torch.equal(out[r][0], out[0][0]), f"rank {r} holds different centres from rank 0"
     close(out[0][0], expected_c, torch.float64, msg=f"shards {sizes}")
-    assert torch.equal(torch.cat([o[1] for o in out]), expected_a)
+    assert torch.equal(torch.cat([o[1] for o in out]).long(), expected_a)
 
 
 @invariant("K7")
@@ -167,19 +174,29 @@ def test_invariant_to_positive_row_scaling(impl, data, iters):
     assert torch.equal(a1, a2)
 
 
+def _raises(call) -> str:
+    """'raised' if call() raises an Exception (its type is K10's business), else 'returned'."""
+    try:
+        call()
+    except Exception:  # noqa: BLE001 - NotImplementedError never gets here (harness.Impl fails the test)
+        return "raised"
+    return "returned"
+
+
 @invariant("K9")
 @given(n=st.integers(0, 4), extra=st.integers(1, 3), d=st.integers(1, 3))
 def test_fewer_rows_than_k_is_an_error(impl, n, extra, d):
     x = torch.randn(n, d, dtype=torch.float64, generator=_gen(n + d))
-    with pytest.raises(ValueError):
-        impl.spherical_kmeans(x, n + extra, 2, generator=_gen(0))
+    assert _raises(lambda: impl.spherical_kmeans(x, n + extra, 2, generator=_gen(0))) == "raised", \
+        f"{n} rows into k = {n + extra} clusters returned instead of raising"
 
 
 @invariant("K9")
+@sharded
 @given(data=st.data(), world=st.integers(2, 3))
 def test_sharded_row_count_is_global(impl, data, world):
     """Each rank but 0 holds fewer than k rows: not an error while the total holds k. When the total
-    falls short, every rank raises ValueError (a rank left waiting in a collective breaks the barrier)."""
+    falls short, every rank raises (a rank left waiting in a collective breaks the barrier)."""
     k = data.draw(st.integers(2, 4), "k")
     sizes = [k] + [data.draw(st.integers(1, k - 1), f"rank {r} rows") for r in range(1, world)]
     x = torch.randn(sum(sizes), 2, dtype=torch.float64, generator=_gen(sum(sizes)))
@@ -188,15 +205,9 @@ def test_sharded_row_count_is_global(impl, data, world):
                                                                    all_reduce=ar, broadcast=bc))
     assert all(o[0].shape == (k, 2) for o in out)
     small = [xs[r][: k - 1 if r == 0 else 0] for r in range(world)]
-
-    def too_few(r, ar, bc):
-        try:
-            impl.spherical_kmeans(small[r], k, 1, generator=_gen(r), all_reduce=ar, broadcast=bc)
-        except ValueError:
-            return "raised"
-        return "returned"
-
-    assert run_ranks(world, too_few) == ["raised"] * world
+    got = run_ranks(world, lambda r, ar, bc: _raises(lambda: impl.spherical_kmeans(
+        small[r], k, 1, generator=_gen(r), all_reduce=ar, broadcast=bc)))
+    assert got == ["raised"] * world, f"{k - 1} rows in total into k = {k}: the ranks {got}"
 
 
 @invariant("K2", "K3")
@@ -211,4 +222,31 @@ def test_large_run_crosses_the_estep_chunk_boundary(impl):
     assert worst > margin_threshold(torch.float64), "the fixed data has a near-tie; pick another seed"
     c, a = impl.spherical_kmeans(x, k, 1, generator=_gen(5))
     close(c, c1, torch.float64)
+    a = a.long()
     assert torch.equal(a, a1), f"{int((a != a1).sum())} of {N} rows assigned differently"
+
+
+# -- contract: the protocol's conventions ------------------------------------------------------------
+
+@invariant("K10")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kmeans_return_types(impl, dtype):
+    """(centres [k, D] of the dtype of x, int64 assignment [N])."""
+    x = torch.randn(9, 3, generator=_gen(8), dtype=torch.float64).to(dtype)
+    c, a = impl.spherical_kmeans(x, 4, 2, generator=_gen(9))
+    assert c.dtype == dtype and tuple(c.shape) == (4, 3), \
+        f"centres {c.dtype} {tuple(c.shape)} for {dtype} rows; the protocol's are {dtype} (k, D) = (4, 3)"
+    assert a.dtype == torch.long and tuple(a.shape) == (9,), \
+        f"assignment {a.dtype} {tuple(a.shape)}; the protocol's is int64 (N,) = (9,)"
+
+
+@invariant("K10")
+def test_fewer_rows_than_k_is_a_value_error(impl):
+    x = torch.randn(3, 2, dtype=torch.float64, generator=_gen(10))
+    try:
+        impl.spherical_kmeans(x, 4, 2, generator=_gen(0))
+    except Exception as e:  # noqa: BLE001 - the type is what this test checks
+        assert isinstance(e, ValueError), \
+            f"3 rows into k = 4 raised {type(e).__name__}; the protocol's error is ValueError"
+        return
+    raise AssertionError("3 rows into k = 4 returned; the protocol raises ValueError")

@@ -59,21 +59,44 @@ def test_n_steps_closed_form(impl, seed, steps, m):
         torch.testing.assert_close(t, m ** steps * a + (1 - m ** steps) * o, atol=1e-12 * (steps + 1), rtol=1e-12)
 
 
+def _schedule_tol(s) -> float:
+    """(M3) the rounding of the returned values: float64's, or float32's for a float32 schedule (any
+    other dtype is held to float32's too); 4 ulps of 1, the values lie in [0, 1]."""
+    return 4 * torch.finfo(torch.float64 if s.dtype == torch.float64 else torch.float32).eps
+
+
 @invariant("M3")
 @given(start=st.floats(0.0, 1.0), end=st.floats(0.0, 1.0), total=st.integers(1, 500))
-def test_beta_schedule_is_linear_with_exact_ends(impl, start, end, total):
-    s = impl.beta_schedule(start, end, total)
-    assert s.dtype == torch.float64 and s.shape == (total,)
-    assert float(s[0]) == start
-    if total == 1:
-        return
-    assert float(s[-1]) == end
+def test_beta_schedule_is_linear(impl, start, end, total):
+    """beta_t = beta_start + (beta_end - beta_start) t / (T - 1), within the rounding of the returned
+    dtype (the exact ends and the dtype are the contract of M5)."""
+    s = torch.as_tensor(impl.beta_schedule(start, end, total))
+    assert tuple(s.shape) == (total,), f"{tuple(s.shape)} values for {total} steps"
     t = torch.arange(total, dtype=torch.float64)
-    torch.testing.assert_close(s, start + (end - start) * t / (total - 1), atol=1e-15, rtol=0)
+    want = start + (end - start) * t / max(total - 1, 1)
+    torch.testing.assert_close(s.double(), want, atol=_schedule_tol(s), rtol=0)
 
 
 @invariant("M3")
 def test_beta_schedule_released_recipe(impl):
-    s = impl.beta_schedule(1.0, 0.99, 1001)
-    assert float(s[0]) == 1.0 and float(s[500]) == pytest.approx(0.995, abs=1e-15) and float(s[-1]) == 0.99
-    assert bool((s[1:] <= s[:-1]).all())
+    s = torch.as_tensor(impl.beta_schedule(1.0, 0.99, 1001))
+    tol = _schedule_tol(s)
+    s = s.double()
+    assert abs(float(s[0]) - 1.0) <= tol and abs(float(s[500]) - 0.995) <= tol and abs(float(s[-1]) - 0.99) <= tol, \
+        f"1.0 -> 0.99 over 1001 steps: {float(s[0])}, {float(s[500])}, {float(s[-1])}"
+    assert bool((s[1:] <= s[:-1]).all()), "the schedule 1.0 -> 0.99 is not non-increasing"
+
+
+# -- contract: the protocol's conventions ------------------------------------------------------------
+
+@invariant("M5")
+@given(start=st.floats(0.0, 1.0), end=st.floats(0.0, 1.0), total=st.integers(1, 500))
+def test_beta_schedule_is_float64_with_exact_ends(impl, start, end, total):
+    s = impl.beta_schedule(start, end, total)
+    assert isinstance(s, torch.Tensor), f"schedule returned as {type(s).__name__}; the protocol's is a float64 tensor"
+    assert s.dtype == torch.float64, f"schedule in {s.dtype}; the protocol's is float64"
+    assert float(s[0]) == start, f"first value {float(s[0])!r} is not beta_start = {start!r} exactly"
+    if total == 1:
+        assert tuple(s.shape) == (1,), f"one step gives {tuple(s.shape)}; the protocol's is [beta_start]"
+        return
+    assert float(s[-1]) == end, f"last value {float(s[-1])!r} is not beta_end = {end!r} exactly"

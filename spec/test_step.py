@@ -1,4 +1,4 @@
-"""step.md: one head's iteration, smog_step (S1-S7)."""
+"""step.md: one head's iteration, smog_step (S1-S7); the returned types (S8, contract)."""
 from __future__ import annotations
 
 import pytest
@@ -6,10 +6,11 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from spec.harness import close, close_with_grad, ref_assign, ref_step_loss, ref_update, run_ranks, unambiguous
+from spec.harness import close, close_with_grad, ref_assign, ref_normalise, ref_step_loss, ref_update, run_ranks, \
+    unambiguous
 from spec.strategies import DTYPES, betas, matrices, seeds, shard_sizes, taus, unit_rows
 
-invariant = pytest.mark.invariant
+invariant, optional = pytest.mark.invariant, pytest.mark.optional
 
 
 def _problem(data, dtype=None, b_min=1, b_max=5):
@@ -36,11 +37,10 @@ def _decided(dtype, g, *zs):
 def test_targets_use_groups_before_update(impl, data):
     dtype, g, z, zt, p, beta, tau = _problem(data)
     _, _, targets = impl.smog_step(g, z, zt, p, beta, tau)
-    assert targets.shape == zt.shape[:2] and targets.dtype == torch.long
     for j in range(zt.shape[0]):
         ref, margin = ref_assign(zt[j], g)
         ok = unambiguous(margin, dtype)
-        assert torch.equal(targets[j][ok], ref[ok]), f"targets of crop {j}"
+        assert torch.equal(targets[j].long()[ok], ref[ok]), f"targets of crop {j}"
 
 
 @invariant("S1")
@@ -63,9 +63,9 @@ def test_loss_is_mean_over_crops_targets_samples_with_new_groups(impl, data):
     dtype, g, z, zt, p, beta, tau = _problem(data)
     p = p.clone().requires_grad_(True)
     loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
-    assert loss.dim() == 0
+    targets = targets.long()
     ref = ref_step_loss(p, new.detach(), targets, tau)
-    close_with_grad(loss, ref, p, dtype, scale=1 / tau)
+    close_with_grad(loss.reshape(()), ref, p, dtype, scale=1 / tau)
     per_pair = torch.stack([impl.smog_loss(p[c], new, targets[j], tau)
                             for c in range(p.shape[0]) for j in range(zt.shape[0])])
     close(loss, per_pair.mean(), dtype, scale=1 / tau)
@@ -80,7 +80,6 @@ def test_new_groups_are_update_of_old_groups(impl, data):
     expected, smallest = ref_update(g, z, a, beta)
     assume(smallest > 1e-2)
     _, new, _ = impl.smog_step(g, z, zt, p, beta, tau)
-    assert new.shape == g.shape and new.dtype == g.dtype
     close(new, expected, dtype)
     close(new, impl.update_groups(g, z, impl.assign_groups(z, g), beta), dtype)
 
@@ -140,14 +139,43 @@ def test_split_across_ranks_equals_one_batch(impl, data):
     close(weighted, loss, dtype, scale=1 / tau)
 
 
-@invariant("S7")
-@given(data=st.data(), group_grad=st.booleans())
-def test_step_is_pure(impl, data, group_grad):
-    dtype, g, z, zt, p, beta, tau = _problem(data)
+def _check_pure(impl, g, z, zt, p, beta, tau, **kw):
     before = [t.clone() for t in (g, z, zt, p)]
-    first = impl.smog_step(g, z, zt, p, beta, tau, group_grad=group_grad)
+    first = impl.smog_step(g, z, zt, p, beta, tau, **kw)
     for t, t0, name in zip((g, z, zt, p), before, ("groups", "z_update", "z_target", "p")):
         assert torch.equal(t, t0), f"smog_step modified its input {name}"
-    second = impl.smog_step(g, z, zt, p, beta, tau, group_grad=group_grad)
+    second = impl.smog_step(g, z, zt, p, beta, tau, **kw)
     for x, y in zip(first, second):
         assert torch.equal(x, y), "a second identical call gave a different result (hidden state?)"
+
+
+@invariant("S7")
+@given(data=st.data())
+def test_step_is_pure(impl, data):
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    _check_pure(impl, g, z, zt, p, beta, tau)
+
+
+@invariant("S7")
+@optional("group_grad")
+@given(data=st.data())
+def test_step_is_pure_with_group_grad(impl, data):
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    _check_pure(impl, g, z, zt, p, beta, tau, group_grad=True)
+
+
+# -- contract: the protocol's conventions ------------------------------------------------------------
+
+@invariant("S8")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_step_return_types(impl, dtype):
+    """smog_step -> (a 0-dim loss, new groups of the dtype and shape of `groups`, int64 targets [J, B])."""
+    gen = torch.Generator().manual_seed(5)
+    g = ref_normalise(torch.randn(4, 3, generator=gen, dtype=torch.float64)).to(dtype)
+    z, zt, p = (torch.randn(*s, 3, generator=gen, dtype=torch.float64).to(dtype) for s in ((6,), (2, 6), (3, 6)))
+    loss, new, targets = impl.smog_step(g, z, zt, p, 0.9, 0.1)
+    assert loss.dim() == 0, f"loss of shape {tuple(loss.shape)}; the protocol's is a 0-dim tensor"
+    assert new.dtype == dtype and new.shape == g.shape, \
+        f"new groups {new.dtype} {tuple(new.shape)} for {dtype} groups {tuple(g.shape)}"
+    assert targets.dtype == torch.long and tuple(targets.shape) == (2, 6), \
+        f"targets {targets.dtype} {tuple(targets.shape)}; the protocol's are int64 (J, B) = (2, 6)"
