@@ -66,9 +66,11 @@ def train(cfg: Config) -> int:
     train_raw, train_plain, test_ds = build_data(cfg, rank)
     if cfg.final_eval and test_ds is None:
         raise UsageError(f"--final-eval needs a held-out split; {cfg.data} has none (create PATH/val)")
-    if cfg.augment == "tensor" and data.in_memory_arrays(train_raw) is None:
+    if cfg.augment == "tensor" and data.in_memory_arrays(train_raw) is None \
+            and not isinstance(train_raw, data.ImageFolderDataset):
         raise UsageError(f"--augment tensor needs a dataset held as one array (demo, cifar10, "
-                         f"cifar100, stl10), not {cfg.data}; use --augment pil or auto")
+                         f"cifar100, stl10) or an image folder, not {cfg.data}; use --augment "
+                         f"pil or auto")
     micro, spe = batch_geometry(cfg, len(train_raw), world)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
@@ -94,7 +96,8 @@ def train(cfg: Config) -> int:
 
     views = data.ViewsDataset(train_raw, data.MultiCropViews(
         cfg.image_size, cfg.local_size, cfg.n_local, (cfg.global_scale_min, cfg.global_scale_max),
-        (cfg.local_scale_min, cfg.local_scale_max), cfg.blur_scale), batched=cfg.augment != "pil")
+        (cfg.local_scale_min, cfg.local_scale_max), cfg.blur_scale), batched=cfg.augment != "pil",
+        decode_on_device=data.decode_on_device(device, cfg.workers))
     sampler = StepBatches(len(train_raw), rank, world, micro, cfg.accum, cfg.seed)
     batches = loader(views, sampler, cfg, device, persistent=True)
     with checkpoint.on_sigterm() as sigterm:
@@ -103,7 +106,7 @@ def train(cfg: Config) -> int:
             if start == 0 and epoch % cfg.regroup_every == 0:
                 regroup(run, epoch)                         # k-means over the memory bank
             sampler.set_epoch(epoch, start)                 # resumes mid-epoch at the exact batch
-            code = train_one_epoch(run, iter(batches), epoch, start, sigterm)
+            code = train_one_epoch(run, views.batches(iter(batches), device), epoch, start, sigterm)
             if code is not None:
                 return code                                 # SIGTERM (0) or a non-finite loss (3)
             end_of_epoch(run, epoch, train_plain, test_ds, n_classes)

@@ -54,6 +54,12 @@ class BatchAugment:
         i, j, h, w = crop_boxes(u, images.shape[-2], images.shape[-1], self.scale, self.ratio)
         src = source_rows(images) if src is None else src
         x = resized_crop(src, i, j, h, w, self.size, images.shape[-3], flip=u[:, _FLIP] < 0.5)
+        return self.finish(x, u)
+
+    def finish(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Everything after crop + resize + flip: x float [n, 3, size, size] in [0, 1]
+        (overwritten), u its rows -> uint8 crops. Shared by __call__ and the crops of sources of
+        different sizes (resized_crops)."""
         x = color_jitter(x, u, self.jitter, self.jitter_p)
         gray = u[:, _GRAY] < self.gray_p
         x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
@@ -95,8 +101,9 @@ def interpolation_matrix(start: torch.Tensor, length: torch.Tensor, size: int, n
     around its centre c = start + (o + 0.5) * length / size, s = max(1, length / size) (antialiased when
     shrinking), restricted to the crop and normalised to sum 1."""
     step = (length / size).view(-1, 1, 1)
-    centre = start.view(-1, 1, 1) + (torch.arange(size, dtype=step.dtype).view(1, -1, 1) + 0.5) * step
-    p = torch.arange(n_in, dtype=step.dtype).view(1, 1, -1)
+    o = torch.arange(size, dtype=step.dtype, device=step.device).view(1, -1, 1)
+    centre = start.view(-1, 1, 1) + (o + 0.5) * step
+    p = torch.arange(n_in, dtype=step.dtype, device=step.device).view(1, 1, -1)
     wt = (1 - (p + 0.5 - centre).abs() / step.clamp(min=1)).clamp_(min=0)
     wt = wt * ((p >= start.view(-1, 1, 1)) & (p < (start + length).view(-1, 1, 1)))
     return wt / wt.sum(-1, keepdim=True)
@@ -121,6 +128,80 @@ def resized_crop(src: torch.Tensor, i, j, h, w, size: int, channels: int, flip: 
     return y.view(n, size, channels, size).permute(0, 2, 1, 3).contiguous()
 
 
+
+# sources of different sizes (image folders): each crop's box from its own source's size, crop +
+# resize per crop on the CPU (torch's antialiased uint8 resize, PIL's algorithm), batched matmuls on
+# a GPU
+
+
+def crop_boxes_sized(u: torch.Tensor, H: torch.Tensor, W: torch.Tensor, scale: tuple,
+                     ratio: tuple) -> tuple:
+    """crop_boxes with each row's own source size H, W (integer tensors [n]); for equal sizes the
+    same numbers as crop_boxes(u, H, W, ...) (tests/test_folder_tensor.py)."""
+    Hf, Wf = H.to(u.dtype).view(-1, 1), W.to(u.dtype).view(-1, 1)
+    s = scale[0] + (scale[1] - scale[0]) * u[:, _AREA:_AREA + ATTEMPTS]
+    area = (H * W).to(u.dtype).view(-1, 1) * s
+    lr = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, _RATIO:_RATIO + ATTEMPTS])
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+    fits = (w > 0) & (w <= Wf) & (h > 0) & (h <= Hf)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    Hd, Wd = H.double(), W.double()                     # the fallback in Python's float64
+    tall, wide = Wd / Hd < ratio[0], Wd / Hd > ratio[1]
+    fw = torch.where(wide, torch.round(Hd * ratio[1]), Wd)
+    fh = torch.where(tall, torch.round(Wd / ratio[0]), Hd)
+    ok = fits.any(1)
+    w, h = torch.where(ok, w, fw.to(u.dtype)), torch.where(ok, h, fh.to(u.dtype))
+    i = torch.where(ok, torch.floor(u[:, _POS] * (Hf[:, 0] - h + 1)),
+                    torch.floor((Hd - fh) / 2).to(u.dtype))
+    j = torch.where(ok, torch.floor(u[:, _POS + 1] * (Wf[:, 0] - w + 1)),
+                    torch.floor((Wd - fw) / 2).to(u.dtype))
+    return i, j, h, w
+
+
+def resized_crops(images: list, k: torch.Tensor, i, j, h, w, size: int, flip: torch.Tensor,
+                  method: Optional[str] = None) -> torch.Tensor:
+    """Crop the box (i, j, h, w) of images[k] (uint8 [C, H_k, W_k], sizes may differ), resize it to
+    size x size, mirror it where flip -> float [n, C, size, size] in [0, 1], on the images' device.
+    method "interp": one antialiased bilinear resize per crop of the uint8 box (torch's version of
+    PIL's filter, rounding as PIL does); cost ~ the box's pixels; the CPU default. "matmul": the
+    sources zero-padded to a common size, every crop a pair of batched matmuls with interpolation
+    matrices that read only its box (resized_crop's arithmetic); cost ~ size x the padded source, in
+    a few large kernels; the GPU default. Both within one grey level of PIL
+    (tests/test_folder_tensor.py)."""
+    dev = images[0].device
+    method = method or ("matmul" if dev.type == "cuda" else "interp")
+    n, C = len(k), images[0].shape[0]
+    if n == 0:
+        return torch.empty(0, C, size, size, device=dev)
+    if method == "interp":
+        out = torch.empty(n, C, size, size, dtype=torch.uint8, device=dev)
+        boxes = zip(*(t.long().tolist() for t in (k, i, j, h, w)))
+        for c, (kk, ii, jj, hh, ww) in enumerate(boxes):
+            box = images[kk][None, :, ii:ii + hh, jj:jj + ww]
+            out[c] = F.interpolate(box, size=(size, size), mode="bilinear", antialias=True,
+                                   align_corners=False)[0]
+        out = torch.where(flip.view(-1, 1, 1, 1).to(dev), out.flip(-1), out)
+        return out.float().div_(255)
+    if method != "matmul":
+        raise ValueError(f"method must be 'interp' or 'matmul', not {method!r}")
+    Hm, Wm = max(x.shape[1] for x in images), max(x.shape[2] for x in images)
+    out = torch.empty(n, C, size, size, device=dev)
+    order = torch.argsort(k.to(dev), stable=True)                   # crops of one source together
+    kk = k.to(dev)[order]
+    chunk = max(1, (1 << 28) // ((Hm + size) * C * Wm * 4))        # ~256 MB of float rows per chunk
+    for s in range(0, n, chunk):
+        sel = order[s:s + chunk]
+        used, inv = torch.unique(kk[s:s + chunk], return_inverse=True)
+        pad = torch.zeros(len(used), C, Hm, Wm, dtype=torch.uint8, device=dev)
+        for r, src_k in enumerate(used.tolist()):
+            pad[r, :, :images[src_k].shape[1], :images[src_k].shape[2]] = images[src_k]
+        src = source_rows(pad)[inv]                                  # [chunk, Hm, C Wm]
+        box = [t.to(dev)[sel] for t in (i, j, h, w)]
+        out[sel] = resized_crop(src, *box, size, C, flip=flip.to(dev)[sel])
+    return out
+
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """[n, 3, h, w] -> luminance [n, 1, h, w]."""
     return LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]
@@ -136,14 +217,16 @@ def rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hue = torch.where(chroma > 0, sector / 6, torch.zeros_like(sector))
     hue = (hue + shift.view(-1, 1, 1)) % 1.0
     # HSV -> RGB: channel n in (5, 3, 1) is v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6
-    k = (torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype).view(1, 3, 1, 1) + 6 * hue.unsqueeze(1)) % 6
+    n531 = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = (n531 + 6 * hue.unsqueeze(1)) % 6
     return v.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def jitter_factors(u: torch.Tensor, strength: tuple) -> torch.Tensor:
     """ColorJitter(b, c, s, h) factors per row -> [n, 4]: 1 +- b, 1 +- c, 1 +- s (multiplicative), +- h (hue turns)."""
-    lo = torch.tensor([1 - strength[0], 1 - strength[1], 1 - strength[2], -strength[3]])
-    hi = torch.tensor([1 + strength[0], 1 + strength[1], 1 + strength[2], strength[3]])
+    b, c, s, h = strength
+    lo = torch.tensor([1 - b, 1 - c, 1 - s, -h], device=u.device)
+    hi = torch.tensor([1 + b, 1 + c, 1 + s, h], device=u.device)
     return lo + (hi - lo) * u[:, _FACT:_FACT + 4]
 
 

@@ -103,6 +103,7 @@ def loader(ds, batch_sampler, cfg, device, *, persistent: bool = False):
     return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, num_workers=cfg.workers,
                                        pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
                                        persistent_workers=persistent and cfg.workers > 0,
+                                       collate_fn=getattr(ds, "collate", None),
                                        generator=torch.Generator())  # never draws from the global RNG
 
 

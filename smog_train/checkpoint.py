@@ -37,8 +37,8 @@ FORMAT = "smog-train-v3"  # v3: no per-rank state (no RNG states), resumable on 
 
 
 def check_writable(out_dir: str) -> None:
-    """out_dir must be a folder that exists or can be created, and be writable; checked before any
-    work. Nothing is left behind: the probe folder made in the nearest existing parent is removed."""
+    """out_dir must be a writable folder, or one that can be created; checked before any work.
+    Nothing is left behind: a probe folder made in the nearest existing parent is removed."""
     d = os.path.abspath(out_dir)
     if os.path.exists(d) and not os.path.isdir(d):
         raise UsageError(f"--out-dir {out_dir!r} is a file, not a folder; choose another --out-dir")
@@ -47,7 +47,12 @@ def check_writable(out_dir: str) -> None:
     if not os.path.isdir(d):
         raise UsageError(f"cannot create --out-dir {out_dir!r}: {d!r} is a file, not a folder; "
                          f"choose another --out-dir")
-    try:
+    if d == os.path.abspath(out_dir):      # it exists: ask, without touching it
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write to --out-dir {out_dir!r} (not writable); choose another "
+                             f"--out-dir")
+        return
+    try:                                   # it would be created here: try it (/proc says no only then)
         os.rmdir(tempfile.mkdtemp(prefix=".smog-probe-", dir=d))
     except OSError as e:
         raise UsageError(f"cannot write to --out-dir {out_dir!r} ({d!r}: {e.strerror}); choose "

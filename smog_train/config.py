@@ -60,9 +60,13 @@ class Config:
     local_scale_min: float = opt(0.05, "RandomResizedCrop scale range of local crops: min")
     local_scale_max: float = opt(0.2, "... max")
     blur_scale: float = opt(1.0, "Gaussian blur radius range 0.1-2.0 times this (use image_size/224 for small images)")
-    augment: str = opt("auto", "how crops are made: tensor (a whole batch at once with tensor ops; datasets held "
-                               "as one array: demo, CIFAR, STL) | pil (crop by crop, torchvision's PIL ops; any "
-                               "data) | auto (tensor where possible). Same recipe, different pixels")
+    augment: str = opt("auto", "how crops are made: tensor (a whole batch at once with tensor "
+                               "ops: datasets held as one array, and image folders, whose JPEGs "
+                               "are decoded per batch -- nvJPEG on a GPU, in the loader workers "
+                               "on a CPU-only run) | pil (decode, then crop by crop with "
+                               "torchvision's PIL ops, in the workers) | auto (tensor: faster on "
+                               "the CPU for both kinds, measured in docs/BENCHMARKS.md). Same "
+                               "recipe, different pixels")
     # optimisation
     epochs: int = opt(400, "training epochs")
     batch_size: int = opt(4096, "GLOBAL batch size (all ranks, all accumulation micro-batches)")

@@ -17,6 +17,7 @@ a linear probe on raw pixels and one on a random encoder are both weak.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -28,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
-from smog_train.batch_augment import N_UNIFORM, BatchAugment, source_rows
+from smog_train import decode
+from smog_train.batch_augment import (_FLIP, N_UNIFORM, BatchAugment, crop_boxes_sized,
+                                     resized_crops, source_rows)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
@@ -453,6 +456,11 @@ def in_memory_arrays(ds) -> Optional[tuple]:
     return None
 
 
+def pil_to_tensor(img) -> torch.Tensor:
+    """PIL RGB image -> uint8 [3, H, W]."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
 def item_uniforms(seed: int, n_crops: int) -> torch.Tensor:
     """[n_crops, N_UNIFORM] uniforms of one item for Augmentation.batch, from a generator seeded by the item only."""
     return torch.rand(n_crops, N_UNIFORM, generator=torch.Generator().manual_seed(seed))
@@ -509,6 +517,58 @@ class MultiCropViews:
                 crops[c] = out[r * n:(r + 1) * n]
         return crops[:m], crops[m:]
 
+    def batch_sources(self, images: list, seeds: list, online: list) -> tuple:
+        """batch() for sources of different sizes (image folders): images a list of uint8
+        [3, H_b, W_b] on one device -> the same lists of crops, on that device. Each crop's box is
+        drawn from its own source's size with crop_boxes' rule; crop + resize by
+        batch_augment.resized_crops, the set's other operations batched as in batch(). An item's
+        crops depend on its seed only."""
+        dev = images[0].device
+        m, n = 2 + self.n_local, len(seeds)
+        u = torch.stack([item_uniforms(s, 2 * m) for s in seeds]).to(dev)   # [n, 2m, N_UNIFORM]
+        is_a = torch.tensor([o == "A" for o in online], device=dev)
+        H = torch.tensor([x.shape[-2] for x in images], device=dev)
+        W = torch.tensor([x.shape[-1] for x in images], device=dev)
+        crops = [None] * (2 * m)
+        # a GPU: constants the operations make (kernels, jitter ranges) on it too; not on the CPU,
+        # where the device context would cost a Python call per operation
+        on_device = torch.device(dev) if dev.type != "cpu" else contextlib.nullcontext()
+        for glob in (True, False):
+            slots = [c for c in range(2 * m) if (c % m < 2) == glob]
+            aug, r = (self.glob if glob else self.loc), len(slots)
+            geo = aug["A"].batch                    # sets A and B share size, scale and ratio
+            uu = u[:, slots].reshape(n * r, N_UNIFORM)          # row b r + t: item b, slot t
+            k = torch.arange(n, device=dev).repeat_interleave(r)
+            i, j, h, w = crop_boxes_sized(uu, H[k], W[k], geo.scale, geo.ratio)
+            x = resized_crops(images, k, i, j, h, w, geo.size, uu[:, _FLIP] < 0.5)
+            x, uu = x.view(n, r, *x.shape[1:]), uu.view(n, r, N_UNIFORM)
+            set_a = is_a.view(n, 1) == (torch.tensor(slots, device=dev) < m).view(1, r)
+            out = torch.empty(x.shape, dtype=torch.uint8, device=dev)
+            for kk, sel in (("A", set_a), ("B", ~set_a)):
+                if bool(sel.any()):
+                    with on_device:
+                        out[sel] = aug[kk].batch.finish(x[sel], uu[sel])
+            for t, c in enumerate(slots):
+                crops[c] = out[:, t].contiguous()
+        return crops[:m], crops[m:]
+
+
+def decode_on_device(device, workers: int) -> bool:
+    """Where an image folder's batches are decoded and cropped on the tensor path: by the training
+    process on a GPU (the workers only read bytes); on a CPU-only run in the loader workers when
+    there are any (the same operations on the same CPU, overlapped with the step), else in the
+    training process."""
+    return torch.device(device).type != "cpu" or workers <= 0
+
+
+class EncodedBatch:
+    """One batch of image-folder keys as a loader worker leaves it for the device: JPEG files as
+    bytes (uint8 [n]); other formats already decoded by PIL in the worker (uint8 [3, H, W]).
+    ViewsDataset.finish makes the views."""
+
+    def __init__(self, keys: list, blobs: list):
+        self.keys, self.blobs = keys, blobs
+
 
 class seeded:
     """Context: torch's CPU generator seeded for one item, the caller's state restored afterwards (so
@@ -534,9 +594,12 @@ class ViewsDataset(torch.utils.data.Dataset):
     made at once with tensor ops (MultiCropViews.batch; the DataLoader calls __getitems__); else crop by crop
     with PIL."""
 
-    def __init__(self, base, views: MultiCropViews, batched: bool = False):
+    def __init__(self, base, views: MultiCropViews, batched: bool = False,
+                 decode_on_device: bool = False):
         self.base, self.views = base, views
         self.arrays = in_memory_arrays(base) if batched else None
+        self.folder = batched and isinstance(base, ImageFolderDataset) and base.transform is None
+        self.decode_on_device = decode_on_device
 
     def __len__(self):
         return len(self.base)
@@ -544,13 +607,63 @@ class ViewsDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         if self.arrays is not None:
             return self.__getitems__([key])[0]
+        if self.folder:
+            on, mo, _ = self.finish(self.read([key]), torch.device("cpu"))
+            return [c[0] for c in on], [c[0] for c in mo], key[0]
         i, online, seed = key
         img, _ = self.base[i]
         with seeded(seed):
             on, mo = self.views(img, online)
         return on, mo, i
 
-    def __getitems__(self, keys: list) -> list:
+    # image folders, batched: workers read bytes, the device decodes and crops (decode.py)
+
+    def read(self, keys: list) -> EncodedBatch:
+        """A loader worker's share: each JPEG's bytes; other formats decoded with PIL here (their
+        only decoder), under --bad-images as on the PIL path."""
+        blobs = []
+        for i, _, _ in keys:
+            blob = decode.read_bytes(self.base.samples[i][0])
+            if not decode.is_jpeg(blob):
+                blob = pil_to_tensor(self.base[i][0])
+            blobs.append(blob)
+        return EncodedBatch(list(keys), blobs)
+
+    def finish(self, batch: EncodedBatch, device) -> tuple:
+        """Decode (decode.decode_rgb) and crop (MultiCropViews.batch_sources) one batch on
+        `device` -> (online crops, momentum crops, dataset indices), what the loader yields for
+        arrays. A JPEG the decoder refuses is read through the PIL path (self.base[i]): decoded if
+        PIL can, else --bad-images (fail naming the file, or skip: the next readable image of the
+        folder, reported once)."""
+        device = torch.device(device)
+        none = torch.empty(0, dtype=torch.uint8)
+        imgs = decode.decode_rgb([b if b.dim() == 1 else none for b in batch.blobs], device)
+        for b, (key, blob) in enumerate(zip(batch.keys, batch.blobs)):
+            if blob.dim() == 3:
+                imgs[b] = blob.to(device)
+            elif imgs[b] is None:
+                imgs[b] = pil_to_tensor(self.base[key[0]][0]).to(device)
+        seeds, online = [k[2] for k in batch.keys], [k[1] for k in batch.keys]
+        on, mo = self.views.batch_sources(imgs, seeds, online)
+        return on, mo, torch.tensor([k[0] for k in batch.keys])
+
+    def batches(self, it, device):
+        """The loader's batches with the device's share done: what train.py iterates."""
+        for b in it:
+            yield self.finish(b, device) if isinstance(b, EncodedBatch) else b
+
+    @staticmethod
+    def collate(items):
+        """The DataLoader's collate_fn: an EncodedBatch or a finished batch (a tuple) as it is,
+        else the default."""
+        if isinstance(items, (EncodedBatch, tuple)):
+            return items
+        return torch.utils.data.default_collate(items)
+
+    def __getitems__(self, keys: list):
+        if self.folder:
+            batch = self.read(keys)
+            return batch if self.decode_on_device else self.finish(batch, torch.device("cpu"))
         if self.arrays is None:
             return [self[k] for k in keys]
         idx = [k[0] for k in keys]

@@ -2,8 +2,6 @@
 RandomResizedCrop rule written out as a scalar loop, PIL's resized crop, torchvision's functional colour / blur /
 solarise ops, and data.augmentation's PIL pipeline for the parameters of the distribution."""
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from smog_train import batch_augment as ba
 from smog_train import data
 from smog_train import config
 
-ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
 STRENGTH = (0.4, 0.4, 0.2, 0.1)
 
 
@@ -180,20 +177,6 @@ def test_in_memory_arrays_and_supervised_items():
     assert items[1][1] == label and items[0][0].shape == (3, 24, 24) and items[0][0].dtype == torch.uint8
     assert torch.equal(ds[(7, "B", 12)][0], items[1][0])
     assert torch.equal(items[1][0], aug.batch(x[7:8], data.item_uniforms(12, 1))[0])
-
-
-def test_augment_tensor_refused_for_image_folders(tmp_path):
-    root = tmp_path / "imgs" / "c0"
-    root.mkdir(parents=True)
-    for k in range(4):
-        Image.new("RGB", (20, 20), (k * 40, 0, 0)).save(root / f"{k}.png")
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "train.py", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--augment", "tensor",
-                        "--out-dir", str(out), "--no-final-eval", "--batch-size", "2", "--n-groups", "2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert "--augment tensor needs a dataset held as one array" in r.stderr
-    assert not out.exists() or not any(out.iterdir())
 
 
 def test_crop_statistics_match_the_pil_pipeline():

@@ -74,6 +74,13 @@ def test_smoke_writes_every_figure(smoke):
     assert p["images_per_s"] > 0 and p["crops_per_image"] == 2 * (2 + res["config"]["n_local"])   # both sets
     assert p["step_images_per_s"] == pytest.approx(s["full_images_per_s"])
     assert p["starved"] == (p["images_per_s"] < p["step_images_per_s"])
+    # both input paths on the generated JPEG folder; the tensor path is train.py's default
+    assert p["source"].startswith("jpeg-folder") and p["images_per_s"] == p["tensor_images_per_s"]
+    assert len(p["samples"]["pil"]) == len(p["samples"]["tensor"]) == res["config"]["input_pairs"]
+    assert p["tensor_over_pil"] == pytest.approx(statistics.median(
+        t / q for q, t in zip(p["samples"]["pil"], p["samples"]["tensor"])))
+    assert p["pil_over_step"] == pytest.approx(p["pil_images_per_s"] / p["step_images_per_s"])
+    assert "tensor/PIL" in stdout
     # targets are listed but not judged at smoke sizes
     assert {t["what"] for t in res["targets"]} >= {"full / ideal step", "update speed-up K=3000,N=4096"}
     assert all(t["met"] is None for t in res["targets"])

@@ -25,8 +25,13 @@ warm-up (CUDA timed with events). Sections (`--sections`):
   kmeans   4. smog.spherical_kmeans, D = 128, K = 3000, 10 iterations, N = 65,536 (and 1,281,167 on the
               r50-224 preset); plus the preset's own regroup (H heads over its dataset size) as a share
               of an epoch of full steps.
-  input    5. multi-crop images/s of a DataLoader over data.py's views (MultiCropViews, ViewsDataset)
-              with the preset's workers, against the full step's images/s (is the device starved?).
+  input    5. train.py's whole input path, images/s with the preset's workers: PIL (--augment
+              pil: decode and crop by crop in the workers) against the tensor path (--augment
+              tensor: workers read bytes, each batch is decoded -- nvJPEG on a GPU -- and cropped
+              on the device; on a CPU in the workers), interleaved rounds, on a generated folder
+              of ImageNet-like JPEGs (500x375 ..., quality 90; --data jpeg-folder, or any data.py
+              spec); both against the full step's images/s (starved?). `--write-jpegs DIR --jpegs
+              N` writes such a folder (DIR/train/<class>/*.jpg) for train.py.
   crops       one batch of views made by data.ViewsDataset both ways, in this process, interleaved: crop by crop
               with PIL, and all at once with tensor ops (`--augment tensor`, batch_augment.py) on the images of the
               demo (held as one array); `crops_speedup` = median over pairs of PIL / tensor time.
@@ -36,7 +41,6 @@ config and the command, and the top-level keys `step_ratio`, `joint_bn_ratio` an
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -69,7 +73,7 @@ class BenchConfig:
     preset: str = "cpu-small"
     device: str = "auto"            # auto (cuda if available) | cpu | cuda
     threads: int = 1                # torch intra-op threads; 0 keeps torch's default
-    malloc_top_pad_mb: int = 0      # >0: glibc mallopt(M_TOP_PAD) before anything runs (see BENCHMARKS.md)
+    malloc_top_pad_mb: int = 0      # >0: glibc mallopt(M_TOP_PAD) before anything runs (see docs/BENCHMARKS.md)
     sections: str = "step,jointbn,update,kmeans,input,crops"
     out: str = "bench.json"
     profile: bool = False           # torch.profiler tables of both steps after the timed runs
@@ -108,26 +112,29 @@ class BenchConfig:
     kmeans_repeats: int = 3
     data_size: int = 8000           # the preset's training set (data.py's demo: 8000), for the epoch share
     # input pipeline
-    data: str = "demo"              # data.py spec (demo | imagefolder:PATH | cifar10 ...) or synthetic-jpeg
+    data: str = "jpeg-folder"       # input: jpeg-folder (write_jpeg_folder) or a data.py spec
     workers: int = -1               # DataLoader workers; -1 = cores - 1 (at least 1, at most 10), as train.py
     loader_batches: int = 12        # timed batches after the first one (worker start-up is not timed)
+    jpegs: int = 0                  # generated JPEGs; 0: batch x (loader_batches + 2)
+    input_pairs: int = 2            # input: interleaved (PIL, tensor) rounds of loader_batches
     crop_pairs: int = 5             # crops section: timed (PIL, tensor) pairs of one batch each
 
 
 PRESETS = {
     # train.py's demo model (smallcnn, D=64, K=60, H=3, 2x32 + 2x16 px crops, SGD) at half the demo's batch,
-    # so that enough interleaved pairs fit in 2 minutes; one intra-op thread (see BENCHMARKS.md: on a
+    # so that enough interleaved pairs fit in 2 minutes; one intra-op thread (see docs/BENCHMARKS.md: on a
     # shared 2-core machine two threads were 2-3x slower and far noisier), the other core loads data.
     "cpu-small": {},
     "r50-224": dict(threads=0, arch="resnet50", dim=128, hidden_dim=2048, n_groups=3000, n_heads=3, batch=256,
                     global_px=224, local_px=96, n_local=4, amp="bf16", channels_last=True, optimizer="lars",
                     lr=0.3, weight_decay=1e-6,
                     step_warmup=5, step_pairs=20, update_repeats=50, kmeans_n=(65536, 1281167),
-                    kmeans_repeats=5, data_size=1281167, data="synthetic-jpeg", loader_batches=20),
+                    kmeans_repeats=5, data_size=1281167, loader_batches=20),
     "smoke": dict(width=8, dim=32, hidden_dim=64, n_groups=64, n_heads=2, batch=8, global_px=16,
                   local_px=8, n_local=2, step_warmup=1, step_pairs=2, update_repeats=1, update_budget_s=0.0,
                   kmeans_k=128, kmeans_n=(2048,), kmeans_iters=2, kmeans_repeats=1, data_size=512,
-                  workers=0, loader_batches=2, crop_pairs=1, out="runs/bench-smoke.json"),
+                  workers=0, loader_batches=2, input_pairs=1, crop_pairs=1,
+                  out="runs/bench-smoke.json"),
 }
 
 # the targets bench.py checks, per device type
@@ -140,6 +147,9 @@ def parse_args(argv=None) -> BenchConfig:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (= --preset smoke)")
+    ap.add_argument("--write-jpegs", metavar="DIR", default=argparse.SUPPRESS,
+                    help="only write --jpegs N ImageNet-like JPEGs to DIR/train/<class>/ "
+                         "(for train.py) and exit")
     for f in fields(BenchConfig):
         flag = "--" + f.name.replace("_", "-")
         presets = [f"cpu-small: {f.default}"] + [f"{p}: {v[f.name]}" for p, v in PRESETS.items() if f.name in v]
@@ -151,11 +161,14 @@ def parse_args(argv=None) -> BenchConfig:
         else:
             ap.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), **kw)
     ns = vars(ap.parse_args(argv))
+    write = ns.pop("write_jpegs", None)
     preset = "smoke" if ns.pop("smoke") else ns.get("preset", BenchConfig.preset)
     if preset not in PRESETS:
         ap.error(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     vals = {**PRESETS[preset], **{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()}}
-    return BenchConfig(**{**vals, "preset": preset})
+    cfg = BenchConfig(**{**vals, "preset": preset})
+    cfg.write_jpegs = write
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,29 +597,26 @@ def epoch_share(cfg: BenchConfig, kmeans_s: float, step_ms: float) -> dict:
 # 5: input pipeline
 
 
-class SyntheticJPEG(torch.utils.data.Dataset):
-    """ImageNet-sized stand-in: `n` items cycling over `distinct` smooth random 500x375 pictures, JPEG
-    (quality 90) in memory, decoded per item -- the decode and crop cost of ImageNet without ImageNet.
-    Pass --data imagefolder:PATH to measure real files instead."""
+JPEG_SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (500, 400), (640, 480),
+              (400, 300))
 
-    def __init__(self, n: int, distinct: int = 32, size=(500, 375), seed: int = 0):
-        from PIL import Image
-        g = torch.Generator().manual_seed(seed)
-        self.n, self.blobs, self.classes = n, [], ["synthetic"]
-        for _ in range(distinct):
-            low = torch.rand(1, 3, 12, 16, generator=g)
-            img = F.interpolate(low, size=(size[1], size[0]), mode="bicubic", align_corners=False)[0]
-            img = (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
-            buf = io.BytesIO()
-            Image.fromarray((img * 255).byte().permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=90)
-            self.blobs.append(buf.getvalue())
 
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        from PIL import Image
-        return Image.open(io.BytesIO(self.blobs[i % len(self.blobs)])).convert("RGB"), 0
+def write_jpeg_folder(root: str, n: int, classes: int = 2, seed: int = 0) -> str:
+    """An image folder of n ImageNet-like JPEGs (quality 90, sizes cycling over JPEG_SIZES, width x
+    height, ImageNet's common shapes) at root/train/<class>/: smooth random pictures + pixel noise,
+    about 80 kB a file -> root. Deterministic in (n, classes, seed)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for k in range(n):
+        w, h = JPEG_SIZES[k % len(JPEG_SIZES)]
+        d = os.path.join(root, "train", f"c{k % classes}")
+        os.makedirs(d, exist_ok=True)
+        img = F.interpolate(torch.rand(1, 3, 12, 16, generator=g), size=(h, w), mode="bicubic",
+                            align_corners=False)[0]
+        img = (img + 0.05 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+        pixels = (img * 255).byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(os.path.join(d, f"{k:06d}.jpg"), quality=90)
+    return root
 
 
 class AlternatingBatches(torch.utils.data.Sampler):
@@ -626,39 +636,87 @@ class AlternatingBatches(torch.utils.data.Sampler):
             yield [(i, s, self.seed * self.n + i) for i in perm[b * self.batch:(b + 1) * self.batch]]
 
 
-def bench_input(cfg: BenchConfig, dev: torch.device, step_images_per_s: Optional[float]) -> dict:
-    from smog_train import data
-    views = data.MultiCropViews(cfg.global_px, cfg.local_px, cfg.n_local, blur_scale=cfg.global_px / 224)
-    if cfg.data == "synthetic-jpeg":
-        n = cfg.batch * (cfg.loader_batches + 2)
-        base, source = SyntheticJPEG(n), "synthetic-jpeg: 500x375 JPEG decoded per item (bench.SyntheticJPEG)"
-    else:
-        base, source = data.build_dataset(cfg.data, "train", None), f"data.build_dataset({cfg.data!r})"
-    workers = max(1, min(10, len(os.sched_getaffinity(0)) - 1)) if cfg.workers < 0 else cfg.workers
+def loader_images_per_s(ds, cfg: BenchConfig, dev: torch.device, workers: int) -> float:
+    """Images/s of train.py's input path over ds: a DataLoader with its workers, the device's share
+    (ViewsDataset.batches: decode + crops of an image folder on the device), crops on the device.
+    The first batch (worker start-up) is not timed."""
     loader = torch.utils.data.DataLoader(
-        data.ViewsDataset(base, views), batch_sampler=AlternatingBatches(len(base), cfg.batch),
-        num_workers=workers, pin_memory=dev.type == "cuda", persistent_workers=False,
+        ds, batch_sampler=AlternatingBatches(len(ds), cfg.batch), num_workers=workers,
+        pin_memory=dev.type == "cuda", persistent_workers=False, collate_fn=ds.collate,
         prefetch_factor=4 if workers > 0 else None)
     nb = min(cfg.loader_batches, len(loader) - 1)
     if nb < 1:
-        raise ValueError(f"input section: {len(base)} images make fewer than 2 batches of {cfg.batch}")
-    it = iter(loader)
-    next(it)                                          # worker start-up and the first batch: not timed
+        raise ValueError(f"input section: {len(ds)} images make fewer than 2 batches of "
+                         f"{cfg.batch}")
+    it = ds.batches(iter(loader), dev)
+    next(it)
     t0 = time.perf_counter()
     for _ in range(nb):
         on, mo, _ = next(it)
-        if dev.type == "cuda":
-            [c.to(dev, non_blocking=True) for c in on + mo]
+        [c.to(dev, non_blocking=True) for c in on + mo]
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     del it
-    ips = nb * cfg.batch / dt
+    return nb * cfg.batch / dt
+
+
+def bench_input(cfg: BenchConfig, dev: torch.device, step_images_per_s: Optional[float]) -> dict:
+    """train.py's whole input path, both ways, in interleaved rounds (pil, tensor, tensor, pil,
+    ...): PIL (decode + crop by crop in the workers, --augment pil) and tensor (--augment tensor: on
+    a GPU the workers read bytes, the batch is decoded with nvJPEG and cropped on the GPU; on a CPU
+    the same operations in the workers). Source: a generated folder of ImageNet-like JPEGs (--data
+    jpeg-folder; write_jpeg_folder), or any data.py spec."""
+    import tempfile
+    from smog_train import data
+    views = data.MultiCropViews(cfg.global_px, cfg.local_px, cfg.n_local,
+                                blur_scale=cfg.global_px / 224)
+    workers = max(1, min(10, len(os.sched_getaffinity(0)) - 1)) if cfg.workers < 0 else cfg.workers
+    on_device = data.decode_on_device(dev, workers)
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.data in ("jpeg-folder", "synthetic-jpeg"):
+            n = cfg.jpegs or cfg.batch * (cfg.loader_batches + 2)
+            base = data.build_dataset(f"imagefolder:{write_jpeg_folder(tmp, n)}", "train")
+            source = (f"jpeg-folder: {n} generated JPEGs, quality 90, sizes {JPEG_SIZES[0][0]}x"
+                      f"{JPEG_SIZES[0][1]} ... (bench.write_jpeg_folder)")
+        else:
+            base = data.build_dataset(cfg.data, "train", None)
+            source = f"data.build_dataset({cfg.data!r})"
+        ways = {"pil": data.ViewsDataset(base, views),
+                "tensor": data.ViewsDataset(base, views, batched=True, decode_on_device=on_device)}
+        ips = {"pil": [], "tensor": []}
+        for r in range(max(1, cfg.input_pairs)):
+            for way in (("pil", "tensor") if r % 2 == 0 else ("tensor", "pil")):
+                ips[way].append(loader_images_per_s(ways[way], cfg, dev, workers))
+        if dev.type == "cuda" and isinstance(base, data.ImageFolderDataset):
+            res["nvjpeg_vs_libjpeg"] = decoder_agreement(base, dev)
+    pil, ten = statistics.median(ips["pil"]), statistics.median(ips["tensor"])
     crops = 2 * (2 + cfg.n_local)
-    return {"source": source, "workers": workers, "batches": nb, "images_per_s": ips,
-            "crops_per_image": crops, "crops_per_s": ips * crops, "step_images_per_s": step_images_per_s,
-            "loader_over_step": ips / step_images_per_s if step_images_per_s else None,
-            "starved": (ips < step_images_per_s) if step_images_per_s else None}
+    st = step_images_per_s
+    res.update({
+        "source": source, "workers": workers, "crops_per_image": crops,
+        "decode_on_device": on_device,
+        "batches": min(cfg.loader_batches, len(base) // cfg.batch - 1),
+        "pil_images_per_s": pil, "tensor_images_per_s": ten, "samples": ips,
+        "tensor_over_pil": statistics.median(t / p for p, t in zip(ips["pil"], ips["tensor"])),
+        "images_per_s": ten, "crops_per_s": ten * crops, "step_images_per_s": st,
+        "loader_over_step": ten / st if st else None, "pil_over_step": pil / st if st else None,
+        "starved": (ten < st) if st else None})
+    return res
+
+
+def decoder_agreement(base, dev: torch.device, n: int = 256) -> dict:
+    """The folder's first n JPEGs decoded by nvJPEG on `dev` and by libjpeg-turbo on the CPU (PIL's
+    pixels there): the largest and mean absolute difference in grey levels, and the share of
+    differing values."""
+    from smog_train import decode
+    blobs = [decode.read_bytes(p) for p, _ in base.samples[:n]]
+    gpu = decode.decode_rgb(blobs, dev)
+    cpu = decode.decode_rgb(blobs, torch.device("cpu"))
+    d = torch.cat([(g.cpu().int() - c.int()).abs().flatten() for g, c in zip(gpu, cpu)])
+    return {"images": len(blobs), "max_abs": int(d.max()), "mean_abs": float(d.float().mean()),
+            "share_differing": float((d > 0).float().mean())}
 
 
 def bench_crops(cfg: BenchConfig) -> dict:
@@ -758,10 +816,22 @@ def report(res: dict) -> str:
     if "input_pipeline" in res:
         p = res["input_pipeline"]
         step = f"{p['step_images_per_s']:.1f}" if p["step_images_per_s"] else "n/a"
-        L.append(f"input pipeline ({p['source']}, {p['workers']} workers, {p['crops_per_image']} crops/image)")
-        L.append(f"  loader {p['images_per_s']:.1f} img/s vs full step {step} img/s"
-                 + (f"  -> {'STARVED' if p['starved'] else 'not starved'} (loader/step {p['loader_over_step']:.2f})"
-                    if p["starved"] is not None else ""))
+        where = "on the device" if p["decode_on_device"] else "in the workers"
+        L.append(f"input pipeline ({p['source']}, {p['workers']} workers, "
+                 f"{p['crops_per_image']} crops/image, tensor path decodes {where})")
+        L.append(f"  PIL {p['pil_images_per_s']:.1f} img/s, tensor {p['tensor_images_per_s']:.1f} "
+                 f"img/s (tensor/PIL {p['tensor_over_pil']:.2f}, median of "
+                 f"{len(p['samples']['pil'])} interleaved rounds)")
+        verdict = ""
+        if p["starved"] is not None:
+            verdict = (f"  -> {'STARVED' if p['starved'] else 'not starved'} (loader/step "
+                       f"{p['loader_over_step']:.2f}; PIL/step {p['pil_over_step']:.2f})")
+        L.append(f"  tensor path {p['images_per_s']:.1f} img/s vs full step {step} img/s{verdict}")
+        if "nvjpeg_vs_libjpeg" in p:
+            a = p["nvjpeg_vs_libjpeg"]
+            L.append(f"  nvJPEG vs libjpeg-turbo on {a['images']} JPEGs: max |diff| {a['max_abs']} "
+                     f"grey levels, mean {a['mean_abs']:.4f}, {100 * a['share_differing']:.2f}% "
+                     f"of values differ")
     if "crops" in res:
         c = res["crops"]
         L.append(f"crops of one batch ({c['batch']} images x {c['crops_per_image']} crops, {c['px'][0]}/{c['px'][1]} px, "
@@ -837,6 +907,13 @@ def run(cfg: BenchConfig, argv_display: str) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
+    if cfg.write_jpegs:
+        if cfg.jpegs < 1:
+            print("error: --write-jpegs needs --jpegs N (N >= 1 images)", file=sys.stderr)
+            return 2
+        write_jpeg_folder(cfg.write_jpegs, cfg.jpegs)
+        print(f"wrote {cfg.jpegs} JPEGs to {cfg.write_jpegs}/train")
+        return 0
     res = run(cfg, " ".join(["python bench.py", *argv]))
     print(report(res))
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
