@@ -870,7 +870,7 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
          r"pass --download"),
         (["--checkpoint", ck, "--arch", "nope"], r"--arch.*'nope'", r"choose|smallcnn"),
         (["--checkpoint", ck, "--out-dir", folders / "not_a_dir" / "sub"],
-         r"cannot write to --out-dir '.*not_a_dir/sub'", r"choose another --out-dir"),
+         r"cannot create --out-dir '.*not_a_dir/sub': '.*not_a_dir' is a file", r"choose another --out-dir"),
     ]
     failures = []
     before = snapshot(out)
