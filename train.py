@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import smog
 from smog_train import checkpoint, data, evaluation, faults, launch
+from smog_train import sync_bn as smog_sync_bn
 from smog_train.batches import StepBatches, batch_geometry, build_data, item_seed, loader, \
     reraise_data_error, to_device
 from smog_train.checkpoint import Run, log, resume_or_start, save
@@ -78,7 +79,7 @@ def train(cfg: Config) -> int:
     model, sync_bn = build_model(cfg, rank, world, device)    # identical initial weights on all ranks
     optimizer = build_optimizer(cfg, model)
     step_module = StepModule(model)
-    # without SyncBN (gloo/CPU) DDP broadcasts rank 0's buffers every forward so BN statistics agree
+    # --no-sync-bn: DDP broadcasts rank 0's buffers every forward, so BN statistics agree
     net = step_module if world == 1 else nn.parallel.DistributedDataParallel(
         step_module, device_ids=[device.index] if device.type == "cuda" else None,
         broadcast_buffers=not sync_bn)
@@ -89,7 +90,7 @@ def train(cfg: Config) -> int:
               cfg_dict=dict(asdict(cfg), model=asdict(cfg.model_config()), git=launch.git_revision()),
               hooks=faults.from_env())
     n_classes = data.num_classes(train_raw)
-    rng, resumed = resume_or_start(run, train_raw, RUNTIME_FIELDS, start=lambda: fill_bank(
+    resumed = resume_or_start(run, train_raw, RUNTIME_FIELDS, start=lambda: fill_bank(
         model, bank, train_plain, cfg, device, micro, autocast))   # restore all, or fill the bank
     launch.announce(run, micro, amp, resumed, test_ds is not None)
 
@@ -99,8 +100,6 @@ def train(cfg: Config) -> int:
         decode_on_device=data.decode_on_device(device, cfg.workers))
     sampler = StepBatches(len(train_raw), rank, world, micro, cfg.accum, cfg.seed)
     batches = loader(views, sampler, cfg, device, persistent=True)
-    if rng is not None:
-        checkpoint.set_rng_state(rng, device)
     with checkpoint.on_sigterm() as sigterm:
         for epoch in range(run.epoch, cfg.epochs):
             start = run.step_in_epoch if epoch == run.epoch else 0
@@ -120,10 +119,16 @@ def train(cfg: Config) -> int:
 
 def regroup(run: Run, epoch: int) -> None:
     """Re-cluster the groups of every head from the memory bank (spherical k-means, identical on all
-    ranks), then reset the momentum network to the online one."""
-    cfg, t0 = run.cfg, time.time()
-    run.model.regroup(run.bank.local, cfg.kmeans_iters,
-                      generator=torch.Generator().manual_seed(item_seed(cfg.seed, epoch, 1 << 40)))
+    ranks), then reset the momentum network to the online one. Head h's initial centres are the
+    bank rows of K dataset indices drawn from a generator seeded by (seed, epoch) -- the same rows
+    whatever the number of ranks (SMoG.regroup's default draws from rank 0's shard, which depends
+    on it)."""
+    cfg, model, bank, t0 = run.cfg, run.model, run.bank, time.time()
+    gen = torch.Generator().manual_seed(item_seed(cfg.seed, epoch, 1 << 40))
+    for h in range(cfg.n_heads):
+        init = bank.rows(h % 2, torch.randperm(bank.n, generator=gen)[:cfg.n_groups])
+        c, _ = smog.spherical_kmeans(bank.local[h % 2], cfg.n_groups, cfg.kmeans_iters, init=init)
+        model.groups[h].copy_(c)
     run.hooks.regrouped(epoch)
     if cfg.reset_momentum:
         run.model.reset_momentum()
@@ -140,8 +145,10 @@ def train_one_epoch(run: Run, batches, epoch: int, start: int, sigterm) -> Optio
     meter = StepLog(run)
     for s in range(start, run.spe):
         step = epoch * run.spe + s
+        seed_step(cfg.seed, step, run.rank)
         run.hooks.step_start(step)
         micro_batches, idx = next_step(batches, run, meter)     # [(online, momentum crops)] x accum
+        run.hooks.batch(step, run.rank, micro_batches, idx)
         lr, beta, m = (float(run.sched[k][step]) for k in ("lr", "beta", "m"))
         for g in run.optimizer.param_groups:
             g["lr"] = lr
@@ -197,6 +204,17 @@ def end_of_epoch(run: Run, epoch: int, train_plain, test_ds, n_classes: int) -> 
 
 # ------------------------------------------------------------------------------------------------
 # one step: the pieces the loop calls, in its order
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch's (CPU and CUDA), python's and numpy's global generators from (seed, global step,
+    rank) at the start of every step: all that a step draws from them (drop-path masks; crops and
+    k-means have their own generators) follows from the position in the run, so no checkpoint has to
+    carry RNG states and a resumed run, on any number of ranks, draws what it would have drawn."""
+    s = item_seed(seed, step, (1 << 41) + rank)
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % (1 << 32))
 
 
 def next_step(batches, run: Run, meter: StepLog) -> tuple:
@@ -481,9 +499,10 @@ def build_model(cfg: Config, rank: int, world: int, device) -> tuple:
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     model = smog.SMoG(cfg.model_config())
-    sync_bn = world > 1 and device.type == "cuda"
+    sync_bn = world > 1 and cfg.sync_bn
     if sync_bn:  # both networks: SMoG.forward runs them on the same global batch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else \
+            smog_sync_bn.convert(model)
     model.to(device)
     if cfg.channels_last and cfg.arch != "swin_t":
         model.to(memory_format=torch.channels_last)

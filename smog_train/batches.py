@@ -33,14 +33,18 @@ def build_data(cfg, rank: int) -> tuple:
 
 
 class StepBatches(torch.utils.data.Sampler):
-    """Micro-batches of this rank for one epoch: a DistributedSampler permutation (seed + epoch,
-    drop_last), cut into steps of `accum` micro-batches of `micro` samples; incomplete steps dropped.
-    Items are (index, online set of the step, item seed). set_epoch(epoch, start_step) fast-forwards
-    to an exact position, so a resumed run sees the same micro-batches as an uninterrupted one."""
+    """Micro-batches of this rank for one epoch. The epoch's order is one permutation of the
+    dataset, torch.randperm(n) seeded with seed + epoch (DistributedSampler's); step s takes its
+    block perm[s*B : (s+1)*B] (B the global batch), micro-batch a of the step the a-th of `accum`
+    equal parts of that block, and rank r the r-th of `world` equal contiguous parts of it.
+    So the global batch of step s, gathered in rank order, is the same block in the same order
+    whatever the number of ranks; the last n mod B samples of the epoch are not used. Items are
+    (index, online set of the step, item seed). set_epoch(epoch, start_step) fast-forwards to an
+    exact position, so a resumed run, on any number of ranks, sees the same global batches."""
 
     def __init__(self, n: int, rank: int, world: int, micro: int, accum: int, seed: int):
         self.n, self.rank, self.world, self.micro, self.accum, self.seed = n, rank, world, micro, accum, seed
-        self.steps = (n // world) // (micro * accum)
+        self.steps = n // (micro * accum * world)
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
@@ -50,15 +54,15 @@ class StepBatches(torch.utils.data.Sampler):
         return (self.steps - self.start) * self.accum
 
     def __iter__(self):
-        ds = torch.utils.data.DistributedSampler(range(self.n), num_replicas=self.world, rank=self.rank, shuffle=True,
-                                                 seed=self.seed, drop_last=True)
-        ds.set_epoch(self.epoch)
-        idx = list(ds)
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=gen).tolist()
+        part = self.micro * self.world                           # one micro-batch, all ranks
         for s in range(self.start, self.steps):
             online = "A" if s % 2 == 0 else "B"
             for a in range(self.accum):
-                chunk = idx[(s * self.accum + a) * self.micro:(s * self.accum + a + 1) * self.micro]
-                yield [(i, online, item_seed(self.seed, self.epoch, i)) for i in chunk]
+                lo = (s * self.accum + a) * part + self.rank * self.micro
+                yield [(i, online, item_seed(self.seed, self.epoch, i))
+                       for i in perm[lo:lo + self.micro]]
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -66,21 +70,28 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def batch_geometry(cfg, n: int, world: int) -> tuple:
-    """-> (micro-batch per rank, optimiser steps per epoch); refuses sizes that cannot run."""
+    """-> (micro-batch per rank, optimiser steps per epoch); refuses sizes that cannot run. Steps
+    per epoch are n // batch whatever the world size, so a run may resume on any world size that
+    divides batch / accum."""
+    per = cfg.batch_size // cfg.accum if cfg.batch_size % cfg.accum == 0 else 0
+    fits = [w for w in range(1, per + 1) if per % w == 0 and per // w >= 2]
+    fits = ", ".join(map(str, fits[:12])) + (", ..." if len(fits) > 12 else "")
     if cfg.batch_size % (world * cfg.accum):
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x --accum {cfg.accum}")
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x "
+                         f"--accum {cfg.accum}; run on a number of processes that divides it "
+                         f"({fits or 'none'}; a resumed run keeps its --batch-size and --accum)")
     micro = cfg.batch_size // (world * cfg.accum)
     if micro < 2:
-        raise UsageError(f"micro-batch per rank is {micro} (batch {cfg.batch_size} / world {world} / accum {cfg.accum}); "
-                         f"BatchNorm needs at least 2")
-    spe = (n // world) // (micro * cfg.accum)
+        raise UsageError(f"micro-batch per rank is {micro} (batch {cfg.batch_size} / world "
+                         f"{world} / accum {cfg.accum}); BatchNorm needs at least 2: run on fewer "
+                         f"processes ({fits or 'none'})")
+    spe = n // cfg.batch_size
     if spe < 1:
-        raise UsageError(f"global batch {cfg.batch_size} is larger than the dataset ({n} images"
-                         f"{f', {n // world} per rank' if world > 1 else ''}); use a smaller --batch-size")
-    shard0 = len(range(0, n, world))
-    if cfg.n_groups > shard0:
-        raise UsageError(f"--n-groups {cfg.n_groups} is more than the {shard0} samples in "
-                         f"{'rank 0' + chr(39) + 's shard of ' if world > 1 else ''}the memory bank; use fewer groups")
+        raise UsageError(f"global batch {cfg.batch_size} is larger than the dataset ({n} images); "
+                         f"use a smaller --batch-size")
+    if cfg.n_groups > n:
+        raise UsageError(f"--n-groups {cfg.n_groups} is more than the {n} samples in the memory "
+                         f"bank; use fewer groups")
     return micro, spe
 
 

@@ -3,13 +3,17 @@
 Checkpoint (out_dir/checkpoint.pth, written by rank 0 with save_atomic, loaded with
 load_checkpoint, i.e. weights_only=True):
   both networks and the groups (SMoG.state_dict()), the whole memory bank in dataset order (fp32),
-  optimiser, GradScaler, step / epoch / position in the epoch (the sampler is rebuilt from (seed, epoch)
-  and fast-forwarded), every rank's RNG states (torch, CUDA, python, numpy), the config as plain types,
-  world size, kNN history, collapse-guard state and the length of log.jsonl (truncated back to it on
-  resume, so the log of a resumed run equals an uninterrupted one).
-It is saved at the end of every epoch, every --save-every steps and on SIGTERM (then exit 0). Resuming
-with a different config field (other than RUNTIME_FIELDS in train.py) or world size is refused, naming
-the field. Bad input raises UsageError: train.py prints it as one line and exits with code 2.
+  optimiser, GradScaler, step / epoch / position in the epoch (the sampler is rebuilt from (seed,
+  epoch) and fast-forwarded), the config as plain types, the world size that wrote it, kNN history,
+  collapse-guard state and the length of log.jsonl (truncated back to it on resume, so the log of a
+  resumed run equals an uninterrupted one). No RNG state: train.py seeds every generator a step
+  draws from with (seed, global step, rank) at the start of the step.
+Nothing in it is laid out per rank, so a run resumes on another number of processes (any that
+divides the global batch / accum): the bank is re-sharded, the data position is the global step;
+the log and the banner say that the world size changed. It is saved at the end of every epoch,
+every --save-every steps and on SIGTERM (then exit 0). Resuming with a different config field
+(other than RUNTIME_FIELDS in train.py) is refused, naming the field. Bad input raises UsageError:
+train.py prints it as one line and exits with code 2.
 
 The test-only faults that kill a run at chosen points are in smog_train/faults.py.
 """
@@ -17,22 +21,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import smog
-from smog_train import launch
 from smog_train.config import UsageError
 
-FORMAT = "smog-train-v2"  # v2: released recipe (joint BN, LARS on all parameters, momentum local crops)
+FORMAT = "smog-train-v3"  # v3: no per-rank state (no RNG states), resumable on another world size
 
 
 def check_writable(out_dir: str) -> None:
@@ -105,44 +106,6 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# RNG states of every rank
-
-
-def rng_state(device) -> dict:
-    py = random.getstate()
-    npst = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.zeros(0, dtype=torch.uint8),
-            "python": torch.tensor(py[1], dtype=torch.int64),
-            "numpy": torch.tensor([*npst[1].tolist(), npst[2], npst[3]], dtype=torch.int64),
-            "numpy_gauss": torch.tensor([npst[4]], dtype=torch.float64)}
-
-
-def set_rng_state(st: dict, device) -> None:
-    # clone: a view with a storage offset (rank r's row of a gathered tensor in older checkpoints)
-    # makes torch.set_rng_state segfault (torch 2.14)
-    torch.set_rng_state(st["torch"].clone())
-    if device.type == "cuda" and st["cuda"].numel():
-        torch.cuda.set_rng_state(st["cuda"].clone(), device)
-    random.setstate((3, tuple(int(v) for v in st["python"].tolist()), None))
-    n = st["numpy"].tolist()
-    np.random.set_state(("MT19937", np.array(n[:624], dtype=np.uint32), int(n[624]), int(n[625]),
-                         float(st["numpy_gauss"][0])))
-
-
-def gather_rng(device) -> list:
-    """Every rank's RNG states, in rank order (collective): all fields as one int64/uint8 row each."""
-    st = rng_state(device)
-    if not smog.dist_ready():
-        return [st]
-    out = {}
-    for k, v in st.items():
-        rows = launch.all_gather_rows(v.to(device)[None])                 # (W, L)
-        out[k] = rows.cpu()
-    return [{k: out[k][r].clone() for k in st} for r in range(dist.get_world_size())]  # own storage, no views
-
-
-# ----------------------------------------------------------------------------------------------
 # writing, loading, checking
 
 
@@ -154,16 +117,15 @@ def load(path: str) -> dict:
 
 
 def check_resume(ck: dict, cfg, runtime_fields: set, world: int, path: str) -> None:
-    """The checkpoint must continue *this* run: same format, world size and every field of the config
-    dataclass `cfg` except `runtime_fields`."""
+    """The checkpoint must continue *this* run: same format and every field of the config dataclass
+    `cfg` except `runtime_fields`. The world size may differ (train.py's batch_geometry has checked
+    that this one divides the global batch)."""
     if str(ck.get("format", "")).startswith("smog-train-") and ck.get("format") != FORMAT:
         raise UsageError(f"cannot resume {path!r}: it was written by an older train.py (format {ck['format']!r}, "
-                         f"this one writes {FORMAT!r}, which trains a different recipe); use a new --out-dir")
+                         f"this one writes {FORMAT!r}: another recipe or state layout); use a new "
+                         f"--out-dir")
     if ck.get("format") != FORMAT:
         raise UsageError(f"{path!r} is not a train.py checkpoint (format {ck.get('format')!r}, expected {FORMAT!r})")
-    if ck.get("world_size") != world:
-        raise UsageError(f"cannot resume {path!r}: it was written with world size {ck.get('world_size')}, this run has "
-                         f"{world}; rerun with the same number of processes or use a new --out-dir")
     old = ck.get("config", {})
     for f in fields(cfg):
         if f.name in runtime_fields:
@@ -172,9 +134,12 @@ def check_resume(ck: dict, cfg, runtime_fields: set, world: int, path: str) -> N
             raise UsageError(f"cannot resume {path!r}: its config has no field {f.name!r} (written by an older "
                              f"train.py); use a new --out-dir")
         if old[f.name] != getattr(cfg, f.name):
+            flag = f.name.replace('_', '-')
+            fix = f"--{flag} {old[f.name]}"
+            if isinstance(old[f.name], bool):
+                fix = f"--{flag}" if old[f.name] else f"--no-{flag}"
             raise UsageError(f"cannot resume {path!r}: config field {f.name!r} is {old[f.name]!r} in the checkpoint but "
-                             f"{getattr(cfg, f.name)!r} now; pass --{f.name.replace('_', '-')} {old[f.name]} or use a "
-                             f"new --out-dir")
+                             f"{getattr(cfg, f.name)!r} now; pass {fix} or use a new --out-dir")
 
 
 def prepare_out_dir(out_dir: str, config_json: str, resumed: bool, same_dir: bool, log_offset: int) -> None:
@@ -244,6 +209,7 @@ class Run:
     last_ck: Optional[str] = None        # "PATH (step S)": the newest complete checkpoint to restart from
     peak_hit: object = 0.0               # collapse guard: best fraction of attainable groups hit this epoch
     knn_feats: Optional[list] = None     # the last kNN monitor's (train, test) features, reused by the final eval
+    resumed_world: Optional[int] = None  # world size that wrote the resumed checkpoint
     hooks: object = None                 # faults.Hooks: test-only fault points, no-ops in a real run
 
     @property
@@ -257,13 +223,14 @@ class Run:
         self.scaler.scale(loss).backward()
 
 
-def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> tuple:
+def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> bool:
     """Restore everything from the checkpoint (automatic from out_dir, or --resume), or call start() (fill
     the memory bank) for a new run; all is validated before the run writes anything, then out_dir is
-    prepared. -> (this rank's RNG state to restore once the data loader exists, or None; resumed?)."""
+    prepared. A checkpoint written with another world size is re-sharded (the bank), and a record
+    of the change is appended to log.jsonl. -> resumed?"""
     cfg, ck_path = run.cfg, run.path("checkpoint.pth")
     resume = cfg.resume or (ck_path if os.path.exists(ck_path) else "")
-    rng, same_dir = None, False
+    same_dir = False
     if resume:
         ck = load(resume)
         check_resume(ck, cfg, runtime_fields, run.world, resume)
@@ -272,11 +239,11 @@ def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> tuple:
         run.optimizer.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
             run.scaler.load_state_dict(ck["scaler"])
-        run.bank.load(ck["bank"].to(run.device))
+        run.bank.load(ck["bank"].to(run.device))                    # re-sharded for this world size
         for k in ("step", "epoch", "step_in_epoch", "knn", "skipped_nonfinite", "log_offset"):
             setattr(run, k, ck[k])
         run.peak_hit = ck.get("peak_hit", 0.0)  # collapse guard: best group hit so far in the resumed epoch
-        rng, run.last_ck = ck["rng"][run.rank], f"{resume} (step {ck['step']})"
+        run.resumed_world, run.last_ck = ck["world_size"], f"{resume} (step {ck['step']})"
         same_dir = os.path.abspath(resume) == os.path.abspath(ck_path)
         del ck
     else:
@@ -290,25 +257,28 @@ def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> tuple:
     # from here on the run writes
     if run.rank == 0:
         prepare_out_dir(cfg.out_dir, json.dumps(run.cfg_dict, indent=1), bool(resume), same_dir, run.log_offset)
+    if resume and run.resumed_world != run.world:
+        log(run, {"type": "world_size_changed", "step": run.step, "from": run.resumed_world,
+                  "to": run.world})
     if cfg.bad_images == "skip" and hasattr(train_raw, "skip_log"):
         train_raw.skip_log = run.path("skipped_images.txt")
         if getattr(train_raw, "_reported", None):  # met while filling the bank, before out_dir could be written
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(train_raw.skip_log, "a") as fh:
                 fh.writelines(p + "\n" for p in sorted(train_raw._reported))
-    return rng, bool(resume)
+    return bool(resume)
 
 
 def save(run: Run, why: str) -> None:
     """Checkpoint the current position (the module docstring lists what it holds). Collective: the bank
-    and every rank's RNG states are gathered; rank 0 writes atomically."""
+    is gathered; rank 0 writes atomically."""
     bank_full = run.bank.full()
-    rngs = gather_rng(run.device)
     run.n_save += 1
     ck_path, log_path = run.path("checkpoint.pth"), run.path("log.jsonl")
     if run.rank == 0:
         obj = {"format": FORMAT, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-               "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {}, "bank": bank_full, "rng": rngs,
+               "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+               "bank": bank_full,
                "config": run.cfg_dict, "world_size": run.world, "step": run.step, "epoch": run.epoch,
                "step_in_epoch": run.step_in_epoch, "steps_per_epoch": run.spe, "total_steps": run.total_steps,
                "knn": run.knn, "skipped_nonfinite": run.skipped_nonfinite, "peak_hit": float(run.peak_hit),

@@ -95,6 +95,10 @@ class Config:
     channels_last: bool = opt(True, "channels_last memory format for CNNs, CUDA and CPU (joint BN's pixel rows "
                                      "are then free views)")
     compile: bool = opt(False, "torch.compile the backbones")
+    sync_bn: bool = opt(True, "several processes: BatchNorm statistics over the samples of all "
+                              "ranks (CUDA: torch's SyncBatchNorm; CPU/gloo: the same reduction, "
+                              "smog_train/sync_bn.py); --no-sync-bn: each rank normalises its own "
+                              "micro-batch, and results depend on the number of processes")
     workers: int = opt(-1, "data loader workers per rank (-1: cores per rank - 1, at most 10)")
     threads: int = opt(0, "torch intra-op threads per rank (0: cores per rank minus workers, at least 1)")
     seed: int = opt(0, "seed of the initial weights, sampler, augmentations and k-means")

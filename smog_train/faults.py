@@ -16,13 +16,20 @@ the value it is called with:
                                                 (1-based), after writing half of the serialised bytes to
                                                 the temporary file save_atomic would use
                                                 (.checkpoint.pth.tmp-<pid>)
+  batch             SMOG_TEST_RECORD_BATCHES=D  records, does not act: rank r appends one JSON
+                                                line per step to D/batches-rank<r>.jsonl: the
+                                                step, and per micro-batch the dataset indices and
+                                                a SHA-1 of each item's crops as they reach the
+                                                model
   SMOG_TEST_DIE_RANK=R     every point acts on rank R only (default: every rank).
   SMOG_TEST_DIE_ONCE=PATH  a point acts only if PATH does not exist, and creates it first (so a torchrun
                            --max-restarts restart, which inherits the environment, runs through).
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import signal
 import sys
@@ -34,7 +41,7 @@ import smog
 
 VARIABLES = {"step_start": "SMOG_TEST_SIGTERM_AT_STEP", "loss": "SMOG_TEST_NAN_AT_STEP",
              "after_backward": "SMOG_TEST_DIE_AT_STEP", "regrouped": "SMOG_TEST_DIE_IN_REGROUP",
-             "checkpoint_write": "SMOG_TEST_DIE_IN_SAVE"}
+             "checkpoint_write": "SMOG_TEST_DIE_IN_SAVE", "batch": "SMOG_TEST_RECORD_BATCHES"}
 
 
 class Hooks:
@@ -53,6 +60,9 @@ class Hooks:
         pass
 
     def checkpoint_write(self, n_save: int, obj: dict, path: str) -> None:
+        pass
+
+    def batch(self, step: int, rank: int, micro_batches: list, idx: list) -> None:
         pass
 
 
@@ -99,6 +109,20 @@ class FaultHooks(Hooks):
             f.flush()
             os.fsync(f.fileno())
         _die(f"in checkpoint write {n_save}")
+
+
+    def batch(self, step: int, rank: int, micro_batches: list, idx: list) -> None:
+        d = os.environ.get(VARIABLES["batch"])
+        if not d:
+            return
+        rec = {"step": step, "micro": []}
+        for (online, momentum), i in zip(micro_batches, idx):
+            crops = [c.detach().cpu().contiguous() for c in [*online, *momentum]]
+            rec["micro"].append({"idx": i.tolist(), "crops": [
+                hashlib.sha1(b"".join(c[b].numpy().tobytes() for c in crops)).hexdigest()
+                for b in range(len(i))]})
+        with open(os.path.join(d, f"batches-rank{rank}.jsonl"), "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
 
 
 def _die(what: str) -> None:

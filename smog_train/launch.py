@@ -96,11 +96,17 @@ def announce(run, micro: int, amp, resumed: bool, has_test: bool) -> None:
     rows = -(-len(items) // cols)
     table = "\n".join("".join(items[r + c * rows].ljust(width) for c in range(cols)
                               if r + c * rows < len(items)).rstrip() for r in range(rows))
-    rank0_print(f"SMoG train.py  git {run.cfg_dict['git'] or '(none)'}  world {run.world}  device "
-                f"{run.device}  precision {amp or torch.float32}\n{table}")
+    changed = resumed and run.resumed_world != run.world
+    was = f" (was {run.resumed_world})" if changed else ""
+    rank0_print(f"SMoG train.py  git {run.cfg_dict['git'] or '(none)'}  world {run.world}{was}  "
+                f"device {run.device}  precision {amp or torch.float32}\n{table}")
     rank0_print(f"{run.bank.n} training images, {run.spe} steps/epoch of {cfg.batch_size} (micro-batch "
                 f"{micro} x accum {cfg.accum} x world {run.world}), {run.total_steps} steps"
                 + (f"; resuming at step {run.step}" if resumed else ""))
+    if changed:
+        rank0_print(f"world size changed from {run.resumed_world} to {run.world}: the checkpoint "
+                    f"was written by {run.resumed_world} process(es); same global batches, crops, "
+                    f"groups and schedules (README, resuming on another world size)")
     if cfg.knn_every and not has_test:
         rank0_print(f"note: {cfg.data} has no held-out split (PATH/val); the per-epoch kNN monitor is off")
 

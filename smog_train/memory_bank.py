@@ -38,7 +38,20 @@ class MemoryBank:
         out[order] = rows
         return out.transpose(0, 1).contiguous()
 
+    def rows(self, j: int, idx: torch.Tensor) -> torch.Tensor:
+        """bank[j, idx] [len(idx), D] on every rank, gathered from the shards that hold them
+        (collective, exact: rows are moved, not summed)."""
+        idx = idx.to(self.local.device)
+        mine = idx % self.world == self.rank
+        pos = launch.all_gather_rows(torch.nonzero(mine).flatten())
+        got = launch.all_gather_rows(self.local[j, idx[mine] // self.world].contiguous())
+        out = self.local.new_empty(len(idx), self.local.shape[2])
+        out[pos] = got
+        return out
+
     def load(self, full: torch.Tensor) -> None:
+        """The whole bank in dataset order [2, N, D] (a checkpoint's, written with any number of
+        ranks) -> this rank's shard: re-sharding is exact, whatever the world size that wrote it."""
         if tuple(full.shape) != (2, self.n, self.local.shape[2]):
             raise UsageError(f"checkpoint memory bank has shape {tuple(full.shape)}, expected "
                              f"{(2, self.n, self.local.shape[2])}; the dataset or --dim changed")
@@ -66,22 +79,27 @@ class restore_buffers:
 
 @torch.no_grad()
 def fill_bank(model: smog.SMoG, bank: MemoryBank, ds, cfg, device, micro: int, autocast) -> None:
-    """One no-grad pass of the online network over this rank's shard (train-mode BN, statistics restored).
-    Every rank runs the same number of full batches (shards padded by wrapping; padding is not written)
-    so SyncBN's collectives stay in step and no batch has a single sample."""
-    own = list(range(bank.rank, bank.n, bank.world))
-    n_max = len(range(0, bank.n, bank.world))
-    bs = max(2, min(2 * micro, n_max))
-    padded = [own[j % len(own)] for j in range(-(-n_max // bs) * bs)]
-    batches = [padded[s:s + bs] for s in range(0, len(padded), bs)]
+    """One no-grad pass of the online network over the dataset (train-mode BN, statistics restored).
+    In dataset order, wrapped around to whole global batches of G = W * b (b = 2 * micro per rank,
+    at least 2, at most ceil(N / W)); rank r embeds the r-th contiguous part of each, and the rows
+    reach the ranks that hold them as in a training step (MemoryBank.write; the wrapped padding is
+    not written). So every rank runs the same number of full batches (SyncBN's collectives stay in
+    step, no batch has a single sample), and with synchronised BatchNorm the bank does not depend
+    on the number of ranks (up to rounding)."""
+    W, r = bank.world, bank.rank
+    b = max(2, min(2 * micro, -(-bank.n // W)))
+    G = b * W
+    order = [j % bank.n for j in range(-(-bank.n // G) * G)]
+    starts = range(r * b, len(order), G)                                        # this rank's parts
+    parts = [order[s:s + b] for s in starts]
     model.train()
     with restore_buffers(bn_buffers(model.backbone) + bn_buffers(model.projector)):
         try:
-            for s, (x, _) in zip(range(0, len(padded), bs), loader(ds, batches, cfg, device)):
+            for s, (x, _) in zip(starts, loader(ds, parts, cfg, device)):
                 with autocast():
-                    z = model.embed(to_device(x, device, cfg))                           # (bs, D) unit rows
-                keep = max(0, min(bs, len(own) - s))                                     # real rows of this batch
-                rows = torch.arange(s, s + keep, device=device)                          # own[j] = rank + j*W
-                bank.local[:, rows] = z[:keep].to(bank.local.dtype)
+                    z = model.embed(to_device(x, device, cfg))          # (b, D) unit rows
+                keep = max(0, min(b, bank.n - s))                       # not the padding
+                idx = torch.arange(s, s + keep, device=device)          # order[p] = p
+                bank.write(idx, z[:keep].to(bank.local.dtype)[None].expand(2, -1, -1))
         except data.BadImageError as e:
             reraise_data_error(e)

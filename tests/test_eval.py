@@ -1,8 +1,7 @@
-"""eval_linear.py: kNN against a loop oracle, the linear probe, the frozen-backbone checks, the
+"""eval_linear.py: the frozen-backbone checks, the
 command line on the built-in demo data (trained vs random encoder, train checkpoint vs exported
 backbone, bad inputs), and real 2-process runs (gloo) that must equal the single-process result."""
 import json
-import math
 import os
 import re
 import socket
@@ -29,83 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WIDTH = 16  # smallcnn width of the test encoders
 
 
-# ---------------------------------------------------------------- kNN against a slow oracle
-
-def oracle_knn(train_f, train_y, test_f, n_classes, k, T):
-    """Plain loops in float64: cosine similarity, k most similar, class votes sum exp(sim / T)."""
-    tr = [[float(v) for v in row / row.norm()] for row in train_f.double()]
-    preds = []
-    for q in test_f.double():
-        q = [float(v) for v in q / q.norm()]
-        sims = sorted(((sum(a * b for a, b in zip(q, t)), i) for i, t in enumerate(tr)), reverse=True)
-        votes = [0.0] * n_classes
-        for s, i in sims[:min(k, len(tr))]:
-            votes[int(train_y[i])] += math.exp(s / T)
-        preds.append(max(range(n_classes), key=lambda c: (votes[c], -c)))  # ties: lowest class
-    return torch.tensor(preds)
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 16])
-def test_knn_predict_matches_loop_oracle(chunk):
-    g = torch.Generator().manual_seed(chunk)
-    n, m, d, C = 60, 23, 6, 5                 # test set larger than every chunk
-    train_f, test_f = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g) * 3   # norms vary
-    train_y = torch.randint(0, C, (n,), generator=g)
-    ks = (1, 3, 10, 20, 60, 200)              # 200 > n: capped at n
-    got = probes.knn_predict(train_f, train_y, test_f, C, ks=ks, T=0.07, chunk=chunk)
-    for k in ks:
-        assert torch.equal(got[k], oracle_knn(train_f, train_y, test_f, C, k, 0.07)), k
-    # k=1 is nearest-neighbour classification whatever T is; a huge T is an unweighted majority vote
-    assert torch.equal(probes.knn_predict(train_f, train_y, test_f, C, ks=(5,), T=1e4, chunk=chunk)[5],
-                       oracle_knn(train_f, train_y, test_f, C, 5, 1e4))
-
-
-def test_knn_eval_percentages():
-    g = torch.Generator().manual_seed(0)
-    train_f, test_f = torch.randn(50, 4, generator=g), torch.randn(31, 4, generator=g)
-    train_y, test_y = torch.randint(0, 3, (50,), generator=g), torch.randint(0, 3, (31,), generator=g)
-    res = E.knn_eval(train_f, train_y, test_f, test_y, 3, ks=(1, 10), T=0.1)
-    for k in (1, 10):
-        want = 100.0 * float((oracle_knn(train_f, train_y, test_f, 3, k, 0.1) == test_y).sum()) / 31
-        assert res[k] == pytest.approx(want, abs=1e-9)
-    assert E.knn_eval(test_f, test_y, test_f, test_y, 3, ks=(1,))[1] == 100.0   # every point is its own neighbour
-
-
-def test_topk_correct_counts():
-    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
-    y = torch.tensor([1, 2, 0])
-    # row 0: top-1 hit; row 1: label 2 ranks 3rd; row 2: label 0 ranks 3rd; top-5 capped at 3 classes
-    assert E.topk_correct(logits, y, ks=(1, 2, 5)).tolist() == [1.0, 1.0, 3.0]
-
-
-# ---------------------------------------------------------------- linear probe on cached features
-
-def _clusters(n, C, d, sep, seed):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(C, d, generator=torch.Generator().manual_seed(99)) * sep
-    y = torch.randint(0, C, (n,), generator=g)
-    return centres[y] + torch.randn(n, d, generator=g), y
-
-
-def test_linear_probe_features_learns_and_is_deterministic():
-    C = 8
-    (trf, trl), (tef, tel) = _clusters(600, C, 16, 1.5, 0), _clusters(300, C, 16, 1.5, 1)
-    a = E.linear_probe_features(trf, trl, tef, tel, C, epochs=15, batch_size=64)
-    b = E.linear_probe_features(trf, trl, tef, tel, C, epochs=15, batch_size=64)
-    assert a == b                                                     # seeded: bit-identical reruns
-    assert a["top1"] > 90 and a["top5"] >= a["top1"] and a["best_top1"] >= a["top1"]
-    assert len(a["top1_history"]) == 15 and a["best_top1"] == max(a["top1_history"])
-    # shuffled training labels carry no information: chance level (12.5 %), far from the above
-    shuffled = trl[torch.randperm(len(trl), generator=torch.Generator().manual_seed(3))]
-    c = E.linear_probe_features(trf, shuffled, tef, tel, C, epochs=15, batch_size=64)
-    assert c["top1"] < 35
-    # the layer starts at N(0, 0.01) with zero bias and the lr follows a cosine to 0
-    head = E.new_linear(16, C, seed=0)
-    assert torch.all(head.bias == 0) and 0.007 < float(head.weight.detach().std()) < 0.013
-    assert E.cosine_lr(0.3, 0, 100) == 0.3 and E.cosine_lr(0.3, 50, 100) == pytest.approx(0.15)
-    assert E.cosine_lr(0.3, 99, 100) < 1e-3
-
-
 # ---------------------------------------------------------------- frozen-backbone protocol
 
 def _image_batches(n=40, seed=0):
@@ -115,8 +37,8 @@ def _image_batches(n=40, seed=0):
 
 def _run_protocol(backbone, ref, feat_dim, epochs=2):
     ds = _image_batches()
-    test_f, test_y = E.extract_features(backbone, E.shard_loader(ds, 16), "cpu")
-    head = E.new_linear(feat_dim, 4)
+    test_f, test_y = probes.extract_features(backbone, probes.shard_loader(ds, 16), "cpu")
+    head = probes.new_linear(feat_dim, 4)
     batches = E.augmented_batches(backbone, ds, "cpu", feat_dim=feat_dim, batch_size=16, seed=0)
     return head, E.run_linear(backbone, ref, head, batches, test_f, test_y, epochs=epochs, lr=0.3, wd=1e-6)
 
@@ -342,10 +264,10 @@ def _extract_worker(rank, port, out_dir):
         for n in (5, 1):                                  # 5: padded by DistributedSampler; 1: rank 1 gets nothing
             ds = _indexed_images(n)
             sampler = torch.utils.data.DistributedSampler(ds, shuffle=True, seed=1)
-            out[f"dist{n}"] = E.extract_features(net, torch.utils.data.DataLoader(ds, 2, sampler=sampler), "cpu")
-            out[f"shard{n}"] = E.extract_features(net, E.shard_loader(ds, 2), "cpu")
+            out[f"dist{n}"] = probes.extract_features(net, torch.utils.data.DataLoader(ds, 2, sampler=sampler), "cpu")
+            out[f"shard{n}"] = probes.extract_features(net, probes.shard_loader(ds, 2), "cpu")
             f, y = out[f"shard{n}"]
-            out[f"knn{n}"] = torch.tensor(E.knn_eval(f, y, f, y, n, ks=(1,))[1])   # test rows split over ranks
+            out[f"knn{n}"] = torch.tensor(probes.knn_eval(f, y, f, y, n, ks=(1,))[1])   # test rows split over ranks
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -357,7 +279,7 @@ def test_extract_features_two_ranks_counts_every_sample_once(tmp_path):
     torch.manual_seed(0)
     net = backbones.SmallCNN(4)
     for n in (5, 1):
-        want_f, want_y = E.extract_features(net, E.shard_loader(_indexed_images(n), 2), "cpu")   # one process
+        want_f, want_y = probes.extract_features(net, probes.shard_loader(_indexed_images(n), 2), "cpu")   # one process
         assert torch.equal(want_y, torch.arange(n))
         for r in range(2):
             f, y = got[r][f"shard{n}"]                    # contiguous shards gathered in rank order: dataset order

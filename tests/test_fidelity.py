@@ -365,9 +365,11 @@ def test_swin_group_grad_flows_through_the_reembedding(swin):
 
 def test_old_checkpoint_refused_in_one_line():
     cfg = config.parse_config(["--preset", "demo"])
-    with pytest.raises(config.UsageError) as e:
-        checkpoint.check_resume({"format": "smog-train-v1", "world_size": 1, "config": {}}, cfg, config.RUNTIME_FIELDS, 1,
-                                "old.pth")
-    msg = str(e.value)
-    assert "older train.py" in msg and "smog-train-v1" in msg and "\n" not in msg
-    assert checkpoint.FORMAT == "smog-train-v2"
+    for old in ("smog-train-v1", "smog-train-v2"):
+        with pytest.raises(config.UsageError) as e:
+            checkpoint.check_resume({"format": old, "world_size": 1, "config": {}}, cfg,
+                                    config.RUNTIME_FIELDS, 1, "old.pth")
+        msg = str(e.value)
+        assert "older train.py" in msg and old in msg and "use a new --out-dir" in msg
+        assert "\n" not in msg
+    assert checkpoint.FORMAT == "smog-train-v3"

@@ -1,43 +1,26 @@
 """BatchNorm across crop sizes under data parallelism: 2 gloo processes, uneven shards.
 
-torch's SyncBatchNorm runs on GPUs only. Its reduction -- per-channel sums, sums of squares and pixel
-counts all-reduced over ranks, then divided -- is written out on the CPU here (CPUSyncBN). Because
-backbones.joint_bn calls the norm layer ONCE on the pixels of all crop sizes, such a layer reduces over all
-sizes and all ranks at once; a shortcut BN is called once per size, reducing each size over all
-ranks. The shards must give exactly the whole batch through the released rule written out by hand
-(release_ref.released_resnet with plain BNs, one process), not through the code under test.
+torch's SyncBatchNorm runs on GPUs only; smog_train/sync_bn.py (what train.py uses for several
+CPU processes) does its reduction on the CPU: per-rank counts, means and centred sums of squares
+all-reduced, then combined. Because backbones.joint_bn calls the norm layer ONCE on the pixels of
+all crop sizes, such a layer reduces over all sizes and all ranks at once; a shortcut BN is called
+once per size, reducing each size over all ranks. The shards must give exactly the whole batch
+through the released rule written out by hand (release_ref.released_resnet with plain BNs, one
+process), not through the code under test: outputs, running statistics, gradients.
 """
 import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dnn
 import torch.multiprocessing as mp
 import torch.nn as nn
 
 from smog_train import backbones
 from release_ref import released_resnet
+from smog_train.sync_bn import CPUSyncBatchNorm as CPUSyncBN
 from test_core_dist import SPLIT, WORLD, _free_port, shard
 
 TOL = 1e-5
-
-
-class CPUSyncBN(nn.BatchNorm2d):
-    """SyncBatchNorm's training-mode arithmetic with gloo: sums and counts all-reduced (differentiably)."""
-
-    def forward(self, x):
-        C, dims = x.shape[1], [0, *range(2, x.dim())]
-        local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_tensor([x.numel() / C])])
-        tot = dnn.all_reduce(local)                                   # (2C + 1) sums over ranks
-        n = tot[-1]
-        mean = tot[:C] / n
-        var = tot[C:2 * C] / n - mean * mean
-        with torch.no_grad():
-            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
-            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var * n / (n - 1))
-            self.num_batches_tracked += 1
-        sh = (1, C) + (1,) * (x.dim() - 2)
-        return (x - mean.view(sh)) / (var.view(sh) + self.eps).sqrt() * self.weight.view(sh) + self.bias.view(sh)
 
 
 def net_and_crops():
