@@ -8,8 +8,8 @@ step). For datasets held as one uint8 array (demo, CIFAR, STL) this module makes
     flip            the column matrix reversed
     colour jitter   brightness, contrast, saturation, hue with per-crop factors, in a per-crop random order
     grayscale
-    Gaussian blur   PIL's GaussianBlur computed as PIL does (gaussian_blur: 3 + 3 extended box passes,
-                    edges clamped, rounding to grey levels after each), on the image rounded to uint8
+    Gaussian blur   PIL's GaussianBlur computed as PIL does (gaussian_blur: 3 + 3 extended box
+                    passes, edges clamped, rounding after each), on the image rounded to uint8
     solarise        on the uint8 result
 
 The crops follow the PIL pipeline's recipe parameter for parameter (RandomResizedCrop's ten

@@ -487,9 +487,10 @@ class MultiCropViews:
         return self.crops(img, online), self.crops(img, "B" if online == "A" else "A")
 
     def batch(self, images: torch.Tensor, seeds: list, online: list) -> tuple:
-        """The views of many images at once with tensor ops (Augmentation.batch: __call__'s recipe, each
-        operation as PIL computes it up to rounding, blur included): images uint8 [n, 3, H, W], each item's seed and online set -> (online crops, momentum crops),
-        lists of 2 + n_local uint8 tensors [n, 3, s, s]. An item's crops depend on its seed only."""
+        """The views of many images at once with tensor ops (Augmentation.batch: __call__'s recipe,
+        each operation as PIL computes it up to rounding, blur included): images uint8 [n, 3, H, W],
+        each item's seed and online set -> (online crops, momentum crops), lists of 2 + n_local
+        uint8 tensors [n, 3, s, s]. An item's crops depend on its seed only."""
         m, n = 2 + self.n_local, len(seeds)
         u = torch.stack([item_uniforms(s, 2 * m) for s in seeds])          # [n, 2m, N_UNIFORM], online crops first
         is_a = torch.tensor([o == "A" for o in online])

@@ -100,7 +100,8 @@ def test_schedules_warmup_cosine_beta_and_ema():
     # t = 0 .. T-W-1 with period 2 (T - W), one step short of the minimum
     assert s["lr"].shape == (200,) and math.isclose(s["lr"][0], peak * c.warmup_lr_ratio)
     assert math.isclose(s["lr"][99], peak) and math.isclose(s["lr"][100], peak)
-    assert math.isclose(s["lr"][98], peak * c.warmup_lr_ratio + 98 / 99 * peak * (1 - c.warmup_lr_ratio))
+    start = peak * c.warmup_lr_ratio
+    assert math.isclose(s["lr"][98], start + 98 / 99 * (peak - start))
     low = peak * 0.001
     assert math.isclose(s["lr"][-1], low + (peak - low) * (1 + math.cos(math.pi * 99 / 100)) / 2)
     assert bool((s["lr"][100:].diff() <= 0).all())
