@@ -65,7 +65,8 @@ def train(cfg: Config) -> int:
     rank, world, device = launch.setup(cfg)
     train_raw, train_plain, test_ds = build_data(cfg, rank)
     if cfg.final_eval and test_ds is None:
-        raise UsageError(f"--final-eval needs a held-out split; {cfg.data} has none (create PATH/val)")
+        raise UsageError(f"--final-eval needs a held-out split; {cfg.data} has none (create "
+                         f"PATH/val)")
     if cfg.augment == "tensor" and data.in_memory_arrays(train_raw) is None \
             and not isinstance(train_raw, data.ImageFolderDataset):
         raise UsageError(f"--augment tensor needs a dataset held as one array (demo, cifar10, "
@@ -76,7 +77,7 @@ def train(cfg: Config) -> int:
         cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
-    model, sync_bn = build_model(cfg, rank, world, device)    # identical initial weights on all ranks
+    model, sync_bn = build_model(cfg, rank, world, device)    # identical initial weights everywhere
     optimizer = build_optimizer(cfg, model)
     step_module = StepModule(model)
     # --no-sync-bn: DDP broadcasts rank 0's buffers every forward, so BN statistics agree
@@ -85,9 +86,11 @@ def train(cfg: Config) -> int:
         broadcast_buffers=not sync_bn)
     bank = MemoryBank(len(train_raw), cfg.dim, rank, world, device)    # [2, N, D], sharded by index
     run = Run(cfg=cfg, rank=rank, world=world, device=device, model=model, net=net,
-              optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+              optimizer=optimizer,
+              scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
               bank=bank, sched=schedules(cfg, spe), spe=spe, autocast=autocast,
-              cfg_dict=dict(asdict(cfg), model=asdict(cfg.model_config()), git=launch.git_revision()),
+              cfg_dict=dict(asdict(cfg), model=asdict(cfg.model_config()),
+                            git=launch.git_revision()),
               hooks=faults.from_env())
     n_classes = data.num_classes(train_raw)
     resumed = resume_or_start(run, train_raw, RUNTIME_FIELDS, start=lambda: fill_bank(
@@ -176,24 +179,27 @@ def train_one_epoch(run: Run, batches, epoch: int, start: int, sigterm) -> Optio
 
 
 def end_of_epoch(run: Run, epoch: int, train_plain, test_ds, n_classes: int) -> None:
-    """kNN monitor, groups identical on all ranks, collapse guard, bad-image count, log, checkpoint."""
+    """kNN monitor, groups identical on all ranks, collapse guard, bad images, log, checkpoint."""
     cfg = run.cfg
-    rec = dict(type="epoch", epoch=epoch, step=(epoch + 1) * run.spe, peak_group_hit=run.peak_hit.item())
+    rec = dict(type="epoch", epoch=epoch, step=(epoch + 1) * run.spe,
+               peak_group_hit=run.peak_hit.item())
     last = epoch + 1 == cfg.epochs
     if cfg.knn_every and test_ds is not None and ((epoch + 1) % cfg.knn_every == 0 or last):
         t0 = time.time()
         rec["knn_top1"], *run.knn_feats = evaluation.knn_monitor(
             run.model.backbone, train_plain, test_ds, n_classes, cfg, run.device)
         run.knn.append([epoch, rec["knn_top1"]])
-        rank0_print(f"epoch {epoch}: kNN top-1 {rec['knn_top1']:.2f}% (k={cfg.knn_k}, T={cfg.knn_t}, "
+        rank0_print(f"epoch {epoch}: kNN top-1 {rec['knn_top1']:.2f}% (k={cfg.knn_k}, "
+                    f"T={cfg.knn_t}, "
                     f"{time.time() - t0:.1f}s)")
     if run.world > 1:
         rec["groups_rank_max_diff"] = groups_rank_max_diff(run.model, epoch)
     if rec["peak_group_hit"] < cfg.collapse_threshold:
         rank0_print(f"warning: possible collapse: in epoch {epoch} no step hit more than "
                     f"{100 * rec['peak_group_hit']:.1f}% of the attainable groups (threshold "
-                    f"{100 * cfg.collapse_threshold:.0f}%); try a lower --lr, a higher --tau, fewer "
-                    f"--n-groups, a beta closer to 1 (--beta-end), or more warmup (--warmup-epochs)")
+                    f"{100 * cfg.collapse_threshold:.0f}%); try a lower --lr, a higher --tau, "
+                    f"fewer --n-groups, a beta closer to 1 (--beta-end), or more warmup "
+                    f"(--warmup-epochs)")
         rec["collapse_warning"] = True
     if cfg.bad_images == "skip" and run.rank == 0:
         rec.update(data.skipped_images(cfg.out_dir))
@@ -346,7 +352,8 @@ def skip_nonfinite(run: Run, step: int, epoch: int, undo: Optional[restore_buffe
     if run.skipped_nonfinite >= run.cfg.skip_nonfinite:
         last = run.last_ck or "none (no checkpoint was written yet)"
         print(f"error: non-finite loss at step {step} (epoch {epoch}); stopped without saving; "
-              f"last good checkpoint: {last}; lower --lr or use --skip-nonfinite N", file=sys.stderr)
+              f"last good checkpoint: {last}; lower --lr or use --skip-nonfinite N",
+              file=sys.stderr)
         return False
     undo.__exit__()
     run.skipped_nonfinite += 1
@@ -385,7 +392,8 @@ class StepLog:
         log(run, rec)
         per_step = (now - self.t_start) / max(1, step + 1 - self.step_start)
         eta = per_step * (run.total_steps - step - 1)
-        rank0_print(f"epoch {run.epoch} step {step}/{run.total_steps} loss {loss_v:.4f} lr {lr:.4g} "
+        rank0_print(f"epoch {run.epoch} step {step}/{run.total_steps} loss {loss_v:.4f} "
+                    f"lr {lr:.4g} "
                     f"beta {beta:.4f} m {m:.4f} img/s {rec['img_s']:.0f} data "
                     f"{100 * rec['data_frac']:.0f}% nonempty {rec['nonempty']:.2f} entropy "
                     f"{rec['entropy']:.2f} (ln K {math.log(run.cfg.n_groups):.2f}) "
@@ -394,14 +402,15 @@ class StepLog:
 
 
 def _duration(seconds: float) -> str:
-    """Steps left of the whole run times the mean step time of this epoch so far (no evaluations)."""
+    """h:mm:ss; the ETA is the steps left times this epoch's mean step time (no evaluations)."""
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}:{m:02d}:{s:02d}"
 
 
 def groups_rank_max_diff(model: smog.SMoG, epoch: int) -> float:
-    """Group features must be identical on every rank (the synchronous update); checked per epoch."""
+    """Group features must be identical on every rank (the synchronous update); checked each
+    epoch."""
     g0 = model.groups.clone()
     dist.broadcast(g0, 0)
     diff = (model.groups - g0).abs().max()
@@ -419,9 +428,10 @@ def groups_rank_max_diff(model: smog.SMoG, epoch: int) -> float:
 class LARS(torch.optim.Optimizer):
     """SGD momentum wrapped in LARS, the released rule (apex LARC, clip=False, eps 1e-8), per tensor
     p with gradient g: if ||p|| > 0 and ||g|| > 0,
-        g <- (g + wd * p) * trust * ||p|| / (||g|| + wd * ||p|| + eps)   (norms of p and of the raw g)
+        g <- (g + wd * p) * trust * ||p|| / (||g|| + wd * ||p|| + eps)    (norms of p and raw g)
     otherwise g is left as it is (no weight decay either); then torch.optim.SGD's momentum step with
-    the scheduled lr: buf <- momentum * buf + g (the first buf = g), p <- p - lr * buf. No host sync."""
+    the scheduled lr: buf <- momentum * buf + g (the first buf = g), p <- p - lr * buf. No host
+    sync."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  trust_coef: float = 0.001, eps: float = 1e-8):
@@ -452,7 +462,7 @@ def build_optimizer(cfg: Config, model: smog.SMoG) -> torch.optim.Optimizer:
     parameter, biases and BN weights included, weight decay on all. SGD / AdamW: biases, norm
     weights and Swin's relative position bias tables without weight decay (the released Swin-T
     exclusions)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not the momentum net
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # no momentum net
     if cfg.optimizer == "lars":
         return LARS([p for _, p in params], lr=0.0, momentum=cfg.momentum,
                     weight_decay=cfg.weight_decay, trust_coef=cfg.trust_coef)
