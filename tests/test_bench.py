@@ -1,4 +1,4 @@
-"""bench.py: the structure of bench.json from a real `python bench.py --smoke` run, and the
+"""bench.py: the structure of bench.json from a real `python tools/bench.py --smoke` run, and the
 references bench.py times smog.py against (the naive group update, the ideal step's loss).
 
 No timing is asserted: CI machines are shared and noisy. What must hold is that the figures exist, are
@@ -31,7 +31,7 @@ def smoke(tmp_path_factory):
 
 def test_smoke_writes_every_figure(smoke):
     res, stdout = smoke
-    assert res["preset"] == "smoke" and res["command"] == "python bench.py --smoke --out " + res["config"]["out"]
+    assert res["preset"] == "smoke" and res["command"] == "python tools/bench.py --smoke --out " + res["config"]["out"]
     assert res["torch_version"] == torch.__version__ == res["machine"]["torch"]
     assert res["device_name"] and res["machine"]["cpu_model"] and res["machine"]["cpu_cores"] >= 1
     # 1-2: steps

@@ -1,9 +1,9 @@
 """The paper's key ablation at demo scale: synchronous group updates against groups that lag behind.
 
-    python ablation.py                        # 4 arms x 3 seeds on the built-in data, CPU
-    python ablation.py --dry-run              # print the commands only
-    python ablation.py --seeds 0,1,2,3,4 --epochs 8 --out runs/ablation
-    python ablation.py --data demo --batch-size 256          # the main job's data and batch (twice the cost)
+    python tools/ablation.py                        # 4 arms x 3 seeds on the built-in data, CPU
+    python tools/ablation.py --dry-run              # print the commands only
+    python tools/ablation.py --seeds 0,1,2,3,4 --epochs 8 --out runs/ablation
+    python tools/ablation.py --data demo --batch-size 256          # the main job's data and batch (twice the cost)
 
 SMoG updates its group features every iteration from the online embeddings (beta < 1, METHOD.md)
 and also re-clusters them by k-means over the memory bank every --regroup-every epochs. Setting

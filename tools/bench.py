@@ -1,8 +1,8 @@
 """bench.py -- how close is a SMoG step to the cost of its networks, and how far ahead of naive grouping?
 
-    python bench.py --preset cpu-small     # demo backbone, 32 px crops, 2 CPU cores, under 2 minutes
-    python bench.py --preset r50-224       # ResNet-50, 2x224 + 4x96, batch 256, bf16, channels_last (GPU)
-    python bench.py --smoke                # seconds; CI checks that every section runs (no timing claims)
+    python tools/bench.py --preset cpu-small     # demo backbone, 32 px crops, 2 CPU cores, under 2 minutes
+    python tools/bench.py --preset r50-224       # ResNet-50, 2x224 + 4x96, batch 256, bf16, channels_last (GPU)
+    python tools/bench.py --smoke                # seconds; CI checks that every section runs (no timing claims)
 
 Everything is measured in one process on one device; every figure is the median of repeated runs after
 warm-up (CUDA timed with events). Sections (`--sections`):
@@ -914,7 +914,7 @@ def main(argv=None) -> int:
         write_jpeg_folder(cfg.write_jpegs, cfg.jpegs)
         print(f"wrote {cfg.jpegs} JPEGs to {cfg.write_jpegs}/train")
         return 0
-    res = run(cfg, " ".join(["python bench.py", *argv]))
+    res = run(cfg, " ".join(["python tools/bench.py", *argv]))
     print(report(res))
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     tmp = cfg.out + ".tmp"

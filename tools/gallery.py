@@ -1,8 +1,8 @@
 """Pictures of SMoG's groups: for the most populated groups of one head, the training images nearest
 each group feature, one row per group.
 
-    python gallery.py --checkpoint runs/demo/checkpoint.pth --out groups.png
-    python gallery.py --checkpoint runs/demo/checkpoint.pth --head 1 --groups 10 --per-group 12 --out h1.png
+    python tools/gallery.py --checkpoint runs/demo/checkpoint.pth --out groups.png
+    python tools/gallery.py --checkpoint runs/demo/checkpoint.pth --head 1 --groups 10 --per-group 12 --out h1.png
 
 How to read it: row r shows group c_r of head --head; rows are sorted by population, i.e. the number
 of training images whose nearest group (argmax of cosine, as in the target assignment of METHOD.md)
