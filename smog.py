@@ -253,6 +253,42 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, *,
     return c, _nearest(x, c)
 
 
+def initial_indices(n: int, n_heads: int, k: int,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(R2) the dataset indices whose bank rows start each head's k-means -> [H, k] long: for
+    h = 0, 1, ... in turn, randperm(n, generator)[:k] from the one generator, so every head starts
+    from its own k distinct rows (heads 0 and 2 cluster the same bank row from different starts).
+    A function of the generator and n only, not of how the bank is sharded over ranks."""
+    return torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(n_heads)])
+
+
+@torch.no_grad()
+def regroup(bank: torch.Tensor, index: torch.Tensor, n: int, n_heads: int, k: int, iters: int = 10,
+            *, generator: Optional[torch.Generator] = None, init_index: Optional[torch.Tensor] = None,
+            all_reduce: Optional[Reduce] = None) -> torch.Tensor:
+    """The regroup at the start of an epoch, all heads, from a memory bank sharded over ranks.
+    bank [2, N_r, D]: this rank's rows (row j: embeddings of online global crop j); index [N_r]:
+    their dataset indices (the ranks together hold 0 .. n-1 once each) -> groups [H, k, D].
+      (R1) head h <- spherical_kmeans over bank row h mod 2
+      (R2) from the bank rows of init_index[h] (default: initial_indices(n, H, k, generator))
+      (R3) each initial row is gathered from the one rank that holds it (summed with zeros: exact),
+           so every rank gets the groups that one process holding the whole bank would."""
+    reduce = _resolve(all_reduce, _dist_sum)
+    if init_index is None:
+        init_index = initial_indices(n, n_heads, k, generator)
+    row_of = torch.full((n,), -1, dtype=torch.long)                  # dataset index -> local row
+    row_of[index.cpu()] = torch.arange(len(index))
+    groups = []
+    for h in range(n_heads):
+        x = bank[h % 2]                                                             # (N_r, D)
+        pos = row_of[init_index[h].cpu()].to(x.device)                   # (k,) -1: another rank's
+        init = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
+        init[pos >= 0] = x[pos[pos >= 0]]
+        c, _ = spherical_kmeans(x, k, iters, all_reduce=all_reduce, init=reduce(init))
+        groups.append(c)
+    return torch.stack(groups)
+
+
 @torch.no_grad()
 def momentum_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor],
                      m: float) -> None:
@@ -401,17 +437,6 @@ class SMoG(nn.Module):
         fills the memory bank at the start of a run."""
         with drop_path_off(self.backbone):
             return F.normalize(self.projector(self.backbone(x)).float(), dim=-1)
-
-    @torch.no_grad()
-    def regroup(self, bank: torch.Tensor, iters: int = 10, *,
-                generator: Optional[torch.Generator] = None, all_reduce: Optional[Reduce] = None,
-                broadcast: Optional[Reduce] = None) -> None:
-        """bank [2, N, D] (this rank's shard, one row per global crop): head h <- spherical k-means
-        over bank[h mod 2], so heads 0 and 2 cluster the same row from different starts."""
-        for h in range(self.cfg.n_heads):
-            c, _ = spherical_kmeans(bank[h % bank.shape[0]], self.cfg.n_groups, iters,
-                                    generator=generator, all_reduce=all_reduce, broadcast=broadcast)
-            self.groups[h].copy_(c)
 
     def forward(self, online_crops: Sequence[torch.Tensor], momentum_crops: Sequence[torch.Tensor],
                 beta, *, all_reduce: Optional[Reduce] = None):

@@ -121,17 +121,14 @@ def train(cfg: Config) -> int:
 
 
 def regroup(run: Run, epoch: int) -> None:
-    """Re-cluster the groups of every head from the memory bank (spherical k-means, identical on all
-    ranks), then reset the momentum network to the online one. Head h's initial centres are the
-    bank rows of K dataset indices drawn from a generator seeded by (seed, epoch) -- the same rows
-    whatever the number of ranks (SMoG.regroup's default draws from rank 0's shard, which depends
-    on it)."""
+    """Re-cluster the groups of every head from the memory bank (smog.regroup: spherical k-means of
+    head h over bank row h mod 2, identical on all ranks), then reset the momentum network to the
+    online one. The initial rows are drawn by a generator seeded by (seed, epoch): the same rows
+    whatever the number of ranks."""
     cfg, model, bank, t0 = run.cfg, run.model, run.bank, time.time()
     gen = torch.Generator().manual_seed(item_seed(cfg.seed, epoch, 1 << 40))
-    for h in range(cfg.n_heads):
-        init = bank.rows(h % 2, torch.randperm(bank.n, generator=gen)[:cfg.n_groups])
-        c, _ = smog.spherical_kmeans(bank.local[h % 2], cfg.n_groups, cfg.kmeans_iters, init=init)
-        model.groups[h].copy_(c)
+    model.groups.copy_(smog.regroup(bank.local, bank.index, bank.n, cfg.n_heads, cfg.n_groups,
+                                    cfg.kmeans_iters, generator=gen))
     run.hooks.regrouped(epoch)
     if cfg.reset_momentum:
         run.model.reset_momentum()

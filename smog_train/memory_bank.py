@@ -1,7 +1,7 @@
 """SMoG's memory bank for train.py: [2, N, D] normalised online projector embeddings of the two online
 global crops of every training image, sharded over ranks by dataset index. Each step the batch's
 (index, z) are all-gathered and every rank writes its own rows, so the per-epoch k-means over the shards
-(smog.SMoG.regroup: sums and counts all-reduced) equals k-means over the whole bank. Filled before epoch 0
+(smog.regroup: sums and counts all-reduced) equals k-means over the whole bank. Filled before epoch 0
 by one no-grad pass of the online network (train-mode BN, running statistics restored afterwards)."""
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ class MemoryBank:
 
     def __init__(self, n: int, dim: int, rank: int, world: int, device):
         self.n, self.rank, self.world = n, rank, world
-        self.local = torch.zeros(2, len(range(rank, n, world)), dim, device=device)
+        self.index = torch.arange(rank, n, world)                    # dataset index of each local row
+        self.local = torch.zeros(2, len(self.index), dim, device=device)
 
     def write(self, idx: torch.Tensor, z: torch.Tensor) -> None:
         """idx [b] this rank's batch, z [2, b, D]; all-gathers the global batch (collective), keeps own rows."""
@@ -37,17 +38,6 @@ class MemoryBank:
         out = torch.empty(self.n, *rows.shape[1:], dtype=rows.dtype)
         out[order] = rows
         return out.transpose(0, 1).contiguous()
-
-    def rows(self, j: int, idx: torch.Tensor) -> torch.Tensor:
-        """bank[j, idx] [len(idx), D] on every rank, gathered from the shards that hold them
-        (collective, exact: rows are moved, not summed)."""
-        idx = idx.to(self.local.device)
-        mine = idx % self.world == self.rank
-        pos = launch.all_gather_rows(torch.nonzero(mine).flatten())
-        got = launch.all_gather_rows(self.local[j, idx[mine] // self.world].contiguous())
-        out = self.local.new_empty(len(idx), self.local.shape[2])
-        out[pos] = got
-        return out
 
     def load(self, full: torch.Tensor) -> None:
         """The whole bank in dataset order [2, N, D] (a checkpoint's, written with any number of

@@ -325,7 +325,8 @@ def test_momentum_step_reset_and_regroup():
     for t, q in zip(m._momentum_params(), m._online_params()):
         assert torch.equal(t, q)
     bank = F.normalize(torch.randn(2, 40, 16), dim=-1)
-    m.regroup(bank, iters=3, generator=torch.Generator().manual_seed(0))
+    groups = smog.regroup(bank, torch.arange(40), 40, 3, 12, iters=3,
+                          generator=torch.Generator().manual_seed(0))
     # every head: k-means over bank[h % 2], one generator carried from head to head (each head's
     # initial draw sees the state the previous heads left), written out step by step here
     gen = torch.Generator().manual_seed(0)
@@ -337,7 +338,7 @@ def test_momentum_step_reset_and_regroup():
             s = torch.zeros_like(c).index_add_(0, a, x)
             n = torch.bincount(a, minlength=12)
             c = torch.where(n[:, None] > 0, F.normalize(s, dim=-1), c)
-        torch.testing.assert_close(m.groups[h], c, rtol=1e-5, atol=1e-5, msg=f"head {h}")
+        torch.testing.assert_close(groups[h], c, rtol=1e-5, atol=1e-5, msg=f"head {h}")
     assert not torch.allclose(m.groups[0], m.groups[2])            # same row, different starts
     assert (m.groups.norm(dim=-1) - 1).abs().max() < 1e-5
 
