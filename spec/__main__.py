@@ -132,7 +132,7 @@ def skipped_as(col: Collector, prefix: str) -> dict:
         if col.outcome.get(test) == "skipped" and reason.startswith(prefix):
             what = reason[len(prefix):].split(")")[0]
             out.setdefault(what, set()).update(col.cites.get(test, ()))
-    return {m: sorted(ids, key=lambda i: ("GLKSMH".index(i[0]), int(i[1:]))) for m, ids in out.items()}
+    return {m: sorted(ids, key=lambda i: ("GLKSMHR".index(i[0]), int(i[1:]))) for m, ids in out.items()}
 
 
 def _ancestors(inv: str) -> list:

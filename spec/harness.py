@@ -20,13 +20,14 @@ IMPL_ENV = "SMOG_IMPL"
 DEFAULT_IMPL = "smog"
 ALL_MUTANTS = "spec.mutants:*"
 PROTOCOL = ("assign_groups", "update_groups", "group_logits", "smog_loss", "smog_step", "smog_multihead_step",
-            "spherical_kmeans", "momentum_update_", "beta_schedule")   # the functional core, see spec/README.md
+            "spherical_kmeans", "momentum_update_", "beta_schedule", "regroup")   # the functional core, see spec/README.md
 
 
 # -- the invariants ----------------------------------------------------------------------------------
 
 SPEC_DIR = Path(__file__).resolve().parent
-DOCS = {"grouping.md": "G", "loss.md": "L", "kmeans.md": "K", "step.md": "S", "momentum.md": "M", "heads.md": "H"}
+DOCS = {"grouping.md": "G", "loss.md": "L", "kmeans.md": "K", "step.md": "S", "momentum.md": "M", "heads.md": "H",
+        "run.md": "R"}
 DEFINITION = re.compile(r"^#{2,4}\s+\(([A-Z]\d+)\)", re.M)      # "### (G2) The momentum update"
 
 # What each invariant's tests also exercise: when one of these fails too, this failure probably follows
@@ -42,6 +43,7 @@ DEPENDS = {
     "S6": ["S2", "S3", "G5"], "S7": ["G10"],
     "M2": ["M1"], "M4": ["M1"],
     "H1": ["S2"], "H2": ["S3"], "H3": ["S1"], "H4": ["L5", "L6"], "H5": ["S1", "S2", "S3", "S7"],
+    "R2": ["K2", "K3"], "R4": ["R2", "K6"],
 }
 
 
@@ -520,6 +522,18 @@ def ref_kmeans_from(x, c0, iters):
     a, m = ref_assign(x, c)
     worst = min(worst, float(m.min()))
     return c, a, worst
+
+
+def ref_regroup(full, init_index, iters):
+    """(R1, R2) head h: Lloyd iterations on full[h mod 2] (the whole bank, rows in dataset-index order)
+    from its normalised rows init_index[h] -> (groups float64 [H, k, D], min margin over all E-steps)."""
+    heads, worst = [], math.inf
+    for h in range(init_index.shape[0]):
+        x = full[h % 2]
+        c, _, m = ref_kmeans_from(x, ref_normalise(x)[init_index[h]], iters)
+        heads.append(c)
+        worst = min(worst, m)
+    return torch.stack(heads), worst
 
 
 def kmeans_objective(x, centres) -> float:
