@@ -101,6 +101,7 @@ NOT_DEFINED = " is not defined in "               # the message of a missing pro
 NOT_IMPLEMENTED = " raised NotImplementedError"   # the message of a protocol function that says so
 NA_DECLARED = "n/a (declared "                    # the skip reason of a test a declaration makes moot
 OPTIONAL_NOT_IMPLEMENTED = "not implemented (optional "   # the skip reason of an optional mode left out
+NO_AUTOGRAD = "no autograd: "                     # the message of a gradient claim on a port without autograd
 
 
 def cited_ids(item) -> set:
@@ -161,12 +162,39 @@ class Impl:
                 modes = [f"{k}={v}" for k, v in Impl.OPTIONAL.items() if kwargs.get(k) == v]
                 if modes:
                     pytest.skip(f"{OPTIONAL_NOT_IMPLEMENTED}{', '.join(modes)}): {attr} of {name} says: {e}")
+                if _wants_grad(args, kwargs):
+                    pytest.fail(f"{NO_AUTOGRAD}{attr} raised NotImplementedError in {name} for inputs that require "
+                                f"grad: {e}", pytrace=False)
                 pytest.fail(f"{attr}{NOT_IMPLEMENTED} in {name}: {e}", pytrace=False)
+            except RuntimeError as e:   # Tensor.numpy() on an input that requires grad, in an adapter
+                if "requires grad" in str(e) and _wants_grad(args, kwargs):
+                    pytest.fail(f"{NO_AUTOGRAD}{attr} of {name} cannot take inputs that require grad: {e}",
+                                pytrace=False)
+                raise
         call.__name__ = attr
         return call
 
     def __repr__(self):
         return f"Impl({self.name!r})"
+
+
+def _wants_grad(args, kwargs) -> bool:
+    """Whether any tensor among the arguments (or in a list of them) requires grad."""
+    flat = []
+    for a in [*args, *kwargs.values()]:
+        flat += list(a) if isinstance(a, (list, tuple)) else [a]
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
+
+
+def needs_graph(out, what: str):
+    """A gradient claim: `out` must carry a graph back to the inputs that require grad. A result without
+    one (a port that computes values only) fails as "no autograd", which the verdict reads as the
+    gradient claims not implemented, with that cause, instead of a wrong gradient."""
+    if not (isinstance(out, torch.Tensor) and out.requires_grad):
+        pytest.fail(f"{NO_AUTOGRAD}{what} carries no graph although an input requires grad (its value may be "
+                    f"right; a port exposes its own derivatives through a gradient bridge, spec/README.md)",
+                    pytrace=False)
+    return out
 
 
 # -- simulated data parallelism --------------------------------------------------------------------
@@ -420,21 +448,43 @@ def margin_threshold(dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-5
 
 
+LOWER = ((torch.float32, dict(atol=2e-5, rtol=1e-4)), (torch.bfloat16, dict(atol=2.0 ** -8, rtol=2.0 ** -8)))
+
+
 def close(a, b, dtype, scale: float = 1.0, msg: str = ""):
+    """assert_close(a, b) at the tolerance of `dtype` (times `scale` on atol). A failure says which
+    tolerance and dtype it judged by, and, when the difference would pass at a lower precision's
+    tolerance, which dtype the implementation probably computed in."""
     t = tol(dtype)
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     if a.numel() == 1 and b.numel() == 1:   # a loss of shape [1] against a 0-dim one: values, not shapes (S8)
         a, b = a.reshape(()), b.reshape(())
-    torch.testing.assert_close(a.double(), b.double(), atol=t["atol"] * scale, rtol=t["rtol"],
-                               msg=(lambda m: f"{msg}\n{m}") if msg else None)
+    try:
+        torch.testing.assert_close(a.double(), b.double(), atol=t["atol"] * scale, rtol=t["rtol"])
+    except AssertionError as e:
+        judged = f"judged as {str(dtype).replace('torch.', '')}: atol {t['atol'] * scale:.3g}, rtol {t['rtol']:.3g}"
+        guess = ""
+        if a.shape == b.shape:
+            for low, lt in LOWER:
+                if torch.finfo(low).eps <= torch.finfo(dtype).eps:
+                    continue
+                if torch.allclose(a.double(), b.double(), atol=lt["atol"] * scale, rtol=lt["rtol"], equal_nan=True):
+                    name = str(low).replace("torch.", "")
+                    guess = (f"; the difference is within {name}'s tolerance: the implementation probably computed "
+                             f"in {name} (the promotion rule: every computation runs in max(input dtype, float32))")
+                    break
+        raise AssertionError(f"{msg + ': ' if msg else ''}{e} ({judged}{guess})") from None
 
 
-def close_with_grad(got, want, wrt, dtype, scale: float = 1.0):
-    """`got` equals `want`, and so do their gradients with respect to `wrt` (a leaf of both graphs)."""
-    close(got, want, dtype, scale=scale)
-    g_got, = torch.autograd.grad(got, wrt, retain_graph=True)
-    g_want, = torch.autograd.grad(want, wrt, retain_graph=True)
-    close(g_got, g_want, dtype, scale=scale)
+def close_value(got, want, dtype, scale: float = 1.0, what: str = "value"):
+    """A value claim, with a message that says so."""
+    close(got, want, dtype, scale=scale, msg=f"{what} differs from the equation's float64 value")
+
+
+def close_grad(got, want, wrt: str, dtype, scale: float = 1.0, what: str = "the loss"):
+    """A gradient claim, with a message that says so."""
+    close(got, want, dtype, scale=scale, msg=f"gradient of {what} w.r.t. {wrt} differs from that of the equation's "
+                                             f"float64 value")
 
 
 # -- references: the equations of spec/*.md, vectorised, float64 ------------------------------------

@@ -343,6 +343,8 @@ def _kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadcast=None, 
         raise row_error("fewer rows than k")
     if init == "with replacement":
         idx = torch.randint(0, N, (k,), generator=generator)
+    elif init == "last k":             # k distinct rows, seeded: SMoG, but not the reference's draw
+        idx = torch.randperm(N, generator=generator)[-k:] if N >= k else torch.arange(N)
     elif init == "global rng":
         idx = torch.randperm(N)[:k] if N >= k else torch.arange(N)
     else:
@@ -404,6 +406,8 @@ _derive("kmeans_no_row_check", "fewer rows than k not checked (zero centres padd
         spherical_kmeans=_mk_kmeans(check_rows=False))
 _derive("kmeans_assert_rows", "fewer rows than k fail an assert (AssertionError, not ValueError)", "K10",
         spherical_kmeans=_mk_kmeans(row_error=AssertionError))
+_derive("kmeans_draw_last_k", "initial rows: the last k of randperm(N) (SMoG, not the reference's draw)", "K11",
+        spherical_kmeans=_mk_kmeans(init="last k"))
 _derive("estep_chunk_tail_lost", "E-step in row chunks whose last partial chunk is dropped", "K2, K3",
         assign_groups=_assign_chunk_tail_lost)
 
