@@ -273,6 +273,7 @@ def test_fewer_rows_than_k_is_a_value_error(impl):
 
 
 @invariant("K11")
+@pytest.mark.unless_declared("own_random_draw")
 @given(data=st.data())
 def test_reference_draw_is_randperm_of_the_rows(impl, data):
     """The reference's own draw, normalise(x)[randperm(N, generator)[:k]], pinned so that two
