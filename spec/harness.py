@@ -451,7 +451,7 @@ def margin_threshold(dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-5
 
 
-LOWER = ((torch.float32, dict(atol=2e-5, rtol=1e-4)), (torch.bfloat16, dict(atol=2.0 ** -8, rtol=2.0 ** -8)))
+LOWER = ((torch.float32, dict(atol=2e-5, rtol=1e-4)),)   # the precision a float64 comparison may guess
 
 
 def close(a, b, dtype, scale: float = 1.0, msg: str = ""):
