@@ -91,8 +91,10 @@ WRONG = {"rank_means": {"G5", "G6"}, "raw_members": {"G2"}}   # variant -> what 
 PORT = ("spec.examples.smognp_adapter", "")                   # the NumPy port with its gradient bridge: all of it
 GRADLESS = ("spec.examples.smognp_adapter:plain",              # the same port without the bridge
             "S2 or H1 or L2 or L5 or H4 or K1 or K2 or K3 or K4")
+PORT_WRONG = {"no_psum": ("L6 or L7", {"L7"}),                 # slips in the port's own VJPs -> what must FAIL
+              "no_projection": ("L1 or L2 or S2 or H1", {"L2", "S2", "H1"})}
 RUNS = [RIGHT] + [(f"spec.examples.smogx_wrong:{v}", " or ".join(sorted(ids))) for v, ids in WRONG.items()] + \
-    [PORT, GRADLESS]
+    [PORT, GRADLESS] + [(f"spec.examples.smognp_wrong:{v}", sel) for v, (sel, _) in PORT_WRONG.items()]
 SCRIPT = """
 import sys
 from spec.__main__ import main
@@ -164,3 +166,17 @@ def test_numpy_port_without_the_bridge_fails_nothing_it_computes(verdicts):
     for inv in ("S2", "H1"):
         assert re.search(rf"^{inv} .* 1/2 pass, 1 not implemented \(no autograd\)", text, re.M), text
     assert "common cause: no autograd" in text and not re.search(r"^[A-Z]\d+ +FAIL", text, re.M), text
+
+
+@only_default
+@pytest.mark.parametrize("variant", sorted(PORT_WRONG))
+def test_wrong_vjp_of_the_numpy_port_fails(verdicts, variant):
+    """The bridge certifies the port's own derivatives: a slip in a VJP (spec/examples/smognp_wrong.py)
+    fails the gradient claims it touches, and the value claims still pass."""
+    rc, got, text = verdicts[f"spec.examples.smognp_wrong:{variant}"]
+    assert rc == 1, text
+    assert {i for i, v in got.items() if v.startswith("FAIL")} == PORT_WRONG[variant][1], text
+    if variant == "no_projection":
+        assert got["L1"] == "pass", text
+        for inv in ("S2", "H1"):
+            assert re.search(rf"^{inv} .* 1/2 pass, 1 FAIL", text, re.M), text
