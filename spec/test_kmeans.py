@@ -189,7 +189,9 @@ def test_invariant_to_positive_row_scaling(impl, data, iters):
     s = 2.0 ** torch.randint(-20, 21, (x.shape[0], 1), generator=_gen(seed)).to(dtype)
     c1, a1 = impl.spherical_kmeans(x, k, iters, generator=_gen(seed))
     c2, a2 = impl.spherical_kmeans(x * s, k, iters, generator=_gen(seed))
-    torch.testing.assert_close(c2, c1, atol=tol(dtype)["atol"], rtol=0)
+    torch.testing.assert_close(c2, c1, atol=tol(dtype)["atol"], rtol=0,
+                               msg=lambda m: f"rows rescaled by powers of two gave other centres: {m} (judged as "
+                                             f"{dtype}: atol {tol(dtype)['atol']:.3g}, rtol 0)")
     assert torch.equal(a1, a2)
 
 
