@@ -9,10 +9,18 @@ results of the invariant's tests ("3/4 pass, 1 xfail"):
   FAIL                        a test fails; the first failing test and its message follow
   FAIL (consequential)        ... and an invariant it builds on (harness.DEPENDS) fails too
   not implemented             every failure is a protocol function that is missing or raises NotImplementedError
+  not implemented (no autograd)  every failure is a gradient claim whose inputs require grad and whose result
+                              carries no graph (a port without a gradient bridge); its value claims still count
   not implemented (optional)  every test is of an optional mode (group_grad=True) the implementation does not have
   n/a (declared)              every test is moot by a declaration of the implementation (SPEC_DECLARES)
   xfail                       a failure listed in --xfail
   skipped
+
+A FAIL prints the whole message of its first failing test (tolerance and dtype it judged by included)
+and the command that reruns that invariant's tests with pytest's full output.
+
+Writing an adapter for an implementation (the protocol, declarations, the gradient bridge for a port in
+another framework): spec/README.md, sections "The protocol" and "Writing an adapter".
 
 Exit status 0 only if no judged invariant (--judge all: both kinds, the default; --judge mathematics:
 the mathematics alone) outside the xfail file is FAIL or not implemented; 2 for bad arguments.
@@ -27,12 +35,22 @@ import re
 import sys
 
 from spec.harness import DECLARABLE, DEPENDS, DOCS, IMPL_ENV, NA_DECLARED, NOT_DEFINED, NOT_IMPLEMENTED, \
-    OPTIONAL_NOT_IMPLEMENTED, SPEC_DIR, cited_ids, declarations, invariant_ids, invariant_kinds, load_namespace
+    NO_AUTOGRAD, OPTIONAL_NOT_IMPLEMENTED, SPEC_DIR, cited_ids, declarations, invariant_ids, invariant_kinds, load_namespace
 
 TITLE = re.compile(r"^#{2,4}\s+\(([A-Z]\d+)\)\s*(.*)$", re.M)
 KIND_HEADINGS = {"mathematics": "mathematics: what SMoG computes",
                  "contract": "contract: the protocol's conventions (error types, exact end points, dtypes and shapes)"}
-BAD = {"FAIL", "not implemented"}   # statuses that fail a judged invariant (unless listed in --xfail)
+NO_GRAPH = "not implemented (no autograd)"
+BAD = {"FAIL", "not implemented", NO_GRAPH}   # statuses that fail a judged invariant (unless listed in --xfail)
+README_ADAPTER = "spec/README.md, \"Writing an adapter\" and \"The gradient bridge\""
+
+
+def plain(title: str) -> str:
+    """A title of spec/*.md as plain text for a terminal: no $...$, no backticks, no LaTeX commands."""
+    for tex, txt in ((r"\bmod", "mod"), (r"\ge", ">="), (r"\le", "<="), (r"\ne", "!="), (r"\beta", "beta"),
+                     (r"\tau", "tau"), (r"\ln", "ln"), (r"\to", "->"), (r"\dots", "..."), (r"\text", "")):
+        title = title.replace(tex, txt)
+    return re.sub(r"\s+", " ", title.replace("$", "").replace("`", "").replace("*", "").replace("{", "").replace("}", "")).strip()
 
 
 class Collector:
@@ -62,7 +80,8 @@ class Collector:
             text = crash.message if crash is not None else str(report.longrepr)
             text = text.split("Falsifying example")[0]          # hypothesis appends the example
             text = re.split(r"\n\s*assert ", text)[0]           # keep the message, not pytest's rewrite
-            self.message[report.nodeid] = " ".join(text.replace("Failed: ", "").split())
+            text = text.replace("Failed: ", "", 1).strip()
+            self.message[report.nodeid] = re.sub(r"^(AssertionError: )+", "", text)
 
 
 def _category(col: Collector, test: str) -> str:
@@ -72,6 +91,8 @@ def _category(col: Collector, test: str) -> str:
         return "pass"
     if outcome == "failed":
         msg = col.message.get(test, "")
+        if msg.startswith(NO_AUTOGRAD):
+            return "no graph"
         return "missing" if NOT_DEFINED in msg or NOT_IMPLEMENTED in msg else "fail"
     if outcome == "xfail":
         return "xfail"
@@ -87,7 +108,7 @@ def _counts(cats: list) -> str:
     """'3/4 pass, 1 xfail': the partial results of one invariant's tests."""
     n = len(cats)
     words = [f"{cats.count('pass')}/{n} pass"]
-    for cat, word in (("fail", "FAIL"), ("missing", "not implemented"), ("xfail", "xfail"),
+    for cat, word in (("fail", "FAIL"), ("missing", "not implemented"), ("no graph", NO_GRAPH), ("xfail", "xfail"),
                       ("optional", "not implemented (optional)"), ("n/a", "n/a (declared)"), ("skipped", "skipped")):
         if cats.count(cat):
             words.append(f"{cats.count(cat)} {word}")
@@ -107,10 +128,12 @@ def verdicts(col: Collector) -> dict:
         detail = _counts(cats)
         if "fail" in cats:
             first = ran[cats.index("fail")]
-            out[inv] = ("FAIL", f"{detail}; first {first.split('::')[-1]}: {col.message.get(first, '')[:110]}")
+            out[inv] = ("FAIL", f"{detail}; first {first.split('::')[-1]}:", col.message.get(first, ""))
         elif "missing" in cats:
             first = ran[cats.index("missing")]
-            out[inv] = ("not implemented", f"{detail}; {col.message.get(first, '')[:100]}")
+            out[inv] = ("not implemented", f"{detail}; {_one_line(col.message.get(first, ''))[:100]}")
+        elif "no graph" in cats:
+            out[inv] = (NO_GRAPH, detail)
         elif "xfail" in cats:
             out[inv] = ("xfail", detail)
         elif "pass" in cats:
@@ -124,6 +147,19 @@ def verdicts(col: Collector) -> dict:
     return out
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def no_autograd(col: Collector) -> list:
+    """The invariants with a test that failed as "no autograd" (harness.NO_AUTOGRAD)."""
+    ids = set()
+    for test, outcome in col.outcome.items():
+        if outcome == "failed" and col.message.get(test, "").startswith(NO_AUTOGRAD):
+            ids |= col.cites.get(test, set())
+    return sorted(ids, key=lambda i: ("GLKSMHR".index(i[0]), int(i[1:])))
+
+
 def skipped_as(col: Collector, prefix: str) -> dict:
     """{what: sorted invariant ids} of the tests skipped with a reason `prefix` + what + ')'; for the
     optional modes not implemented and the declarations that made tests n/a."""
@@ -132,7 +168,7 @@ def skipped_as(col: Collector, prefix: str) -> dict:
         if col.outcome.get(test) == "skipped" and reason.startswith(prefix):
             what = reason[len(prefix):].split(")")[0]
             out.setdefault(what, set()).update(col.cites.get(test, ()))
-    return {m: sorted(ids, key=lambda i: ("GLKSMH".index(i[0]), int(i[1:]))) for m, ids in out.items()}
+    return {m: sorted(ids, key=lambda i: ("GLKSMHR".index(i[0]), int(i[1:]))) for m, ids in out.items()}
 
 
 def _ancestors(inv: str) -> list:
@@ -151,10 +187,10 @@ def _roots(inv: str, verdict: dict) -> list:
 
 
 def report(verdict: dict, impl: str, profile: str, out=sys.stdout, declared=None, optional=None, moot=None,
-           judge: str = "all") -> int:
+           judge: str = "all", gradless=None) -> int:
     titles = {}
     for doc in DOCS:
-        titles.update(dict(TITLE.findall((SPEC_DIR / doc).read_text())))
+        titles.update({i: plain(t) for i, t in TITLE.findall((SPEC_DIR / doc).read_text())})
     kinds = invariant_kinds()
     print(f"spec verdict for {impl} (profile {profile}): one line per invariant of spec/*.md", file=out)
     if declared:
@@ -167,29 +203,40 @@ def report(verdict: dict, impl: str, profile: str, out=sys.stdout, declared=None
         print("optional modes the implementation does not implement (NotImplementedError):", file=out)
     for mode, ids in (optional or {}).items():
         print(f"  {mode}: not implemented (optional): its tests of {', '.join(ids)}", file=out)
+    if gradless:
+        print(f"common cause: no autograd. The gradient claims of {', '.join(gradless)} read \"{NO_GRAPH}\": their "
+              f"inputs require grad and the results carried no graph (or the functions refused such inputs); "
+              f"every value claim is judged on its own. To certify the gradients, expose the implementation's "
+              f"own derivatives to torch.autograd ({README_ADAPTER}).", file=out)
     failing = {}
+    shown_rows = [(i, v) for i, v in verdict.items() if v[0] != "not run"]
+    width = min(64, max([len(titles.get(i, "")) for i, _ in shown_rows] + [10]))
     for kind in ("mathematics", "contract"):
-        rows = [(i, v) for i, v in verdict.items() if kinds.get(i) == kind and v[0] != "not run"]
+        rows = [(i, v) for i, v in shown_rows if kinds.get(i) == kind]
         if not rows:
             continue
         print(f"\n{KIND_HEADINGS[kind]}", file=out)
-        for inv, (status, detail) in rows:
+        for inv, (status, detail, *message) in rows:
             roots = _roots(inv, verdict)
             shown = "FAIL (consequential)" if status == "FAIL" and roots else status
             extra = f"probably follows from {', '.join(roots)}; " if status == "FAIL" and roots else ""
-            title = titles.get(inv, "")
-            title = title if len(title) <= 46 else title[:45] + "…"
-            print(f"{inv:4s} {shown:26s} {title:47s} {extra}{detail}".rstrip(), file=out)
-        failing[kind] = [i for i, (s, _) in rows if s in BAD]
+            print(f"{inv:4s} {shown:29s} {titles.get(inv, ''):{width}s}  {extra}{detail}".rstrip(), file=out)
+            if message:
+                text = message[0] if len(message[0]) <= 3000 else message[0][:3000] + " [...]"
+                for line in text.splitlines():
+                    if line.strip():
+                        print(f"       | {line.rstrip()}", file=out)
+                print(f"       | the whole output: SMOG_IMPL={impl} python -m pytest spec -m {inv} -x", file=out)
+        failing[kind] = [i for i, (s, *_) in rows if s in BAD]
     print("", file=out)
     for kind in ("mathematics", "contract"):
-        rows = [(i, v) for i, v in verdict.items() if kinds.get(i) == kind and v[0] != "not run"]
+        rows = [(i, v) for i, v in shown_rows if kinds.get(i) == kind]
         if not rows:
             continue
         counts: dict = {}
-        for _, (status, _) in rows:
+        for _, (status, *_) in rows:
             counts[status] = counts.get(status, 0) + 1
-        roots = [i for i, (s, _) in rows if s == "FAIL" and not _roots(i, verdict)]
+        roots = [i for i, (s, *_) in rows if s == "FAIL" and not _roots(i, verdict)]
         words = [f"{n} {s}" + (f" ({len(roots)} not consequential: {', '.join(roots)})"
                                if s == "FAIL" and len(roots) < n else "") for s, n in counts.items()]
         print(f"{kind}: {len(rows)} invariant{'s' if len(rows) > 1 else ''}: " + ", ".join(words)
@@ -202,7 +249,9 @@ def report(verdict: dict, impl: str, profile: str, out=sys.stdout, declared=None
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m spec", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m spec", description=__doc__.split("\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=f"Adapter instructions: {README_ADAPTER} ({SPEC_DIR / 'README.md'}).")
     ap.add_argument("--impl", default=os.environ.get(IMPL_ENV) or "smog", help="MODULE or MODULE:ATTR (default smog)")
     ap.add_argument("--xfail", help="file of test names or invariant ids (one a line, # comments) expected to fail")
     ap.add_argument("--profile", choices=("ci", "thorough"), default="ci",
@@ -247,7 +296,7 @@ def main(argv=None) -> int:
         print(buf.getvalue()[-3000:], file=sys.stderr)
         print(f"error: pytest exited with {int(rc)} before judging {args.impl!r}", file=sys.stderr)
         return 2
-    return report(verdicts(col), args.impl, args.profile, declared=declared, judge=args.judge,
+    return report(verdicts(col), args.impl, args.profile, declared=declared, judge=args.judge, gradless=no_autograd(col),
                   optional=skipped_as(col, OPTIONAL_NOT_IMPLEMENTED), moot=skipped_as(col, NA_DECLARED))
 
 

@@ -41,6 +41,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "invariant(*ids): the spec/*.md invariants this test checks")
     config.addinivalue_line("markers", "optional(mode): a test of an optional mode of the protocol (group_grad)")
     config.addinivalue_line("markers", "unless_declared(name): n/a when the implementation declares `name`")
+    config.addinivalue_line("markers", "gradient: a gradient claim (needs autograd; the value claims are tests of their own)")
     config.addinivalue_line("markers", "mathematics: tests of invariants on what SMoG computes")
     config.addinivalue_line("markers", "contract: tests of invariants on the protocol's conventions")
     for i, doc in invariant_ids().items():

@@ -20,13 +20,14 @@ IMPL_ENV = "SMOG_IMPL"
 DEFAULT_IMPL = "smog"
 ALL_MUTANTS = "spec.mutants:*"
 PROTOCOL = ("assign_groups", "update_groups", "group_logits", "smog_loss", "smog_step", "smog_multihead_step",
-            "spherical_kmeans", "momentum_update_", "beta_schedule")   # the functional core, see spec/README.md
+            "spherical_kmeans", "momentum_update_", "beta_schedule", "regroup")   # the functional core, see spec/README.md
 
 
 # -- the invariants ----------------------------------------------------------------------------------
 
 SPEC_DIR = Path(__file__).resolve().parent
-DOCS = {"grouping.md": "G", "loss.md": "L", "kmeans.md": "K", "step.md": "S", "momentum.md": "M", "heads.md": "H"}
+DOCS = {"grouping.md": "G", "loss.md": "L", "kmeans.md": "K", "step.md": "S", "momentum.md": "M", "heads.md": "H",
+        "run.md": "R"}
 DEFINITION = re.compile(r"^#{2,4}\s+\(([A-Z]\d+)\)", re.M)      # "### (G2) The momentum update"
 
 # What each invariant's tests also exercise: when one of these fails too, this failure probably follows
@@ -38,10 +39,11 @@ DEPENDS = {
     "L8": ["L1"],
     "K2": ["K1", "G1"], "K3": ["K1", "K2"], "K4": ["K3"], "K5": ["K3"], "K6": ["K1", "K3"], "K7": ["K1"],
     "K8": ["K1", "K3"],
-    "S1": ["G1"], "S2": ["S1", "S3", "L1"], "S3": ["G1", "G2", "G3"], "S4": ["S2", "S3"], "S5": ["S3"],
+    "S1": ["G1"], "S2": ["S1", "S3", "L1", "L2"], "S3": ["G1", "G2", "G3"], "S4": ["S2", "S3"], "S5": ["S3"],
     "S6": ["S2", "S3", "G5"], "S7": ["G10"],
     "M2": ["M1"], "M4": ["M1"],
     "H1": ["S2"], "H2": ["S3"], "H3": ["S1"], "H4": ["L5", "L6"], "H5": ["S1", "S2", "S3", "S7"],
+    "R2": ["K2", "K3"], "R4": ["R2", "K6"],
 }
 
 
@@ -82,6 +84,9 @@ def invariant_kinds() -> dict:
 DECLARABLE = {
     "replicated_kmeans": "k-means over a memory bank replicated on every rank, so the tests that shard "
                          "its rows over ranks do not apply",
+    "own_random_draw": "the initial rows of k-means and of the regroup are drawn with the implementation's own "
+                       "generator (seeded from the one handed in), not torch.randperm: SMoG's draw (K1, R3), "
+                       "not the reference's bits, so the contract's tests of those bits do not apply",
 }
 
 
@@ -99,6 +104,7 @@ NOT_DEFINED = " is not defined in "               # the message of a missing pro
 NOT_IMPLEMENTED = " raised NotImplementedError"   # the message of a protocol function that says so
 NA_DECLARED = "n/a (declared "                    # the skip reason of a test a declaration makes moot
 OPTIONAL_NOT_IMPLEMENTED = "not implemented (optional "   # the skip reason of an optional mode left out
+NO_AUTOGRAD = "no autograd: "                     # the message of a gradient claim on a port without autograd
 
 
 def cited_ids(item) -> set:
@@ -159,12 +165,39 @@ class Impl:
                 modes = [f"{k}={v}" for k, v in Impl.OPTIONAL.items() if kwargs.get(k) == v]
                 if modes:
                     pytest.skip(f"{OPTIONAL_NOT_IMPLEMENTED}{', '.join(modes)}): {attr} of {name} says: {e}")
+                if _wants_grad(args, kwargs):
+                    pytest.fail(f"{NO_AUTOGRAD}{attr} raised NotImplementedError in {name} for inputs that require "
+                                f"grad: {e}", pytrace=False)
                 pytest.fail(f"{attr}{NOT_IMPLEMENTED} in {name}: {e}", pytrace=False)
+            except RuntimeError as e:   # Tensor.numpy() on an input that requires grad, in an adapter
+                if "requires grad" in str(e) and _wants_grad(args, kwargs):
+                    pytest.fail(f"{NO_AUTOGRAD}{attr} of {name} cannot take inputs that require grad: {e}",
+                                pytrace=False)
+                raise
         call.__name__ = attr
         return call
 
     def __repr__(self):
         return f"Impl({self.name!r})"
+
+
+def _wants_grad(args, kwargs) -> bool:
+    """Whether any tensor among the arguments (or in a list of them) requires grad."""
+    flat = []
+    for a in [*args, *kwargs.values()]:
+        flat += list(a) if isinstance(a, (list, tuple)) else [a]
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat)
+
+
+def needs_graph(out, what: str):
+    """A gradient claim: `out` must carry a graph back to the inputs that require grad. A result without
+    one (a port that computes values only) fails as "no autograd", which the verdict reads as the
+    gradient claims not implemented, with that cause, instead of a wrong gradient."""
+    if not (isinstance(out, torch.Tensor) and out.requires_grad):
+        pytest.fail(f"{NO_AUTOGRAD}{what} carries no graph although an input requires grad (its value may be "
+                    f"right; a port exposes its own derivatives through a gradient bridge, spec/README.md)",
+                    pytrace=False)
+    return out
 
 
 # -- simulated data parallelism --------------------------------------------------------------------
@@ -418,21 +451,43 @@ def margin_threshold(dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-5
 
 
+LOWER = ((torch.float32, dict(atol=2e-5, rtol=1e-4)),)   # the precision a float64 comparison may guess
+
+
 def close(a, b, dtype, scale: float = 1.0, msg: str = ""):
+    """assert_close(a, b) at the tolerance of `dtype` (times `scale` on atol). A failure says which
+    tolerance and dtype it judged by, and, when the difference would pass at a lower precision's
+    tolerance, which dtype the implementation probably computed in."""
     t = tol(dtype)
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     if a.numel() == 1 and b.numel() == 1:   # a loss of shape [1] against a 0-dim one: values, not shapes (S8)
         a, b = a.reshape(()), b.reshape(())
-    torch.testing.assert_close(a.double(), b.double(), atol=t["atol"] * scale, rtol=t["rtol"],
-                               msg=(lambda m: f"{msg}\n{m}") if msg else None)
+    try:
+        torch.testing.assert_close(a.double(), b.double(), atol=t["atol"] * scale, rtol=t["rtol"])
+    except AssertionError as e:
+        judged = f"judged as {str(dtype).replace('torch.', '')}: atol {t['atol'] * scale:.3g}, rtol {t['rtol']:.3g}"
+        guess = ""
+        if a.shape == b.shape:
+            for low, lt in LOWER:
+                if torch.finfo(low).eps <= torch.finfo(dtype).eps:
+                    continue
+                if torch.allclose(a.double(), b.double(), atol=lt["atol"] * scale, rtol=lt["rtol"], equal_nan=True):
+                    name = str(low).replace("torch.", "")
+                    guess = (f"; the difference is within {name}'s tolerance: the implementation probably computed "
+                             f"in {name} (the promotion rule: every computation runs in max(input dtype, float32))")
+                    break
+        raise AssertionError(f"{msg + ': ' if msg else ''}{e} ({judged}{guess})") from None
 
 
-def close_with_grad(got, want, wrt, dtype, scale: float = 1.0):
-    """`got` equals `want`, and so do their gradients with respect to `wrt` (a leaf of both graphs)."""
-    close(got, want, dtype, scale=scale)
-    g_got, = torch.autograd.grad(got, wrt, retain_graph=True)
-    g_want, = torch.autograd.grad(want, wrt, retain_graph=True)
-    close(g_got, g_want, dtype, scale=scale)
+def close_value(got, want, dtype, scale: float = 1.0, what: str = "value"):
+    """A value claim, with a message that says so."""
+    close(got, want, dtype, scale=scale, msg=f"{what} differs from the equation's float64 value")
+
+
+def close_grad(got, want, wrt: str, dtype, scale: float = 1.0, what: str = "the loss"):
+    """A gradient claim, with a message that says so."""
+    close(got, want, dtype, scale=scale, msg=f"gradient of {what} w.r.t. {wrt} differs from that of the equation's "
+                                             f"float64 value")
 
 
 # -- references: the equations of spec/*.md, vectorised, float64 ------------------------------------
@@ -520,6 +575,18 @@ def ref_kmeans_from(x, c0, iters):
     a, m = ref_assign(x, c)
     worst = min(worst, float(m.min()))
     return c, a, worst
+
+
+def ref_regroup(full, init_index, iters):
+    """(R1, R2) head h: Lloyd iterations on full[h mod 2] (the whole bank, rows in dataset-index order)
+    from its normalised rows init_index[h] -> (groups float64 [H, k, D], min margin over all E-steps)."""
+    heads, worst = [], math.inf
+    for h in range(init_index.shape[0]):
+        x = full[h % 2]
+        c, _, m = ref_kmeans_from(x, ref_normalise(x)[init_index[h]], iters)
+        heads.append(c)
+        worst = min(worst, m)
+    return torch.stack(heads), worst
 
 
 def kmeans_objective(x, centres) -> float:

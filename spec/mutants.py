@@ -343,6 +343,8 @@ def _kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadcast=None, 
         raise row_error("fewer rows than k")
     if init == "with replacement":
         idx = torch.randint(0, N, (k,), generator=generator)
+    elif init == "last k":             # k distinct rows, seeded: SMoG, but not the reference's draw
+        idx = torch.randperm(N, generator=generator)[-k:] if N >= k else torch.arange(N)
     elif init == "global rng":
         idx = torch.randperm(N)[:k] if N >= k else torch.arange(N)
     else:
@@ -404,8 +406,63 @@ _derive("kmeans_no_row_check", "fewer rows than k not checked (zero centres padd
         spherical_kmeans=_mk_kmeans(check_rows=False))
 _derive("kmeans_assert_rows", "fewer rows than k fail an assert (AssertionError, not ValueError)", "K10",
         spherical_kmeans=_mk_kmeans(row_error=AssertionError))
+_derive("kmeans_draw_last_k", "initial rows: the last k of randperm(N) (SMoG, not the reference's draw)", "K11",
+        spherical_kmeans=_mk_kmeans(init="last k"))
 _derive("estep_chunk_tail_lost", "E-step in row chunks whose last partial chunk is dropped", "K2, K3",
         assign_groups=_assign_chunk_tail_lost)
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+def _regroup(bank, index, n, n_heads, k, iters=10, *, generator=None, init_index=None, all_reduce=None,
+             row="h mod 2", draw="per head", start="dataset index", gather="reduce"):
+    """The oracle's regroup with switches for the classic mistakes."""
+    reduce = _sum_over_ranks(all_reduce)
+    if init_index is None:
+        if draw == "shared":            # one draw for all heads: heads 0 and 2 become identical
+            init_index = oracle.initial_indices(n, 1, k, generator).expand(n_heads, k)
+        elif draw == "last k":          # k distinct indices per head, but not the reference's bits
+            init_index = torch.stack([torch.randperm(n, generator=generator)[-k:] for _ in range(n_heads)])
+        else:
+            init_index = oracle.initial_indices(n, n_heads, k, generator)
+    here = {int(i): r for r, i in enumerate(index)}
+    heads = []
+    for h in range(n_heads):
+        x = bank[0 if row == "0" else h % 2]
+        if start == "rank 0's shard":   # K1's sharded draw: rank 0's local rows, broadcast
+            heads.append(spherical_kmeans(x, k, iters, generator=generator, all_reduce=all_reduce)[0])  # noqa: F821
+            continue
+        dt = _dtype(x)
+        rows = [normalise(x[r].to(dt)) for r in range(x.shape[0])]
+        if start == "local position":   # init_index read as positions in this rank's bank
+            first = [rows[int(i)] if int(i) < len(rows) else torch.zeros(x.shape[1], dtype=dt) for i in init_index[h]]
+        else:
+            first = [rows[here[int(i)]] if int(i) in here else torch.zeros(x.shape[1], dtype=dt)
+                     for i in init_index[h]]
+        first = torch.stack(first)
+        centres, _ = _lloyd(x, rows, reduce(first) if gather == "reduce" else first, iters, reduce)  # noqa: F821
+        heads.append(centres)
+    return torch.stack(heads)
+
+
+def _mk_regroup(**switches):
+    def regroup(bank, index, n, n_heads, k, iters=10, *, generator=None, init_index=None, all_reduce=None):
+        return _regroup(bank, index, n, n_heads, k, iters, generator=generator, init_index=init_index,
+                        all_reduce=all_reduce, **switches)
+    return regroup
+
+
+_derive("regroup_row0_every_head", "every head clusters bank row 0", "R1", regroup=_mk_regroup(row="0"))
+_derive("regroup_by_local_position", "initial rows taken by local position, not dataset index", "R2, R3, R4",
+        regroup=_mk_regroup(start="local position"))
+_derive("regroup_shared_draw", "one initial draw shared by all heads (heads 0 and 2 identical)", "R3",
+        regroup=_mk_regroup(draw="shared"))
+_derive("regroup_rank0_shard", "initial centres drawn from rank 0's shard (K1's sharded draw)", "R2, R3, R4",
+        regroup=_mk_regroup(start="rank 0's shard"))
+_derive("regroup_not_gathered", "initial rows not all-reduced: each rank starts from its own rows only", "R4",
+        regroup=_mk_regroup(gather="local"))
+_derive("regroup_last_k", "each head draws the last k of randperm(n) (SMoG, not the reference's draw)", "R5",
+        regroup=_mk_regroup(draw="last k"))
 
 
 # -- momentum -------------------------------------------------------------------------------------

@@ -192,7 +192,14 @@ def spherical_kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadca
     if N >= k:  # only rank 0's draw survives the broadcast
         idx = torch.randperm(N, generator=generator)[:k]
         centres = torch.stack([rows[int(i)] for i in idx])
-    centres = bcast(centres)
+    return _lloyd(x, rows, bcast(centres), iters, reduce)
+
+
+def _lloyd(x, rows, centres, iters, reduce):
+    """(K2, K3) `iters` E/M steps from `centres` over this rank's normalised `rows` (sums and counts
+    summed over ranks; empty clusters keep their centre) -> (centres, assignment to them)."""
+    N, D = x.shape
+    k, dt = centres.shape[0], centres.dtype
     for _ in range(iters):
         a = assign_groups(x, centres) if N else []
         sums = [torch.zeros(D, dtype=dt, device=x.device) for _ in range(k)]
@@ -205,6 +212,33 @@ def spherical_kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadca
         centres = torch.stack([normalise(sums[j]) if float(counts[j]) > 0 else centres[j] for j in range(k)])
     a = assign_groups(x, centres) if N else torch.zeros(0, dtype=torch.long)
     return centres, a
+
+
+# -- run.md --------------------------------------------------------------------------------------
+
+def initial_indices(n, n_heads, k, generator=None):
+    """(R3, R5) for each head in turn, k distinct dataset indices: randperm(n, generator)[:k]."""
+    return torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(n_heads)])
+
+
+def regroup(bank, index, n, n_heads, k, iters=10, *, generator=None, init_index=None, all_reduce=None):
+    """(R1) head h clusters bank row h mod 2, (R2) from the normalised bank rows of the dataset indices
+    init_index[h] (R3: drawn per head by `generator` when not given); (R4) each initial row comes from
+    the rank that holds it, the others adding zeros, summed over ranks. -> groups [H, k, D]."""
+    reduce = _sum_over_ranks(all_reduce)
+    if init_index is None:
+        init_index = initial_indices(n, n_heads, k, generator)
+    here = {int(i): r for r, i in enumerate(index)}           # dataset index -> this rank's row
+    heads = []
+    for h in range(n_heads):
+        x = bank[h % 2]
+        dt = _dtype(x)
+        rows = [normalise(x[r].to(dt)) for r in range(x.shape[0])]
+        start = [rows[here[int(i)]] if int(i) in here else torch.zeros(x.shape[1], dtype=dt)
+                 for i in init_index[h]]
+        centres, _ = _lloyd(x, rows, reduce(torch.stack(start)), iters, reduce)
+        heads.append(centres)
+    return torch.stack(heads)
 
 
 # -- momentum.md ---------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from spec.harness import close, close_with_grad, ref_assign, ref_normalise, ref_step_loss, ref_update, unambiguous
+from spec.harness import close, close_grad, close_value, needs_graph, ref_assign, ref_normalise, ref_step_loss, ref_update, unambiguous
 from spec.strategies import DTYPES, betas, matrices, taus, unit_rows
 
 invariant, optional = pytest.mark.invariant, pytest.mark.optional
@@ -38,11 +38,25 @@ def _updates(dtype, g, z, beta):
 @invariant("H1")
 @given(data=st.data())
 def test_loss_is_the_mean_over_heads(impl, data):
+    """The value claim; the gradient claim is the next test."""
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    loss, new, targets = impl.smog_multihead_step(g, z, zt, p, beta, tau)
+    ref = torch.stack([ref_step_loss(p, new[h], targets[h].long(), tau) for h in range(g.shape[0])]).mean()
+    close_value(loss.reshape(()), ref, dtype, scale=1 / tau, what="the loss (the mean over heads)")
+
+
+@invariant("H1")
+@pytest.mark.gradient
+@given(data=st.data())
+def test_loss_gradient_in_p_is_that_of_the_mean_over_heads(impl, data):
     dtype, g, z, zt, p, beta, tau = _problem(data)
     p = p.clone().requires_grad_(True)
     loss, new, targets = impl.smog_multihead_step(g, z, zt, p, beta, tau)
+    needs_graph(loss, "smog_multihead_step's loss")
     ref = torch.stack([ref_step_loss(p, new[h].detach(), targets[h].long(), tau) for h in range(g.shape[0])]).mean()
-    close_with_grad(loss.reshape(()), ref, p, dtype, scale=1 / tau)
+    got, = torch.autograd.grad(loss, p)
+    want, = torch.autograd.grad(ref, p)
+    close_grad(got, want, "p", dtype, scale=1 / tau, what="smog_multihead_step's loss")
 
 
 @invariant("H2")
@@ -74,6 +88,7 @@ def _check_no_gradient_into_groups(impl, data, group_grad):
     assert not targets.requires_grad
     if not group_grad:
         assert not new.requires_grad, "new groups carry a graph although group_grad=False"
+    needs_graph(loss, "smog_multihead_step's loss")
     outs = [loss] + ([new.sum()] if new.requires_grad else [])
     for out in outs:
         grad, = torch.autograd.grad(out, g, retain_graph=True, allow_unused=True)
@@ -81,6 +96,7 @@ def _check_no_gradient_into_groups(impl, data, group_grad):
 
 
 @invariant("H4")
+@pytest.mark.gradient
 @given(data=st.data())
 def test_incoming_groups_receive_no_gradient(impl, data):
     """Even when the caller's groups require grad (an nn.Parameter, say), nothing flows into them: the
@@ -89,6 +105,7 @@ def test_incoming_groups_receive_no_gradient(impl, data):
 
 
 @invariant("H4")
+@pytest.mark.gradient
 @optional("group_grad")
 @given(data=st.data())
 def test_incoming_groups_receive_no_gradient_with_group_grad(impl, data):

@@ -30,13 +30,32 @@ def _problem(data, dtype=None, n_max=10, kinds=("gauss", "int", "dup", "scaled")
     return dtype, x, k, data.draw(seeds, "seed")
 
 
+def _drawn_rows(c, x):
+    """-> (row of x whose normalised value each centre is, largest distance): which rows were drawn."""
+    dist = torch.cdist(c.double(), ref_normalise(x))
+    return dist.argmin(dim=1), float(dist.min(dim=1).values.max())
+
+
+def _distinct_directions(x) -> bool:
+    xn = ref_normalise(x)
+    return len(xn) < 2 or bool(torch.pdist(xn).min() > 1e-6)
+
+
 @invariant("K1")
 @given(data=st.data())
-def test_initial_centres_are_a_seeded_draw_of_rows(impl, data):
-    dtype, x, k, seed = _problem(data)
-    c, a = impl.spherical_kmeans(x, k, 0, generator=_gen(seed))
-    idx = torch.randperm(x.shape[0], generator=_gen(seed))[:k]
-    close(c, ref_normalise(x)[idx], dtype, msg=f"expected rows {idx.tolist()}")
+def test_initial_centres_are_k_distinct_normalised_rows_fixed_by_the_generator(impl, data):
+    """What SMoG requires of the draw, whatever generator an implementation draws with: iters = 0
+    returns k distinct normalised rows of the data, and the same generator state the same rows. Which
+    rows a seed picks is the contract (K11)."""
+    dtype, x, k, seed = _problem(data, kinds=("gauss", "int", "scaled"))
+    c, _ = impl.spherical_kmeans(x, k, 0, generator=_gen(seed))
+    rows, far = _drawn_rows(c, x)
+    assert far < (1e-12 if dtype == torch.float64 else 1e-6), \
+        f"an initial centre is not a normalised row of the data (distance {far:.3g})"
+    if _distinct_directions(x):
+        assert len(set(rows.tolist())) == k, f"initial centres are rows {rows.tolist()}: not {k} distinct rows"
+    again, _ = impl.spherical_kmeans(x, k, 0, generator=_gen(seed))
+    assert torch.equal(again, c), "the same generator state drew different initial centres"
 
 
 @invariant("K1")
@@ -170,7 +189,9 @@ def test_invariant_to_positive_row_scaling(impl, data, iters):
     s = 2.0 ** torch.randint(-20, 21, (x.shape[0], 1), generator=_gen(seed)).to(dtype)
     c1, a1 = impl.spherical_kmeans(x, k, iters, generator=_gen(seed))
     c2, a2 = impl.spherical_kmeans(x * s, k, iters, generator=_gen(seed))
-    torch.testing.assert_close(c2, c1, atol=tol(dtype)["atol"], rtol=0)
+    torch.testing.assert_close(c2, c1, atol=tol(dtype)["atol"], rtol=0,
+                               msg=lambda m: f"rows rescaled by powers of two gave other centres: {m} (judged as "
+                                             f"{dtype}: atol {tol(dtype)['atol']:.3g}, rtol 0)")
     assert torch.equal(a1, a2)
 
 
@@ -214,10 +235,11 @@ def test_sharded_row_count_is_global(impl, data, world):
 def test_large_run_crosses_the_estep_chunk_boundary(impl):
     """4096 rows x 600 centres = 2.46M scores: more than one chunk of smog._nearest (2^21 scores on the
     CPU), so an E-step computed in row chunks must stitch them back in order. One iteration from the
-    K1 draw is compared with the float64 reference: centres, and the returned assignment."""
+    implementation's own initial centres (its iters = 0 result) is compared with the float64
+    reference: centres, and the returned assignment."""
     N, k, D = 4096, 600, 8
     x = torch.randn(N, D, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    c0 = ref_normalise(x)[torch.randperm(N, generator=_gen(5))[:k]]
+    c0, _ = impl.spherical_kmeans(x, k, 0, generator=_gen(5))   # the implementation's own draw (K1)
     c1, a1, worst = ref_kmeans_from(x, c0, 1)
     assert worst > margin_threshold(torch.float64), "the fixed data has a near-tie; pick another seed"
     c, a = impl.spherical_kmeans(x, k, 1, generator=_gen(5))
@@ -250,3 +272,15 @@ def test_fewer_rows_than_k_is_a_value_error(impl):
             f"3 rows into k = 4 raised {type(e).__name__}; the protocol's error is ValueError"
         return
     raise AssertionError("3 rows into k = 4 returned; the protocol raises ValueError")
+
+
+@invariant("K11")
+@pytest.mark.unless_declared("own_random_draw")
+@given(data=st.data())
+def test_reference_draw_is_randperm_of_the_rows(impl, data):
+    """The reference's own draw, normalise(x)[randperm(N, generator)[:k]], pinned so that two
+    implementations can be compared run for run; any other seeded draw of k distinct rows is SMoG (K1)."""
+    dtype, x, k, seed = _problem(data)
+    c, _ = impl.spherical_kmeans(x, k, 0, generator=_gen(seed))
+    idx = torch.randperm(x.shape[0], generator=_gen(seed))[:k]
+    close(c, ref_normalise(x)[idx], dtype, msg=f"expected rows {idx.tolist()} (randperm(N, generator)[:k])")

@@ -11,7 +11,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from spec.harness import close, ref_assign, ref_normalise, ref_update, run_ranks, unambiguous
+from spec.harness import close, needs_graph, ref_assign, ref_normalise, ref_update, run_ranks, unambiguous
 from spec.strategies import DTYPES, matrices, positive_scales, seeds, shard_sizes, taus, unit_rows
 
 invariant, optional = pytest.mark.invariant, pytest.mark.optional
@@ -44,12 +44,13 @@ def test_logits_and_loss_match_definition(impl, data):
 
 
 @invariant("L2")
+@pytest.mark.gradient
 @given(data=st.data())
 def test_loss_gradient_through_normalisation(impl, data):
     """dL/dp_i = 1/(N tau ||p_i||) (I - p^_i p^_i^T) G^T (softmax(G p^_i / tau) - e_{t_i}), float64."""
     _, p, g, t, tau = _problem(data, torch.float64)
     p = p.clone().requires_grad_(True)
-    impl.smog_loss(p, g, t, tau).backward()
+    needs_graph(impl.smog_loss(p, g, t, tau), "smog_loss").backward()
     n = p.shape[0]
     with torch.no_grad():
         ph = ref_normalise(p)
@@ -58,7 +59,9 @@ def test_loss_gradient_through_normalisation(impl, data):
         proj = d_ph - (d_ph * ph).sum(1, keepdim=True) * ph               # (I - p^ p^T) dL/dp^
         expected = proj / p.norm(dim=1, keepdim=True)
     assert p.grad is not None, "no gradient reached p"
-    torch.testing.assert_close(p.grad, expected, atol=1e-10 / tau, rtol=1e-8)
+    torch.testing.assert_close(p.grad, expected, atol=1e-10 / tau, rtol=1e-8,
+                               msg=lambda m: f"gradient of smog_loss w.r.t. p differs from the closed form (L2): {m} "
+                                             f"(judged as float64: atol {1e-10 / tau:.3g}, rtol 1e-8)")
 
 
 @invariant("L3")
@@ -123,18 +126,20 @@ def _step_problem(data, b_min=1, b_max=5):
 
 
 @invariant("L5")
+@pytest.mark.gradient
 @given(data=st.data())
 def test_no_gradient_through_update_when_group_grad_false(impl, data):
     g, z, zt, p, beta, tau = _step_problem(data)
     z, p = z.clone().requires_grad_(True), p.clone().requires_grad_(True)
     loss, new, _ = impl.smog_step(g, z, zt, p, beta, tau, group_grad=False)
     assert not new.requires_grad, "new_groups carries a graph although group_grad=False"
-    loss.backward()
+    needs_graph(loss, "smog_step's loss").backward()
     assert z.grad is None or not z.grad.any(), "gradient reached z_update although group_grad=False"
     assert p.grad is not None
 
 
 @invariant("L6")
+@pytest.mark.gradient
 @optional("group_grad")
 @given(data=st.data())
 def test_gradient_through_update_when_group_grad_true(impl, data):
@@ -165,10 +170,13 @@ def test_gradient_through_update_when_group_grad_true(impl, data):
     zg = z.clone().requires_grad_(True)
     loss, new, got_t = impl.smog_step(g, zg, zt, p, beta, tau, group_grad=True)
     assert torch.equal(got_t.long(), targets)
-    assert loss.requires_grad and new.requires_grad, "no graph from z_update although group_grad=True"
+    needs_graph(loss, "smog_step's loss (group_grad=True)")
+    assert new.requires_grad, "new_groups carries no graph from z_update although group_grad=True"
     loss.backward()
     assert zg.grad is not None, "no gradient reached z_update although group_grad=True"
-    torch.testing.assert_close(zg.grad, expected, atol=1e-10 / tau, rtol=1e-7)
+    torch.testing.assert_close(zg.grad, expected, atol=1e-10 / tau, rtol=1e-7,
+                               msg=lambda m: f"gradient of smog_step's loss w.r.t. z_update differs from the closed "
+                                             f"form (L6): {m} (judged as float64: atol 1e-10/tau, rtol 1e-7)")
 
 
 def _sharded_step_problem(data):
@@ -181,17 +189,27 @@ def _sharded_step_problem(data):
 
 
 def _rank_gradients(impl, g, z, zt, p, beta, tau, sizes, group_grad):
-    """Rank r backpropagates (B_r / B) L_r; -> (the ranks' z_update and p leaves) after one backward."""
+    """Rank r backpropagates (B_r / B) L_r *in its own thread*, as every process of a real group runs its
+    own backward -> (the ranks' z_update and p leaves) when all ranks are done. Both kinds of
+    implementation are certified so: one whose backward reaches the other ranks through the
+    differentiable all_reduce (the simulated sum's graph spans the ranks, so each rank's backward adds
+    its cotangent to every rank's leaves; retain_graph, since those parts are shared), and a port whose
+    own VJP all-reduces its cotangent (as jax.lax.psum does), which needs every rank in the backward."""
     zs = [t.clone().requires_grad_(True) for t in torch.split(z, sizes)]
     ps = [t.clone().requires_grad_(True) for t in torch.split(p, sizes, 1)]
     zts = torch.split(zt, sizes, 1)
-    out = run_ranks(len(sizes), lambda r, ar, _: impl.smog_step(g, zs[r], zts[r], ps[r], beta, tau,
-                                                                 all_reduce=ar, group_grad=group_grad))
-    sum(o[0] * n / z.shape[0] for o, n in zip(out, sizes)).backward()
+
+    def rank(r, ar, _):
+        loss = impl.smog_step(g, zs[r], zts[r], ps[r], beta, tau, all_reduce=ar, group_grad=group_grad)[0]
+        needs_graph(loss, f"rank {r}'s loss")
+        (loss * sizes[r] / z.shape[0]).backward(retain_graph=True)
+
+    run_ranks(len(sizes), rank)
     return zs, ps
 
 
 @invariant("L7")
+@pytest.mark.gradient
 @given(data=st.data())
 def test_sharded_step_gives_the_single_process_gradient_in_p(impl, data):
     """The default mode (group_grad=False) on 2-4 uneven shards: rank r backpropagates (B_r / B) L_r,
@@ -199,14 +217,18 @@ def test_sharded_step_gives_the_single_process_gradient_in_p(impl, data):
     the whole batch's groups, G5); z_update receives none (L5)."""
     g, z, zt, p, beta, tau, sizes = _sharded_step_problem(data)
     pw = p.clone().requires_grad_(True)
-    impl.smog_step(g, z, zt, pw, beta, tau)[0].backward()
+    needs_graph(impl.smog_step(g, z, zt, pw, beta, tau)[0], "smog_step's loss").backward()
     zs, ps = _rank_gradients(impl, g, z, zt, p, beta, tau, sizes, group_grad=False)
     assert all(t.grad is not None for t in ps), "no gradient reached p on some rank"
-    torch.testing.assert_close(torch.cat([t.grad for t in ps], 1), pw.grad, atol=1e-10 / tau, rtol=1e-7)
+    torch.testing.assert_close(torch.cat([t.grad for t in ps], 1), pw.grad, atol=1e-10 / tau, rtol=1e-7,
+                               msg=lambda m: f"shards {sizes}: the ranks' gradients w.r.t. p differ from the "
+                                             f"single-process gradient: {m} (judged as float64: atol 1e-10/tau, "
+                                             f"rtol 1e-7)")
     assert all(t.grad is None or not t.grad.any() for t in zs), "gradient reached z_update with group_grad=False"
 
 
 @invariant("L7")
+@pytest.mark.gradient
 @optional("group_grad")
 @given(data=st.data())
 def test_group_grad_across_ranks_gives_the_single_process_gradient(impl, data):
@@ -214,11 +236,15 @@ def test_group_grad_across_ranks_gives_the_single_process_gradient(impl, data):
     every sample's gradient, in z_update and in p, is that of the whole-batch loss in one process."""
     g, z, zt, p, beta, tau, sizes = _sharded_step_problem(data)
     zw, pw = z.clone().requires_grad_(True), p.clone().requires_grad_(True)
-    impl.smog_step(g, zw, zt, pw, beta, tau, group_grad=True)[0].backward()
+    needs_graph(impl.smog_step(g, zw, zt, pw, beta, tau, group_grad=True)[0], "smog_step's loss").backward()
     zs, ps = _rank_gradients(impl, g, z, zt, p, beta, tau, sizes, group_grad=True)
     assert all(t.grad is not None for t in zs), "no gradient reached z_update on some rank"
-    torch.testing.assert_close(torch.cat([t.grad for t in zs]), zw.grad, atol=1e-10 / tau, rtol=1e-7)
-    torch.testing.assert_close(torch.cat([t.grad for t in ps], 1), pw.grad, atol=1e-10 / tau, rtol=1e-7)
+    for name, got, want in (("z_update", torch.cat([t.grad for t in zs]), zw.grad),
+                            ("p", torch.cat([t.grad for t in ps], 1), pw.grad)):
+        torch.testing.assert_close(got, want, atol=1e-10 / tau, rtol=1e-7,
+                                   msg=lambda m: f"shards {sizes}: the ranks' gradients w.r.t. {name} differ from "
+                                                 f"the single-process gradient: {m} (judged as float64: atol "
+                                                 f"1e-10/tau, rtol 1e-7)")
 
 
 @invariant("L8")

@@ -9,8 +9,8 @@ import pytest
 
 from spec.harness import DEPENDS, DOCS, PROTOCOL, SPEC_DIR as SPEC, Impl, invariant_ids as defined
 
-REFERENCE = re.compile(r"\(([GLKSMH]\d+)\)")
-TEST_MODULES = ("test_grouping", "test_loss", "test_kmeans", "test_step", "test_momentum", "test_heads")
+REFERENCE = re.compile(r"\(([GLKSMHR]\d+)\)")
+TEST_MODULES = ("test_grouping", "test_loss", "test_kmeans", "test_step", "test_momentum", "test_heads", "test_run")
 
 
 def cited():

@@ -34,7 +34,9 @@ def test_one_step_in_place(impl, seed, dtype, n, m):
     tt = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-6, "rtol": 1e-6}
     for t, a, o, o_before in zip(target, t0, online, o0):
         assert torch.equal(o, o_before), "the online parameters changed"
-        torch.testing.assert_close(t.detach().double(), m * a.double() + (1 - m) * o.detach().double(), **tt)
+        torch.testing.assert_close(t.detach().double(), m * a.double() + (1 - m) * o.detach().double(), **tt,
+                                   msg=lambda e: f"m = {m}: {e} (judged as {dtype}: atol {tt['atol']:.3g}, "
+                                                 f"rtol {tt['rtol']:.3g})")
 
 
 @invariant("M2")
@@ -56,7 +58,9 @@ def test_n_steps_closed_form(impl, seed, steps, m):
     for _ in range(steps):
         impl.momentum_update_(target, online, m)
     for t, a, o in zip(target, t0, online):
-        torch.testing.assert_close(t, m ** steps * a + (1 - m ** steps) * o, atol=1e-12 * (steps + 1), rtol=1e-12)
+        torch.testing.assert_close(t, m ** steps * a + (1 - m ** steps) * o, atol=1e-12 * (steps + 1), rtol=1e-12,
+                                   msg=lambda e: f"{steps} steps of m = {m}: {e} (judged as float64: atol "
+                                                 f"1e-12 (n + 1), rtol 1e-12)")
 
 
 def _schedule_tol(s) -> float:
@@ -66,15 +70,18 @@ def _schedule_tol(s) -> float:
 
 
 @invariant("M3")
-@given(start=st.floats(0.0, 1.0), end=st.floats(0.0, 1.0), total=st.integers(1, 500))
+@given(start=st.floats(0.0, 1.0), end=st.floats(0.0, 1.0), total=st.integers(2, 500))
 def test_beta_schedule_is_linear(impl, start, end, total):
-    """beta_t = beta_start + (beta_end - beta_start) t / (T - 1), within the rounding of the returned
-    dtype (the exact ends and the dtype are the contract of M5)."""
+    """beta_t = beta_start + (beta_end - beta_start) t / (T - 1) for T >= 2, within the rounding of the
+    returned dtype (one step, where the formula is 0/0, the exact ends and the dtype are the contract of
+    M5)."""
     s = torch.as_tensor(impl.beta_schedule(start, end, total))
     assert tuple(s.shape) == (total,), f"{tuple(s.shape)} values for {total} steps"
     t = torch.arange(total, dtype=torch.float64)
-    want = start + (end - start) * t / max(total - 1, 1)
-    torch.testing.assert_close(s.double(), want, atol=_schedule_tol(s), rtol=0)
+    want = start + (end - start) * t / (total - 1)
+    torch.testing.assert_close(s.double(), want, atol=_schedule_tol(s), rtol=0,
+                               msg=lambda e: f"{start} -> {end} over {total} steps: {e} (judged as {s.dtype}: atol "
+                                             f"{_schedule_tol(s):.3g}, 4 ulps of 1, rtol 0)")
 
 
 @invariant("M3")

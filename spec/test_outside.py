@@ -2,6 +2,9 @@
 
 - The harness's torch.distributed stand-in (harness.SimulatedDistributed) exists on the simulated
   ranks only, behaves as torch.distributed there, and is gone when run_ranks returns.
+- the NumPy port (spec/examples/smognp.py) through its adapter: with the gradient bridge every
+  invariant holds (or is declared); without it, nothing it computes fails, its gradient claims read
+  "not implemented (no autograd)" and the verdict names that cause.
 - smogx (spec/examples/smogx.py), an implementation with its own conventions, judged through its
   adapter by `python -m spec`: no mathematics invariant fails, its optional mode reads "not implemented
   (optional)", its declared replicated-bank k-means "n/a (declared)", its conventions are contract
@@ -22,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spec.harness import DEFAULT_IMPL, SPEC_DIR, SimulatedDistributed, impl_name, run_ranks
+from spec.harness import DEFAULT_IMPL, SPEC_DIR, SimulatedDistributed, impl_name, invariant_kinds, run_ranks
 
 REAL = {name: getattr(dist, name) for name in SimulatedDistributed.NAMES}
 
@@ -81,16 +84,22 @@ def test_differentiable_all_reduce_of_torch_distributed_nn():
 
 
 VERDICT_LINE = re.compile(r"^([A-Z]\d+)\s+(pass|FAIL \(consequential\)|FAIL|xfail|not implemented \(optional\)|"
-                          r"not implemented|n/a \(declared\)|skipped)(?=\s|$)", re.M)
+                          r"not implemented \(no autograd\)|not implemented|n/a \(declared\)|skipped)(?=\s|$)", re.M)
 RIGHT = ("spec.examples.smogx_adapter",
-         "G5 or G11 or L6 or L7 or K1 or K6 or M3 or M5 or H6")
+         "G5 or G11 or L6 or L7 or K1 or K6 or M3 or M5 or H6 or R1 or R4")
 WRONG = {"rank_means": {"G5", "G6"}, "raw_members": {"G2"}}   # variant -> what it must FAIL
-RUNS = [RIGHT] + [(f"spec.examples.smogx_wrong:{v}", " or ".join(sorted(ids))) for v, ids in WRONG.items()]
+PORT = ("spec.examples.smognp_adapter", "")                   # the NumPy port with its gradient bridge: all of it
+GRADLESS = ("spec.examples.smognp_adapter:plain",              # the same port without the bridge
+            "S2 or H1 or L2 or L5 or H4 or K1 or K2 or K3 or K4")
+PORT_WRONG = {"no_psum": ("L6 or L7", {"L7"}),                 # slips in the port's own VJPs -> what must FAIL
+              "no_projection": ("L1 or L2 or S2 or H1", {"L2", "S2", "H1"})}
+RUNS = [RIGHT] + [(f"spec.examples.smogx_wrong:{v}", " or ".join(sorted(ids))) for v, ids in WRONG.items()] + \
+    [PORT, GRADLESS] + [(f"spec.examples.smognp_wrong:{v}", sel) for v, (sel, _) in PORT_WRONG.items()]
 SCRIPT = """
 import sys
 from spec.__main__ import main
 for impl, select in {runs!r}:
-    rc = main(["--impl", impl, "-m", select, "--judge", "mathematics"])
+    rc = main(["--impl", impl, "--judge", "mathematics"] + (["-m", select] if select else []))
     print(f"=== exit {{rc}}", flush=True)
 """
 
@@ -115,7 +124,7 @@ def test_outside_implementation_verdict(verdicts):
     rc, got, text = verdicts[RIGHT[0]]
     assert rc == 0, f"--judge mathematics should pass smogx:\n{text}"
     want = {"G5": "pass", "G11": "pass", "L6": "not implemented (optional)", "L7": "pass", "K1": "pass",
-            "K6": "n/a (declared)", "M3": "pass", "M5": "FAIL", "H6": "FAIL"}
+            "K6": "n/a (declared)", "M3": "pass", "M5": "FAIL", "H6": "FAIL", "R1": "pass", "R4": "pass"}
     assert got == want, text
     assert "declared by the implementation" in text and "replicated_kmeans" in text, text
     assert "group_grad=True" in text, text
@@ -129,3 +138,45 @@ def test_wrong_outside_implementation_fails_the_mathematics(verdicts, variant):
     rc, got, text = verdicts[f"spec.examples.smogx_wrong:{variant}"]
     assert rc == 1, text
     assert {i for i, v in got.items() if v.startswith("FAIL")} == WRONG[variant], text
+
+
+@only_default
+def test_numpy_port_with_its_gradient_bridge_passes_everything(verdicts):
+    """spec/examples/smognp.py (NumPy: values, collectives passed in, hand-written VJPs, its own NumPy
+    draw for k-means and the regroup) through its autograd-Function bridge: every invariant of both
+    kinds holds or is declared (its own draw: the reference's bits of K11 and R5), gradients included,
+    L7 across ranks with a VJP that all-reduces its cotangent itself."""
+    rc, got, text = verdicts[PORT[0]]
+    assert rc == 0, text
+    kinds = invariant_kinds()
+    assert {i for i, k in kinds.items() if k == "mathematics"} <= {i for i, v in got.items() if v == "pass"}, text
+    assert {i for i, v in got.items() if v != "pass"} == {"K11"}, text   # R5's other tests apply and pass
+    assert got["K11"] == "n/a (declared)" and re.search(r"^R5 .* 2/3 pass, 1 n/a \(declared\)", text, re.M), text
+
+
+@only_default
+def test_numpy_port_without_the_bridge_fails_nothing_it_computes(verdicts):
+    """The same port, values only: the value claims of S2 and H1 pass, the gradient claims read
+    "not implemented (no autograd)" with that common cause named, K1-K4 pass from its NumPy draw."""
+    rc, got, text = verdicts[GRADLESS[0]]
+    assert rc == 1, text
+    no_graph = "not implemented (no autograd)"
+    assert got == {"L2": no_graph, "L5": no_graph, "K1": "pass", "K2": "pass", "K3": "pass", "K4": "pass",
+                   "S2": no_graph, "H1": no_graph, "H4": no_graph}, text
+    for inv in ("S2", "H1"):
+        assert re.search(rf"^{inv} .* 1/2 pass, 1 not implemented \(no autograd\)", text, re.M), text
+    assert "common cause: no autograd" in text and not re.search(r"^[A-Z]\d+ +FAIL", text, re.M), text
+
+
+@only_default
+@pytest.mark.parametrize("variant", sorted(PORT_WRONG))
+def test_wrong_vjp_of_the_numpy_port_fails(verdicts, variant):
+    """The bridge certifies the port's own derivatives: a slip in a VJP (spec/examples/smognp_wrong.py)
+    fails the gradient claims it touches, and the value claims still pass."""
+    rc, got, text = verdicts[f"spec.examples.smognp_wrong:{variant}"]
+    assert rc == 1, text
+    assert {i for i, v in got.items() if v.startswith("FAIL")} == PORT_WRONG[variant][1], text
+    if variant == "no_projection":
+        assert got["L1"] == "pass", text
+        for inv in ("S2", "H1"):
+            assert re.search(rf"^{inv} .* 1/2 pass, 1 FAIL", text, re.M), text

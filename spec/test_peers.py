@@ -19,7 +19,7 @@ from spec.harness import DEFAULT_IMPL, SPEC_DIR, impl_name
 TABLE_ROW = re.compile(r"^\|\s*([A-Z])(\d+)(?:–[A-Z](\d+))?\s*\|\s*([^|]+?)\s*\|", re.M)   # "| G2 |", "| K1–K9 |"
 RECORDED = re.compile(r"lightly (\d+\.\d+\.\d+)")
 VERDICT_LINE = re.compile(r"^([A-Z]\d+)\s+(pass|FAIL \(consequential\)|FAIL|xfail|not implemented \(optional\)|"
-                          r"not implemented|n/a \(declared\)|skipped)(?=\s|$)", re.M)
+                          r"not implemented \(no autograd\)|not implemented|n/a \(declared\)|skipped)(?=\s|$)", re.M)
 
 
 def _recorded():

@@ -6,7 +6,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from spec.harness import close, close_with_grad, ref_assign, ref_normalise, ref_step_loss, ref_update, run_ranks, \
+from spec.harness import close, close_grad, close_value, needs_graph, ref_assign, ref_normalise, ref_step_loss, ref_update, run_ranks, \
     unambiguous
 from spec.strategies import DTYPES, betas, matrices, seeds, shard_sizes, taus, unit_rows
 
@@ -60,15 +60,29 @@ def test_targets_before_update_worked_example(impl, dtype):
 @invariant("S2")
 @given(data=st.data())
 def test_loss_is_mean_over_crops_targets_samples_with_new_groups(impl, data):
+    """The value claim; the gradient claim is the next test."""
+    dtype, g, z, zt, p, beta, tau = _problem(data)
+    loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
+    targets = targets.long()
+    close_value(loss.reshape(()), ref_step_loss(p, new, targets, tau), dtype, scale=1 / tau,
+                what="the loss (the mean over crops, targets and samples, with the new groups)")
+    per_pair = torch.stack([impl.smog_loss(p[c], new, targets[j], tau)
+                            for c in range(p.shape[0]) for j in range(zt.shape[0])])
+    close(loss, per_pair.mean(), dtype, scale=1 / tau, msg="the loss is not the mean of smog_loss over the pairs")
+
+
+@invariant("S2")
+@pytest.mark.gradient
+@given(data=st.data())
+def test_loss_gradient_in_p_is_that_of_the_mean_with_new_groups(impl, data):
     dtype, g, z, zt, p, beta, tau = _problem(data)
     p = p.clone().requires_grad_(True)
     loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
-    targets = targets.long()
-    ref = ref_step_loss(p, new.detach(), targets, tau)
-    close_with_grad(loss.reshape(()), ref, p, dtype, scale=1 / tau)
-    per_pair = torch.stack([impl.smog_loss(p[c], new, targets[j], tau)
-                            for c in range(p.shape[0]) for j in range(zt.shape[0])])
-    close(loss, per_pair.mean(), dtype, scale=1 / tau)
+    needs_graph(loss, "smog_step's loss")
+    ref = ref_step_loss(p, new.detach(), targets.long(), tau)
+    got, = torch.autograd.grad(loss, p)
+    want, = torch.autograd.grad(ref, p)
+    close_grad(got, want, "p", dtype, scale=1 / tau, what="smog_step's loss")
 
 
 @invariant("S3")

@@ -10,7 +10,7 @@ or spec/oracle.py and has its own conventions and its own names:
 - prototypes are updated from detached embeddings only (as the authors' released code); asking for
   gradient through the update raises NotImplementedError;
 - k-means runs on a memory bank that every rank holds whole (gathered beforehand), so it needs no
-  communication;
+  communication; the regroup of all heads gathers the bank with all_gather_object;
 - bad input fails an `assert`; the beta schedule is a float32 torch.linspace.
 """
 from __future__ import annotations
@@ -94,12 +94,13 @@ def multi_head_step(protos, online_embs, momentum_embs, preds, *, beta, temperat
             torch.stack([o[2] for o in outs]))
 
 
-def cluster_bank(bank, k, iters=10, generator=None):
-    """Spherical k-means of the whole memory bank (the same on every rank); -> (centres, labels)."""
+def cluster_bank(bank, k, iters=10, generator=None, start=None):
+    """Spherical k-means of the whole memory bank (the same on every rank), from the rows `start` or
+    k rows drawn by `generator`; -> (centres, labels)."""
     assert bank.shape[0] >= k, f"cannot seed {k} clusters from {bank.shape[0]} rows"
     ct = _ctype(bank)
     x = F.normalize(bank.to(ct), dim=1)
-    centres = x[torch.randperm(x.shape[0], generator=generator)[:k]].clone()
+    centres = x[torch.randperm(x.shape[0], generator=generator)[:k] if start is None else start].clone()
     for _ in range(iters):
         labels = nearest_prototype(x, centres)
         for j in range(k):
@@ -107,6 +108,24 @@ def cluster_bank(bank, k, iters=10, generator=None):
             if members.shape[0]:
                 centres[j] = F.normalize(members.sum(dim=0), dim=0)
     return centres.to(bank.dtype), nearest_prototype(x, centres)
+
+
+def regroup_heads(bank, index, n, heads, k, iters=10, generator=None, init_index=None):
+    """New prototypes for every head at the start of an epoch. The memory bank (bank[j]: global crop j's
+    embeddings of the samples `index`) is gathered whole on every rank, in dataset order; head h
+    clusters crop h % 2's rows, from k rows of its own draw (or init_index[h])."""
+    parts = [(index, bank)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (index.cpu(), bank.cpu()))
+    whole = torch.zeros(2, n, bank.shape[-1], dtype=bank.dtype)
+    for idx, rows in parts:
+        whole[:, idx] = rows
+    out = []
+    for h in range(heads):
+        start = init_index[h] if init_index is not None else torch.randperm(n, generator=generator)[:k]
+        out.append(cluster_bank(whole[h % 2], k, iters, start=start)[0])
+    return torch.stack(out)
 
 
 @torch.no_grad()

@@ -38,3 +38,7 @@ def momentum_update_(target, online, m):
 
 def beta_schedule(beta_start, beta_end, total_steps):
     return smogx.beta_schedule(beta_start, beta_end, total_steps)
+
+
+def regroup(bank, index, n, n_heads, k, iters=10, *, generator=None, init_index=None, all_reduce=None):
+    return smogx.regroup_heads(bank, index, n, n_heads, k, iters, generator=generator, init_index=init_index)
