@@ -64,6 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except checkpoint.StorageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 4
+    except FloatingPointError as e:        # the final evaluation's linear probe
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     except checkpoint.Interrupted as e:
         if lock.phase.startswith("in the final evaluation"):
             print(f"{e} {lock.phase}: training is complete; rerun the same command to redo the "

@@ -559,6 +559,7 @@ def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> bool:
         t0 = time.time()
         if run.rank == 0:
             print(f"filling the memory bank: {run.bank.n} images ...", flush=True)
+        run.hooks.filling()                                         # does nothing outside fault tests
         start()
         if run.rank == 0:
             print(f"memory bank filled in {time.time() - t0:.1f}s", flush=True)

@@ -204,7 +204,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _load(self, path: str) -> Image.Image:
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ValueError("empty file, 0 bytes")
             img = Image.open(f)
+            w, h = img.size                     # from the header: a bomb is refused before decoding
+            if w * h > decode.MAX_PIXELS:
+                raise ValueError(f"{w} x {h} pixels, over the limit of {decode.MAX_PIXELS} "
+                                 f"(PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?")
             img.load()
             return img.convert("RGB")
 
