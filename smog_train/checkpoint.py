@@ -50,6 +50,9 @@ class StorageError(OSError):
     """Writing into out_dir failed for lack of space, quota, file-size limit or write permission. The
     message is one line naming the path and the cause; train.py exits 4 with it."""
 
+    def __str__(self):  # the message alone, without OSError's "[Errno N]" prefix
+        return self.strerror
+
 
 class DigestError(ValueError):
     """A checkpoint whose bytes do not match the SHA-256 digest written with it (or that lost it)."""
@@ -66,14 +69,8 @@ def storage_error(path: str, e: OSError, fix: str = "") -> OSError:
     path, cause and errno name, then `fix`), else `e` itself."""
     if not isinstance(e, OSError) or e.errno not in STORAGE_CAUSES or isinstance(e, StorageError):
         return e
-    err = StorageError(e.errno, f"cannot write {path!r}: {STORAGE_CAUSES[e.errno]} "
-                                f"[{errno.errorcode[e.errno]}]" + (f"; {fix}" if fix else ""))
-    return err
-
-
-def __str_storage(self):  # one line: the message, without OSError's "[Errno N]" prefix
-    return self.strerror
-StorageError.__str__ = __str_storage
+    return StorageError(e.errno, f"cannot write {path!r}: {STORAGE_CAUSES[e.errno]} "
+                                 f"[{errno.errorcode[e.errno]}]" + (f"; {fix}" if fix else ""))
 
 
 def check_writable(out_dir: str) -> None:
@@ -240,7 +237,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
     if not digested and obj.get("integrity") == INTEGRITY:
         raise DigestError(f"checkpoint {path!r} fails verification: its digest trailer is missing or "
-                          f"damaged (the end of the file changed after it was written)")
+                          f"damaged (the file is truncated, or its end changed after it was written)")
     return obj
 
 
