@@ -1168,16 +1168,27 @@ def _jpeg_tree(root: Path) -> Path:
     return root
 
 
-def test_bad_images_skip_on_the_default_path_zero_byte_truncated_non_image_bomb(tmp_path):
+def test_bad_images_skip_on_the_default_path_zero_byte_truncated_non_image_bomb(tmp_path, monkeypatch):
     """--bad-images skip on the default path (tensor crops, JPEGs decoded with torchvision, the bank
     fill through PIL): the run finishes and lists each bad file once; the bomb is refused from its
     header by both decoders (decode_rgb never decodes it); libjpeg's "Corrupt JPEG data" never reaches
     the terminal. With --bad-images fail the zero-byte file is named in one line."""
-    from smog_train import decode
+    from smog_train import data, decode
     root = _jpeg_tree(tmp_path / "jpegs" / "train")
     bomb = decode.read_bytes(str(root / "class1" / "zz_bomb.jpg"))
-    assert decode.jpeg_pixels(bomb) == 20000 * 20000 and decode.decode_rgb([bomb], torch.device("cpu")) == [None]
+    decoded, real = [], decode._decode_jpegs                   # the torchvision decoder never sees it
+    monkeypatch.setattr(decode, "_decode_jpegs", lambda b, dev: decoded.append(len(b)) or real(b, dev))
+    cpu = torch.device("cpu")
+    assert decode.jpeg_pixels(bomb) == 20000 * 20000 and decode.decode_rgb([bomb], cpu) == [None] and not decoded
+    assert decode.decode_rgb([decode.read_bytes(str(root / "class0" / "00.jpg"))], cpu)[0].shape == (3, 16, 16)
+    monkeypatch.undo()
     assert decode.read_bytes(str(root / "class0" / "zz_zero.jpg")).numel() == 0
+    over = bytearray(bomb.numpy().tobytes())                  # 10000 x 10000: PIL itself only warns
+    sof = next(p for p in range(2, len(over)) if over[p] == 0xFF and over[p + 1] in (0xC0, 0xC2))
+    over[sof + 5:sof + 9] = (10000).to_bytes(2, "big") * 2
+    (tmp_path / "over.jpg").write_bytes(bytes(over))
+    with pytest.raises(ValueError, match=r"10000 x 10000 pixels, over the limit of 89478485"):
+        data.ImageFolderDataset(str(root))._load(str(tmp_path / "over.jpg"))
     out = tmp_path / "run"
     r = ok(run(train_cmd(out, "--data", f"imagefolder:{root.parent}", "--bad-images", "skip")))
     names = ["zz_bomb.jpg", "zz_text.jpg", "zz_truncated.jpg", "zz_zero.jpg"]
