@@ -77,11 +77,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{'resume from its checkpoint' if resume else 'start again'}", file=sys.stderr,
                   flush=True)
         return 128 + e.signum
-    except RuntimeError as e:
-        if cfg is None or not smog.dist_ready() or not launch.is_timeout(e):
+    except RuntimeError as e:   # a collective failed: one line (torchrun reports the exit codes)
+        if cfg is None or not smog.dist_ready():
             raise
-        print(f"error: {launch.timeout_line(cfg.dist_timeout)}", file=sys.stderr, flush=True)
-        launch.exit_process(5)      # the process group cannot be destroyed cleanly after a timeout
+        if launch.is_timeout(e):
+            print(f"error: {launch.timeout_line(cfg.dist_timeout)}", file=sys.stderr, flush=True)
+            launch.exit_process(5)  # the process group cannot be destroyed cleanly after this
+        if launch.is_peer_lost(e):
+            print(f"error: {launch.peer_lost_line(e)}", file=sys.stderr, flush=True)
+            launch.exit_process(1)
+        raise
     finally:
         lock.release()
         if smog.dist_ready():

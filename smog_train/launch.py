@@ -78,6 +78,20 @@ def is_timeout(e: BaseException) -> bool:
     return bool(re.search(r"timed? ?out|timeout", str(e), re.IGNORECASE))
 
 
+def is_peer_lost(e: BaseException) -> bool:
+    """A collective that failed because another rank's process ended (gloo: "Connection closed by
+    peer"; NCCL: "remote process exited")."""
+    return bool(re.search(r"closed by peer|reset by peer|remote (worker|process)|Broken pipe", str(e),
+                          re.IGNORECASE))
+
+
+def peer_lost_line(e: BaseException) -> str:
+    rank = dist.get_rank() if smog.dist_ready() else 0
+    first = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split())).split(". ")[0][:120]
+    return (f"rank {rank}: another rank ended during a collective ({first}); its own error line says "
+            f"why; rerun the same command to resume from the last checkpoint")
+
+
 def timeout_line(minutes: float) -> str:
     rank = dist.get_rank() if smog.dist_ready() else 0
     return (f"rank {rank}: a collective did not complete within --dist-timeout {minutes:g} min: another "
