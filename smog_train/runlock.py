@@ -35,7 +35,16 @@ def _proc_start(pid: int) -> Optional[str]:
         return None
 
 
+def _age(path: str) -> float:
+    try:
+        return time.time() - os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
 def _alive(pid: int, start: Optional[str]) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -79,6 +88,9 @@ class RunLock:
                 holder = self._read(path)
                 desc = (f"pid {holder.get('pid')} on {holder.get('host')}, started "
                         f"{holder.get('started')}")
+                if not holder:                   # its writer died between creating and writing it
+                    desc = "an empty or unreadable lock"
+                    holder = dict(host=me["host"], pid=-1) if _age(path) > 60 else dict(host="?")
                 if holder.get("host") != me["host"]:
                     self.release(wrote=False)
                     raise UsageError(f"--out-dir {out_dir!r} is in use by another run ({desc}; "
@@ -88,7 +100,7 @@ class RunLock:
                     self.release(wrote=False)
                     raise UsageError(f"--out-dir {out_dir!r} is in use by another run ({desc}); wait "
                                      f"for it to end or stop it, or choose another --out-dir") from None
-                if self._read(path) == holder:           # still the same stale lock: take it over
+                if self._read(path) in (holder, {}):     # still the same stale lock: take it over
                     try:
                         os.remove(path)
                     except FileNotFoundError:
