@@ -931,18 +931,29 @@ def _err_lines(r) -> list:
     return [ln for ln in r.stderr.splitlines() if ln.strip()]
 
 
+def _proc_state(pid: int) -> str:
+    """R running, S sleeping, T stopped, ... (/proc/PID/stat)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
 def test_second_run_in_the_same_out_dir_exits_2_and_a_stale_lock_is_taken_over(ref1, tmp_path):
     """A run holds out_dir/run.lock (pid, host, start time). The same command started in the same
     out_dir meanwhile exits 2 with one line naming the holder, before loading data or writing. The
     first run is then SIGKILLed (its lock stays behind, stale): the same command takes it over with
     a line, resumes and ends bitwise identical to the uninterrupted run; no lock is left."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc (Linux)")
     out = tmp_path / "run"
     first = _popen(train_cmd(out), env={"SMOG_TEST_STOP_AT_STEP": 5})    # holds the lock, stopped
     try:
         t0 = time.time()
-        while not (out / "checkpoint.pth").exists() or load(out / "checkpoint.pth")["step"] < 4:
+        while _proc_state(first.pid) != "T":                         # stopped at step 5, holding the lock
             assert first.poll() is None and time.time() - t0 < 200, first.communicate()
             time.sleep(0.2)
+        assert load(out / "checkpoint.pth")["step"] == 4
         holder = json.loads((out / "run.lock").read_text())
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
         before = snapshot(out)
