@@ -54,7 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written), 128 + signal for a signal before the first step (nothing saved yet). docs/RELIABILITY.md."""
     lock = runlock.RunLock()
     cfg = None
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # past ulimit -f: an EFBIG error, not a core dump
+    if hasattr(signal, "SIGXFSZ"):     # past ulimit -f: an EFBIG error (one line), not a core dump
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         cfg = parse_config(argv)
         return train(cfg, lock)

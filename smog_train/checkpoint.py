@@ -1,7 +1,9 @@
 """Run state of train.py: what a checkpoint holds, how it is written, checked and resumed.
 
-Checkpoint (out_dir/checkpoint.pth, written by rank 0 with save_atomic, loaded with
-load_checkpoint, i.e. weights_only=True):
+Checkpoint (out_dir/checkpoint.pth, written by rank 0 with save_atomic -- temporary file, fsync,
+rename, a SHA-256 trailer of its bytes; the previous one kept as checkpoint.prev.pth -- and loaded
+with load_checkpoint, which verifies the trailer, then torch.load(weights_only=True); a resume that
+finds checkpoint.pth damaged uses checkpoint.prev.pth, see choose_checkpoint):
   both networks and the groups (SMoG.state_dict()), the whole memory bank in dataset order (fp32),
   optimiser, GradScaler, step / epoch / position in the epoch (the sampler is rebuilt from (seed,
   epoch) and fast-forwarded), the config as plain types, the world size that wrote it, kNN history,
@@ -11,7 +13,7 @@ load_checkpoint, i.e. weights_only=True):
 Nothing in it is laid out per rank, so a run resumes on another number of processes (any that
 divides the global batch / accum): the bank is re-sharded, the data position is the global step;
 the log and the banner say that the world size changed. It is saved at the end of every epoch,
-every --save-every steps and on SIGTERM (then exit 0). Resuming with a different config field
+every --save-every steps and on SIGTERM (then exit 0) or SIGINT (exit 130). Resuming with a different config field
 (other than RUNTIME_FIELDS in train.py) is refused, naming the field. Bad input raises UsageError:
 train.py prints it as one line and exits with code 2.
 
