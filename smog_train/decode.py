@@ -72,11 +72,11 @@ class _libjpeg_messages:
     """Context: file descriptor 2 goes to a temporary file while libjpeg decodes; `.noise` says whether
     it printed "Corrupt JPEG data"; whatever else arrived there meanwhile is written on to stderr."""
 
-    _file = None
+    _file, _pid = None, None             # one file per process (a forked worker makes its own)
 
     def __enter__(self):
-        if _libjpeg_messages._file is None:
-            _libjpeg_messages._file = tempfile.TemporaryFile()
+        if _libjpeg_messages._pid != os.getpid():
+            _libjpeg_messages._file, _libjpeg_messages._pid = tempfile.TemporaryFile(), os.getpid()
         sys.stderr.flush()
         self.saved = os.dup(2)
         os.dup2(self._file.fileno(), 2)
