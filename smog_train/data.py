@@ -22,6 +22,7 @@ import copy
 import math
 import os
 import sys
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -206,7 +207,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise ValueError("empty file, 0 bytes")
-            img = Image.open(f)
+            with warnings.catch_warnings():     # PIL's bomb warning: such an image is refused below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f)
             w, h = img.size                     # from the header: a bomb is refused before decoding
             if w * h > decode.MAX_PIXELS:
                 raise ValueError(f"{w} x {h} pixels, over the limit of {decode.MAX_PIXELS} "
