@@ -226,6 +226,10 @@ def load_backbone(path: Optional[str], *, arch: Optional[str] = None, cifar_stem
         else:
             raise ValueError(f"{path!r} is neither a train.py checkpoint (no 'model' dict) nor an exported backbone "
                              f"(not a flat name->tensor dict); top-level keys: {_name_keys(map(str, ck))}")
+    bad = checkpoint.nonfinite_tensors(sd or {})
+    if bad:
+        raise ValueError(f"{path!r} holds non-finite backbone weights ({len(bad)} tensors, e.g. {bad[0]!r}); "
+                         f"evaluate another checkpoint (e.g. {checkpoint.PREV} beside it)")
     if arch is None:
         raise ValueError("no architecture: pass --checkpoint, or --arch with --random-init")
     cifar_stem, width = bool(cifar_stem), 32 if width is None else int(width)
@@ -449,6 +453,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:          # a non-finite linear loss: no eval.json
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         if smog.dist_ready():
             dist.destroy_process_group()

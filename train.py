@@ -18,7 +18,9 @@ their order; the optimisers and schedules; building the model.
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -32,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import smog
-from smog_train import checkpoint, data, evaluation, faults, launch
+from smog_train import checkpoint, data, evaluation, faults, launch, runlock
 from smog_train import sync_bn as smog_sync_bn
 from smog_train.batches import StepBatches, batch_geometry, build_data, item_seed, loader, \
     reraise_data_error, to_device
@@ -47,22 +49,65 @@ from smog_train.memory_bank import MemoryBank, bn_buffers, fill_bank, restore_bu
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """-> exit code: 0 done (or SIGTERM, checkpoint written), 2 bad input, 3 non-finite loss, 4 a
+    full / read-only disk, 5 a collective timed out (--dist-timeout), 130 Ctrl-C (checkpoint
+    written), 128 + signal for a signal before the first step (nothing saved yet). docs/RELIABILITY.md."""
+    lock = runlock.RunLock()
+    cfg = None
+    if hasattr(signal, "SIGXFSZ"):     # past ulimit -f: an EFBIG error (one line), not a core dump
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        return train(parse_config(argv))
+        cfg = parse_config(argv)
+        return train(cfg, lock)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except checkpoint.StorageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 4
+    except FloatingPointError as e:        # the final evaluation's linear probe
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
+    except checkpoint.Interrupted as e:
+        if lock.phase.startswith("in the final evaluation"):
+            print(f"{e} {lock.phase}: training is complete; rerun the same command to redo the "
+                  f"evaluation", file=sys.stderr, flush=True)
+        else:
+            resume = os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pth"))
+            print(f"{e} {lock.phase}: nothing was saved yet; rerun the same command to "
+                  f"{'resume from its checkpoint' if resume else 'start again'}", file=sys.stderr,
+                  flush=True)
+        return 128 + e.signum
+    except RuntimeError as e:   # a collective failed: one line (torchrun reports the exit codes)
+        if cfg is None or not smog.dist_ready():
+            raise
+        if launch.is_timeout(e):
+            print(f"error: {launch.timeout_line(cfg.dist_timeout)}", file=sys.stderr, flush=True)
+            launch.exit_process(5)  # the process group cannot be destroyed cleanly after this
+        if launch.is_peer_lost(e):
+            print(f"error: {launch.peer_lost_line(e)}", file=sys.stderr, flush=True)
+            launch.exit_process(1)
+        raise
     finally:
+        lock.release()
         if smog.dist_ready():
             dist.destroy_process_group()
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, lock: Optional[runlock.RunLock] = None) -> int:
     """The whole run -> exit code: set up, build data / model / optimiser / schedules, resume or
     start, the epoch loop (regroup at the start of an epoch), the final evaluation."""
+    lock = lock or runlock.RunLock()
+    with checkpoint.on_signals(lock) as signals:
+        lock.phase = "during setup"
+        return _train(cfg, lock, signals)
+
+
+def _train(cfg: Config, lock: runlock.RunLock, signals) -> int:
     check_values(cfg)
     checkpoint.check_writable(cfg.out_dir)  # now, not after loading the data and filling the bank
     rank, world, device = launch.setup(cfg)
+    take_lock(lock, cfg.out_dir, rank)      # one run per out_dir, before anything is written
     train_raw, train_plain, test_ds = build_data(cfg, rank)
     if cfg.final_eval and test_ds is None:
         raise UsageError(f"--final-eval needs a held-out split; {cfg.data} has none (create "
@@ -91,8 +136,9 @@ def train(cfg: Config) -> int:
               bank=bank, sched=schedules(cfg, spe), spe=spe, autocast=autocast,
               cfg_dict=dict(asdict(cfg), model=asdict(cfg.model_config()),
                             git=launch.git_revision()),
-              hooks=faults.from_env())
+              hooks=faults.from_env(), lock=lock)
     n_classes = data.num_classes(train_raw)
+    lock.phase = "while loading the checkpoint or filling the memory bank"
     resumed = resume_or_start(run, train_raw, RUNTIME_FIELDS, start=lambda: fill_bank(
         model, bank, train_plain, cfg, device, micro, autocast))   # restore all, or fill the bank
     launch.announce(run, micro, amp, resumed, test_ds is not None)
@@ -103,17 +149,37 @@ def train(cfg: Config) -> int:
         decode_on_device=data.decode_on_device(device, cfg.workers))
     sampler = StepBatches(len(train_raw), rank, world, micro, cfg.accum, cfg.seed)
     batches = loader(views, sampler, cfg, device, persistent=True)
-    with checkpoint.on_sigterm() as sigterm:
-        for epoch in range(run.epoch, cfg.epochs):
-            start = run.step_in_epoch if epoch == run.epoch else 0
-            if start == 0 and epoch % cfg.regroup_every == 0:
-                regroup(run, epoch)                         # k-means over the memory bank
-            sampler.set_epoch(epoch, start)                 # resumes mid-epoch at the exact batch
-            code = train_one_epoch(run, views.batches(iter(batches), device), epoch, start, sigterm)
-            if code is not None:
-                return code                                 # SIGTERM (0) or a non-finite loss (3)
-            end_of_epoch(run, epoch, train_plain, test_ds, n_classes)
+    lock.phase = "before the first step"
+    for epoch in range(run.epoch, cfg.epochs):
+        start = run.step_in_epoch if epoch == run.epoch else 0
+        if start == 0 and epoch % cfg.regroup_every == 0:
+            regroup(run, epoch)                         # k-means over the memory bank
+        sampler.set_epoch(epoch, start)                 # resumes mid-epoch at the exact batch
+        signals.loop = True                             # a signal now: checkpoint at the step's end
+        code = train_one_epoch(run, views.batches(iter(batches), device), epoch, start, signals)
+        if code is not None:
+            return code                                 # SIGTERM (0), Ctrl-C (130), non-finite (3)
+        end_of_epoch(run, epoch, train_plain, test_ds, n_classes)
+    signals.loop, lock.phase = False, "in the final evaluation, after the last checkpoint"
     return evaluation.final_evaluation(run, train_raw, train_plain, test_ds, n_classes)
+
+
+def take_lock(lock: runlock.RunLock, out_dir: str, rank: int) -> None:
+    """Rank 0 takes out_dir's lock; every rank learns the outcome (all exit 2 if it is held)."""
+    err = None
+    if rank == 0:
+        try:
+            note = lock.acquire(out_dir)
+            if note:
+                print(note, file=sys.stderr, flush=True)
+        except UsageError as e:
+            err = str(e)
+    if smog.dist_ready():
+        box = [err]
+        dist.broadcast_object_list(box, 0)
+        err = box[0]
+    if err:
+        raise UsageError(err)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,9 +202,10 @@ def regroup(run: Run, epoch: int) -> None:
                 f"bank ({time.time() - t0:.1f}s)")
 
 
-def train_one_epoch(run: Run, batches, epoch: int, start: int, sigterm) -> Optional[int]:
+def train_one_epoch(run: Run, batches, epoch: int, start: int, signals) -> Optional[int]:
     """Steps start .. spe-1 of `epoch`. -> None, or the exit code when the run stops here: 0 after
-    the SIGTERM checkpoint, 3 for a non-finite loss beyond --skip-nonfinite."""
+    the SIGTERM checkpoint, 130 after the Ctrl-C (SIGINT) one, 3 for a non-finite loss beyond
+    --skip-nonfinite."""
     cfg, model = run.cfg, run.model
     attainable = min(1.0, 2 * cfg.batch_size / cfg.n_groups)                 # groups hit at most
     run.peak_hit = torch.full((), run.peak_hit if start else 0.0, device=run.device)
@@ -156,7 +223,7 @@ def train_one_epoch(run: Run, batches, epoch: int, start: int, sigterm) -> Optio
         model.momentum_step(m)                                     # (M1) EMA before the forward
         loss, stats, bank_z = train_step(run, micro_batches, beta)
         loss = run.hooks.loss(step, loss)
-        loss_v, bad, term = step_flags(loss, sigterm.got, run)     # one all-reduce: a host sync
+        loss_v, bad, term, intr = step_flags(loss, signals, run)  # one all-reduce: a host sync
         run.hooks.after_backward(step)
         if bad and not skip_nonfinite(run, step, epoch, undo):
             return 3
@@ -166,10 +233,12 @@ def train_one_epoch(run: Run, batches, epoch: int, start: int, sigterm) -> Optio
         run.peak_hit = torch.maximum(run.peak_hit, stats["nonempty"].mean() / attainable)
         run.step, run.epoch, run.step_in_epoch = step + 1, epoch, s + 1
         meter.step(step, s, loss_v, lr, beta, m, stats)
-        if term:
-            save(run, "SIGTERM")
-            rank0_print("SIGTERM: checkpoint written, exiting")
-            return 0
+        if term or intr:
+            name = "SIGINT" if intr else "SIGTERM"
+            save(run, name)
+            rank0_print(f"{name}: checkpoint written ({run.last_ck}), exiting; rerun the same "
+                        f"command to resume")
+            return 130 if intr else 0
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and s + 1 < run.spe:
             save(run, f"every {cfg.save_every} steps")
     return None
@@ -331,14 +400,15 @@ def _rng_set(state: torch.Tensor, device) -> None:
         torch.set_rng_state(state)
 
 
-def step_flags(loss: torch.Tensor, sigterm_got: bool, run: Run) -> tuple:
+def step_flags(loss: torch.Tensor, signals, run: Run) -> tuple:
     """One small all-reduce per step -> (mean loss over ranks, non-finite on any rank, SIGTERM on
-    any rank)."""
+    any rank, SIGINT on any rank)."""
     flags = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
-                         torch.tensor(float(sigterm_got), device=run.device)])
+                         torch.tensor(float(signals.term), device=run.device),
+                         torch.tensor(float(signals.int), device=run.device)])
     if smog.dist_ready():
         dist.all_reduce(flags)
-    return flags[0].item() / run.world, flags[1].item() > 0, flags[2].item() > 0
+    return flags[0].item() / run.world, flags[1].item() > 0, flags[2].item() > 0, flags[3].item() > 0
 
 
 def skip_nonfinite(run: Run, step: int, epoch: int, undo: Optional[restore_buffers]) -> bool:

@@ -6,6 +6,8 @@ epoch, index), so crops depend neither on workers, ranks nor where a run resumed
 augmentation sets swap every optimiser step (even step: online = A). `cfg` is a train.Config."""
 from __future__ import annotations
 
+import signal
+
 import torch
 import torch.distributed as dist
 
@@ -97,6 +99,7 @@ def batch_geometry(cfg, n: int, world: int) -> tuple:
 
 def _worker_init(_):
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the training process's to handle
 
 
 def loader(ds, batch_sampler, cfg, device, *, persistent: bool = False):

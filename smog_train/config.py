@@ -101,6 +101,8 @@ class Config:
                               "micro-batch, and results depend on the number of processes")
     workers: int = opt(-1, "data loader workers per rank (-1: cores per rank - 1, at most 10)")
     threads: int = opt(0, "torch intra-op threads per rank (0: cores per rank minus workers, at least 1)")
+    dist_timeout: float = opt(10.0, "minutes a collective (all-reduce, barrier) may wait for the other "
+                                    "ranks before the job stops with a line naming this flag (torchrun)")
     seed: int = opt(0, "seed of the initial weights, sampler, augmentations and k-means")
     log_every: int = opt(50, "a log line every this many steps")
     save_every: int = opt(0, "also checkpoint every this many steps (0: end of epoch and SIGTERM only)")
@@ -152,6 +154,7 @@ PRESETS = {
 
 # fields that may change between a checkpoint and the resumed run (they do not change the result)
 RUNTIME_FIELDS = {"config", "out_dir", "resume", "data_root", "download", "bad_images", "device", "workers", "threads",
+                  "dist_timeout",
                   "compile", "log_every", "save_every", "knn_every", "knn_max_train", "collapse_threshold",
                   "skip_nonfinite", "final_eval", "probe_epochs", "probe_lr", "sup_lr"}
 
@@ -262,6 +265,7 @@ def check_values(cfg: Config) -> None:
         (cfg.optimizer in ("lars", "sgd", "adamw"), f"--optimizer must be lars, sgd or adamw, not {cfg.optimizer!r}"),
         (cfg.ema_schedule in ("const", "cosine"), f"--ema-schedule must be const or cosine, not {cfg.ema_schedule!r}"),
         (cfg.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16"),
+        (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {cfg.dist_timeout}"),
         (cfg.bad_images in ("fail", "skip"), f"--bad-images must be fail or skip, not {cfg.bad_images!r}"),
         (cfg.regroup_every >= 1 and cfg.kmeans_iters >= 0, "--regroup-every must be >= 1 and --kmeans-iters >= 0"),
         (cfg.log_every >= 1 and cfg.save_every >= 0 and cfg.knn_every >= 0, "--log-every must be >= 1, "

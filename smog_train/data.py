@@ -22,6 +22,7 @@ import copy
 import math
 import os
 import sys
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -204,7 +205,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _load(self, path: str) -> Image.Image:
         with open(path, "rb") as f:
-            img = Image.open(f)
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ValueError("empty file, 0 bytes")
+            with warnings.catch_warnings():     # PIL's bomb warning: such an image is refused below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(f)
+            w, h = img.size                     # from the header: a bomb is refused before decoding
+            if w * h > decode.MAX_PIXELS:
+                raise ValueError(f"{w} x {h} pixels, over the limit of {decode.MAX_PIXELS} "
+                                 f"(PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?")
             img.load()
             return img.convert("RGB")
 

@@ -7,6 +7,11 @@ the value it is called with:
   point             variable                    action
   step_start        SMOG_TEST_SIGTERM_AT_STEP=N send SIGTERM to self at the start of global step N
                                                 (the real signal handler acts on it)
+  step_start        SMOG_TEST_SIGINT_AT_STEP=N  the same with SIGINT (what Ctrl-C sends); with
+                    SMOG_TEST_SIGINT_TWICE=1    two SIGINTs at once (a second Ctrl-C)
+  step_start        SMOG_TEST_STOP_AT_STEP=N    SIGSTOP self at the start of global step N (a hung
+                                                rank: the others wait in the step's all-reduce)
+  filling           SMOG_TEST_SIGTERM_IN_FILL=1 send SIGTERM to self when the memory-bank fill starts
   loss              SMOG_TEST_NAN_AT_STEP=N     the loss of global step N becomes NaN (every rank)
   after_backward    SMOG_TEST_DIE_AT_STEP=N     SIGKILL self in global step N (0-based) after its
                                                 backward, before the optimiser step
@@ -41,7 +46,9 @@ import smog
 
 VARIABLES = {"step_start": "SMOG_TEST_SIGTERM_AT_STEP", "loss": "SMOG_TEST_NAN_AT_STEP",
              "after_backward": "SMOG_TEST_DIE_AT_STEP", "regrouped": "SMOG_TEST_DIE_IN_REGROUP",
-             "checkpoint_write": "SMOG_TEST_DIE_IN_SAVE", "batch": "SMOG_TEST_RECORD_BATCHES"}
+             "checkpoint_write": "SMOG_TEST_DIE_IN_SAVE", "batch": "SMOG_TEST_RECORD_BATCHES",
+             "sigint": "SMOG_TEST_SIGINT_AT_STEP", "stop": "SMOG_TEST_STOP_AT_STEP",
+             "filling": "SMOG_TEST_SIGTERM_IN_FILL"}
 
 
 class Hooks:
@@ -57,6 +64,9 @@ class Hooks:
         pass
 
     def regrouped(self, epoch: int) -> None:
+        pass
+
+    def filling(self) -> None:
         pass
 
     def checkpoint_write(self, n_save: int, obj: dict, path: str) -> None:
@@ -85,6 +95,16 @@ class FaultHooks(Hooks):
 
     def step_start(self, step: int) -> None:
         if self._due("step_start", step):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self._due("sigint", step):
+            for _ in range(2 if os.environ.get("SMOG_TEST_SIGINT_TWICE") else 1):
+                os.kill(os.getpid(), signal.SIGINT)
+        if self._due("stop", step):
+            print(f"[test] SIGSTOP self at step {step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    def filling(self) -> None:
+        if self._due("filling", 1):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@ split over ranks, data workers and torch threads. Plain `python` (RANK unset): o
 group (smog's collectives are then no-ops); under torchrun NCCL on GPUs, gloo on CPU."""
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import subprocess
 import sys
 
@@ -14,19 +16,20 @@ import smog
 from smog_train.config import UsageError
 
 
-def init_process_group(backend: str) -> None:
+def init_process_group(backend: str, timeout_min: float = 10.0) -> None:
     """dist.init_process_group from torchrun's environment, with one store key space per restart attempt.
     torchrun keeps its agent's TCPStore across --max-restarts attempts, and the process group's keys
     (gloo's peer addresses) are not prefixed by attempt (torch 2.14): a restarted rank could read the
     dead attempt's addresses and fail with "Gloo connectFullMesh failed ... Connection refused"."""
+    timeout = datetime.timedelta(minutes=timeout_min)     # every collective's limit (--dist-timeout)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         return
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                          timeout=dist.default_pg_timeout)
     store = dist.PrefixStore(f"smog/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def keep_freed_memory() -> None:
@@ -56,7 +59,7 @@ def setup(cfg) -> tuple:
         local = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:
             torch.cuda.set_device(local)
-        init_process_group("nccl" if cuda else "gloo")
+        init_process_group("nccl" if cuda else "gloo", getattr(cfg, "dist_timeout", 10.0))
     if smog.dist_ready():
         rank, world = dist.get_rank(), dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -67,6 +70,33 @@ def setup(cfg) -> tuple:
         cfg.workers = min(10, cores - 1)
     torch.set_num_threads(cfg.threads or max(1, cores - cfg.workers))  # workers + threads = cores: no oversubscription
     return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def is_timeout(e: BaseException) -> bool:
+    """A collective that timed out (gloo: "Timed out waiting ...ms for recv operation"; NCCL with
+    async error handling off: "... timeout ..." from the watchdog)."""
+    return bool(re.search(r"timed? ?out|timeout", str(e), re.IGNORECASE))
+
+
+def is_peer_lost(e: BaseException) -> bool:
+    """A collective that failed because another rank's process ended (gloo: "Connection closed by
+    peer"; NCCL: "remote process exited")."""
+    return bool(re.search(r"closed by peer|reset by peer|remote (worker|process)|Broken pipe", str(e),
+                          re.IGNORECASE))
+
+
+def peer_lost_line(e: BaseException) -> str:
+    rank = dist.get_rank() if smog.dist_ready() else 0
+    first = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split())).split(". ")[0][:120]
+    return (f"rank {rank}: another rank ended during a collective ({first}); its own error line says "
+            f"why; rerun the same command to resume from the last checkpoint")
+
+
+def timeout_line(minutes: float) -> str:
+    rank = dist.get_rank() if smog.dist_ready() else 0
+    return (f"rank {rank}: a collective did not complete within --dist-timeout {minutes:g} min: another "
+            f"rank is stopped, hung or dead; the job stops; rerun the same command to resume from the "
+            f"last checkpoint (raise --dist-timeout if a rank is legitimately slow)")
 
 
 def rank0_print(*a):

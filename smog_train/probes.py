@@ -182,11 +182,13 @@ def fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], test_f: torc
                epochs: int, lr: float, wd: float, log: Optional[Callable[[str], None]] = None) -> dict:
     """Train `head` with SGD (momentum 0.9, cosine per epoch) on the global batches (feats [B, F],
     labels [B]) yielded by batches(epoch); score the test features after every epoch.
-    -> dict(top1, top5 (last epoch), best_top1, best_top5 (at the best top-1 epoch), best_epoch, top1_history)."""
+    -> dict(top1, top5 (last epoch), best_top1, best_top5 (at the best top-1 epoch), best_epoch, top1_history).
+    FloatingPointError at the end of an epoch with a non-finite loss."""
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     hist, best = [], (-1.0, 0.0, -1)
     top1 = top5 = 0.0
     last_loss = torch.zeros(())
+    nonfinite = torch.zeros((), dtype=torch.bool, device=test_f.device)
     step_threads = _step_threads(head, test_f.device)
     for epoch in range(epochs):
         for g in opt.param_groups:
@@ -201,6 +203,11 @@ def fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], test_f: torc
                 loss.backward()
                 opt.step()
             last_loss = loss.detach()
+            nonfinite |= ~torch.isfinite(last_loss)
+        if nonfinite.item():                    # once per epoch: no host sync per step
+            raise FloatingPointError(f"linear evaluation: non-finite loss in epoch {epoch + 1}; the "
+                                     f"results would be chance level; check the checkpoint or lower "
+                                     f"--lr")
         head.eval()
         with step_threads:
             top1, top5 = _linear_accuracy(head, test_f, test_y)

@@ -581,9 +581,9 @@ def test_truncated_checkpoint_is_refused_with_one_line(ref1, tmp_path):
     for n in (0, 100, len(good) // 2, len(good) - 1):
         p = tmp_path / f"cut{n}.pth"
         p.write_bytes(good[:n])
-        with pytest.raises(ValueError, match="cannot load") as e:
+        with pytest.raises(ValueError, match="cannot load|fails verification") as e:
             checkpoint.load_checkpoint(str(p))
-        assert "\n" not in str(e.value)
+        assert "\n" not in str(e.value) and "truncated" in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -757,6 +757,11 @@ def _train_bad_inputs(folders, ref1, ref2):
         (["--seed", "1"], r"config field 'seed'", r"--seed 0", "ref1"),
         (["--no-sync-bn"], r"config field 'sync_bn' is True in the checkpoint but False now",
          r"pass --sync-bn or", "ref2"),
+        # --resume of one run into an out_dir holding another
+        (["--resume", ref1["dir"] / "checkpoint.pth"], r"--out-dir '.*' holds another run \(checkpoint.pth\); "
+         r"resuming '.*ref1.*checkpoint.pth' there would overwrite it",
+         r"pass an empty --out-dir with --resume, or drop --resume", "ref2"),
+        (["--dist-timeout", "0"], r"--dist-timeout must be > 0 minutes, got 0", r"> 0"),
     ]
 
 
@@ -910,3 +915,303 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
             failures.append((extra[-2:], why))
     assert failures == [], "\n".join(map(str, failures))
     assert not (folders / "cifar_root").exists() or not any((folders / "cifar_root").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# one run per out_dir, checkpoint integrity, Ctrl-C, storage faults, a stopped rank, bad
+# images on every decode path
+
+
+def _popen(cmd: list, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **kw)
+
+
+def _err_lines(r) -> list:
+    return [ln for ln in r.stderr.splitlines() if ln.strip()]
+
+
+def _proc_state(pid: int) -> str:
+    """R running, S sleeping, T stopped, ... (/proc/PID/stat)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def test_second_run_in_the_same_out_dir_exits_2_and_a_stale_lock_is_taken_over(ref1, tmp_path):
+    """A run holds out_dir/run.lock (pid, host, start time). The same command started in the same
+    out_dir meanwhile exits 2 with one line naming the holder, before loading data or writing. The
+    first run is then SIGKILLed (its lock stays behind, stale): the same command takes it over with
+    a line, resumes and ends bitwise identical to the uninterrupted run; no lock is left."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc (Linux)")
+    out = tmp_path / "run"
+    first = _popen(train_cmd(out), env={"SMOG_TEST_STOP_AT_STEP": 5})    # holds the lock, stopped
+    try:
+        t0 = time.time()
+        while _proc_state(first.pid) != "T":                         # stopped at step 5, holding the lock
+            assert first.poll() is None and time.time() - t0 < 200, first.communicate()
+            time.sleep(0.2)
+        assert load(out / "checkpoint.pth")["step"] == 4
+        holder = json.loads((out / "run.lock").read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        before = snapshot(out)
+        t1 = time.time()
+        r = run(train_cmd(out))
+        took = time.time() - t1
+        line = one_line_error(r)
+        assert re.search(rf"--out-dir '.*run' is in use by another run \(pid {first.pid} on "
+                         rf"{re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\d", line), line
+        assert "filling the memory bank" not in r.stdout and snapshot(out) == before
+        print(f"second run refused in {took:.1f}s")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    assert (out / "run.lock").exists()                                # stale: its holder is gone
+    r = ok(run(train_cmd(out)))
+    assert re.search(rf"warning: taking over the lock of --out-dir .*: its run \(pid {first.pid} ", r.stderr)
+    assert "resuming at step 4" in r.stdout
+    assert_same_final(ref1["dir"], out)
+    assert not (out / "run.lock").exists()
+
+
+def _flip(path: Path, n: int = 16) -> None:
+    b = bytearray(path.read_bytes())
+    mid = len(b) // 2
+    b[mid:mid + n] = bytes(x ^ 0xFF for x in b[mid:mid + n])
+    path.write_bytes(bytes(b))
+
+
+def test_flipped_bytes_are_detected_resume_uses_the_previous_checkpoint_bitwise(ref1, tmp_path, capfd):
+    """16 bytes flipped in the middle of checkpoint.pth (step 6; checkpoint.prev.pth is step 4):
+    eval_linear.py and export refuse it in one line; --resume of it is refused naming the two choices;
+    the same command names it, resumes from the previous checkpoint and ends bitwise identical to the
+    uninterrupted run; the bad file is kept aside as checkpoint.corrupt.pth."""
+    out = tmp_path / "run"
+    ok(run(train_cmd(out), env={"SMOG_TEST_SIGTERM_AT_STEP": 5}))
+    ck, prev = out / "checkpoint.pth", out / "checkpoint.prev.pth"
+    assert (load(ck)["step"], load(prev)["step"]) == (6, 4)
+    _flip(ck)
+    with pytest.raises(checkpoint.DigestError):
+        checkpoint.load_checkpoint(str(ck))
+    import eval_linear
+    for main, argv in ((eval_linear.main, ["--checkpoint", ck, "--device", "cpu", "--workers", "0"]),
+                       (export.main, [ck, tmp_path / "b.pth"])):
+        threads = torch.get_num_threads()
+        try:
+            rc = main([str(a) for a in argv])
+        finally:
+            torch.set_num_threads(threads)
+        stdout, err = capfd.readouterr()
+        assert _one_line_error_problems(rc, stdout, err, r"checkpoint '.*checkpoint.pth' fails verification: its "
+                                        r"SHA-256 does not match", r"changed after it was written") == []
+    assert not (out / "eval.json").exists() and not (tmp_path / "b.pth").exists()
+    rc, stdout, err = _call_train_main([*TINY, "--out-dir", tmp_path / "other", "--resume", ck], capfd)
+    assert _one_line_error_problems(rc, stdout, err, r"fails verification",
+                                    rf"pass --resume {re.escape(str(prev))} \(the previous checkpoint, step 4\) "
+                                    r"or start over in a new --out-dir") == []
+    r = ok(run(train_cmd(out)))
+    assert re.search(r"warning: checkpoint '.*checkpoint.pth' fails verification.*; resuming from the previous "
+                     r"checkpoint .*checkpoint.prev.pth \(step 4\) instead", r.stderr), r.stderr
+    assert "resuming at step 4" in r.stdout and (out / "checkpoint.corrupt.pth").exists()
+    assert_same_final(ref1["dir"], out)
+
+
+def test_eval_refuses_nonfinite_weights_and_a_nonfinite_linear_loss_exits_3(ref1, tmp_path, capfd):
+    """eval_linear.py: a checkpoint (with a valid digest) holding a NaN backbone weight is refused in
+    one line (exit 2); a linear evaluation whose loss goes non-finite exits 3 without eval.json."""
+    import eval_linear
+    ck = load(ref1["dir"] / "checkpoint.pth")
+    k = next(k for k in ck["model"] if k.startswith("backbone.") and ck["model"][k].is_floating_point())
+    ck["model"][k] = ck["model"][k].contiguous().clone()
+    ck["model"][k].view(-1)[0] = float("nan")
+    bad = tmp_path / "nan.pth"
+    checkpoint.save_atomic(ck, str(bad))
+    out = tmp_path / "out"
+    for extra, code, problem in (([bad], 2, rf"holds non-finite backbone weights \(1 tensors, e.g. '{k[9:]}'\)"),
+                                 ([ref1["dir"] / "checkpoint.pth", "--lr", "1e38"], 3,
+                                  r"linear evaluation: non-finite loss in epoch \d; .*lower --lr")):
+        argv = [str(a) for a in ["--out-dir", out, "--cached-features", "--epochs", "2", "--workers", "0",
+                                 "--device", "cpu", "--quiet", "--checkpoint", *extra]]
+        threads = torch.get_num_threads()
+        try:
+            rc = eval_linear.main(argv)
+        finally:
+            torch.set_num_threads(threads)
+        stdout, err = capfd.readouterr()
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert rc == code and len(lines) == 1 and re.search(problem, lines[0]), (rc, err)
+        assert not (out / "eval.json").exists()
+
+
+@pytest.fixture(scope="module")
+def cut_sigint(tmp_path_factory):
+    """The reference command stopped by Ctrl-C (a real SIGINT) at the start of step 5: the step
+    finishes, a checkpoint is written (step 6), exit 130. Tests copy it before resuming."""
+    out = tmp_path_factory.mktemp("sigint") / "run"
+    r = run(train_cmd(out), env={"SMOG_TEST_SIGINT_AT_STEP": 5})
+    assert r.returncode == 130, (r.returncode, r.stderr[-3000:])
+    assert re.search(r"SIGINT: checkpoint written \(.*checkpoint.pth \(step 6\)\), exiting; rerun the same "
+                     r"command to resume", r.stdout), r.stdout[-2000:]
+    assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr
+    return out
+
+
+def test_ctrl_c_checkpoints_exits_130_and_resumes_bitwise(ref1, cut_sigint, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(cut_sigint, out)
+    assert load(out / "checkpoint.pth")["step"] == 6 and not (out / "run.lock").exists()
+    r = ok(run(train_cmd(out)))
+    assert "resuming at step 6" in r.stdout
+    assert_same_final(ref1["dir"], out)
+
+
+def test_second_ctrl_c_exits_at_once_and_a_signal_in_the_bank_fill_says_nothing_was_saved(tmp_path):
+    """Two SIGINTs in step 5: exit 130 at once, no new checkpoint (the last is the end of epoch 0), the
+    lock released. SIGTERM while the memory bank fills: one line, exit 143, nothing written."""
+    out = tmp_path / "run"
+    r = run(train_cmd(out), env={"SMOG_TEST_SIGINT_AT_STEP": 5, "SMOG_TEST_SIGINT_TWICE": 1})
+    assert r.returncode == 130 and "second Ctrl-C: exiting now, without a checkpoint" in r.stderr, r.stderr
+    assert load(out / "checkpoint.pth")["step"] == 4 and not (out / "run.lock").exists()
+    fill = tmp_path / "fill"
+    r = run(train_cmd(fill), env={"SMOG_TEST_SIGTERM_IN_FILL": 1})
+    assert r.returncode == 143 and _err_lines(r) == [
+        "SIGTERM while loading the checkpoint or filling the memory bank: nothing was saved yet; rerun the same "
+        "command to start again"], r.stderr
+    assert not fill.exists()
+
+
+def _fsize_limit(n: int):
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+
+
+def test_full_disk_mid_run_one_line_exit_4_previous_checkpoint_intact(ref1, cut_sigint, tmp_path):
+    """A file-size limit (ulimit -f, unprivileged stand-in for a full disk) below a checkpoint's size
+    but above the free-space check's estimate: the resumed run fails at its next checkpoint write with
+    one line naming the file, the cause and the checkpoint to resume from, exit 4; checkpoint.pth
+    (step 6) and checkpoint.prev.pth still verify, no temporary or empty file. The same command without
+    the limit then ends bitwise. A limit below the estimate is refused before the bank fill."""
+    out = tmp_path / "run"
+    shutil.copytree(cut_sigint, out)
+    size = (out / "checkpoint.pth").stat().st_size
+    p = subprocess.run(train_cmd(out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+                       preexec_fn=_fsize_limit(size - 1))
+    ck = out / "checkpoint.pth"
+    assert _one_line_error_problems(p.returncode + (2 - 4 if p.returncode == 4 else 0), p.stdout, p.stderr,
+                                    rf"cannot write '{re.escape(str(ck))}': file too large \(the file-size limit, "
+                                    r"ulimit -f\) \[EFBIG\]",
+                                    rf"rerun the same command: it resumes from {re.escape(str(ck))} \(step 6\)"
+                                    ) == [], (p.returncode, p.stderr[-3000:])
+    assert checkpoint.load_checkpoint(str(ck))["step"] == 6
+    assert checkpoint.load_checkpoint(str(out / "checkpoint.prev.pth"))["step"] == 4
+    assert tmp_files(out) == [] and all(f.stat().st_size > 0 for f in out.iterdir())
+    ok(run(train_cmd(out)))
+    assert_same_final(ref1["dir"], out)
+    new = tmp_path / "new"
+    p = subprocess.run(train_cmd(new), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+                       preexec_fn=_fsize_limit(50_000))
+    assert p.returncode == 4 and "filling the memory bank" not in p.stdout, p.stderr[-2000:]
+    assert re.search(r"^error: cannot write checkpoints to --out-dir '.*new': the file-size limit \(ulimit -f\) is "
+                     r"0.0 MiB, a checkpoint of this run needs about 0.\d MiB \[EFBIG\]; raise the limit$",
+                     p.stderr.strip()), p.stderr
+    assert not new.exists()
+
+
+def test_enospc_on_the_log_is_one_line(tmp_path):
+    """A real ENOSPC (log.jsonl is a link to /dev/full): one line naming the file and the cause."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    from types import SimpleNamespace
+    (tmp_path / "log.jsonl").symlink_to("/dev/full")
+    run_ = SimpleNamespace(rank=0, last_ck=None, path=lambda n: str(tmp_path / n))
+    with pytest.raises(checkpoint.StorageError) as e:
+        checkpoint.log(run_, {"type": "step"})
+    assert re.fullmatch(rf"cannot write '{re.escape(str(tmp_path))}/log.jsonl': no space left on device \[ENOSPC\]; "
+                        r"free space .* and rerun the same command: it resumes from the start .*", str(e.value))
+
+
+def test_2proc_stopped_rank_job_exits_within_dist_timeout(tmp_path):
+    """Rank 1 SIGSTOPs itself at step 2; rank 0 waits in the step's all-reduce until --dist-timeout
+    (0.1 min) and exits 5 with one line naming the flag; torchrun then stops the job (its SIGTERM
+    grace for the stopped rank is 30 s)."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    t0 = time.time()
+    r = run(train_cmd(out, "--dist-timeout", "0.1", nproc=2, torchrun=("--log-dir", str(logs), "--redirects", "3")),
+            env={"SMOG_TEST_STOP_AT_STEP": 2, "SMOG_TEST_DIE_RANK": 1}, timeout=200)
+    took = time.time() - t0
+    assert r.returncode != 0 and "exitcode  : 5" in r.stderr, r.stderr[-3000:]
+    err0 = next(p for p in logs.rglob("stderr.log") if p.parent.name == "0").read_text()
+    lines = [ln for ln in err0.splitlines() if ln.strip()]
+    assert lines == ["error: rank 0: a collective did not complete within --dist-timeout 0.1 min: another rank is "
+                     "stopped, hung or dead; the job stops; rerun the same command to resume from the last "
+                     "checkpoint (raise --dist-timeout if a rank is legitimately slow)"], err0
+    print(f"stopped rank: job exited after {took:.1f}s")
+    assert took < 120
+
+
+def _jpeg_tree(root: Path) -> Path:
+    """16 readable JPEGs per class, plus a zero-byte, a truncated, a non-image and a 20000 x 20000
+    (header) JPEG, and one with corrupt entropy-coded data that libjpeg recovers from (PIL reads it)."""
+    import io
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(16):
+            x = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(x).save(root / f"class{c}" / f"{i:02d}.jpg", quality=90)
+    buf = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()).save(
+        buf, "JPEG", quality=90)
+    good = buf.getvalue()
+    (root / "class0" / "zz_zero.jpg").write_bytes(b"")
+    (root / "class0" / "zz_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "class1" / "zz_text.jpg").write_text("not an image")
+    sof = next(p for p in range(2, len(good)) if good[p] == 0xFF and good[p + 1] in (0xC0, 0xC2))
+    bomb = bytearray(good)
+    bomb[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2
+    (root / "class1" / "zz_bomb.jpg").write_bytes(bytes(bomb))
+    noisy = bytearray(good)
+    noisy[len(good) // 2:len(good) // 2 + 8] = b"\xff\x00" * 4
+    (root / "class1" / "zz_noisy.jpg").write_bytes(bytes(noisy))
+    return root
+
+
+def test_bad_images_skip_on_the_default_path_zero_byte_truncated_non_image_bomb(tmp_path, monkeypatch):
+    """--bad-images skip on the default path (tensor crops, JPEGs decoded with torchvision, the bank
+    fill through PIL): the run finishes and lists each bad file once; the bomb is refused from its
+    header by both decoders (decode_rgb never decodes it); libjpeg's "Corrupt JPEG data" never reaches
+    the terminal. With --bad-images fail the zero-byte file is named in one line."""
+    from smog_train import data, decode
+    root = _jpeg_tree(tmp_path / "jpegs" / "train")
+    bomb = decode.read_bytes(str(root / "class1" / "zz_bomb.jpg"))
+    decoded, real = [], decode._decode_jpegs                   # the torchvision decoder never sees it
+    monkeypatch.setattr(decode, "_decode_jpegs", lambda b, dev: decoded.append(len(b)) or real(b, dev))
+    cpu = torch.device("cpu")
+    assert decode.jpeg_pixels(bomb) == 20000 * 20000 and decode.decode_rgb([bomb], cpu) == [None] and not decoded
+    assert decode.decode_rgb([decode.read_bytes(str(root / "class0" / "00.jpg"))], cpu)[0].shape == (3, 16, 16)
+    monkeypatch.undo()
+    assert decode.read_bytes(str(root / "class0" / "zz_zero.jpg")).numel() == 0
+    over = bytearray(bomb.numpy().tobytes())                  # 10000 x 10000: PIL itself only warns
+    sof = next(p for p in range(2, len(over)) if over[p] == 0xFF and over[p + 1] in (0xC0, 0xC2))
+    over[sof + 5:sof + 9] = (10000).to_bytes(2, "big") * 2
+    (tmp_path / "over.jpg").write_bytes(bytes(over))
+    with pytest.raises(ValueError, match=r"10000 x 10000 pixels, over the limit of 89478485"):
+        data.ImageFolderDataset(str(root))._load(str(tmp_path / "over.jpg"))
+    out = tmp_path / "run"
+    r = ok(run(train_cmd(out, "--data", f"imagefolder:{root.parent}", "--bad-images", "skip")))
+    names = ["zz_bomb.jpg", "zz_text.jpg", "zz_truncated.jpg", "zz_zero.jpg"]
+    assert sorted(Path(p).name for p in (out / "skipped_images.txt").read_text().split()) == names
+    for name in names:
+        assert len(re.findall(rf"warning: skipping unreadable image '.*{name}'", r.stderr)) == 1, r.stderr
+    assert "Corrupt JPEG" not in r.stderr + r.stdout and "Traceback" not in r.stderr
+    assert re.search(r"zz_bomb.jpg' \(.*exceeds limit|zz_bomb.jpg' \(20000 x 20000 pixels", r.stderr)
+    zero = tmp_path / "zero" / "train"
+    shutil.copytree(root, zero)
+    for n in names[:3]:
+        os.remove(next(zero.rglob(n)))
+    line = one_line_error(run(train_cmd(tmp_path / "o2", "--data", f"imagefolder:{zero.parent}")))
+    assert re.search(r"cannot read image '.*zz_zero.jpg' \(empty file, 0 bytes\); delete or replace it, or pass "
+                     r"--bad-images skip", line), line
