@@ -55,14 +55,10 @@ def _dist_broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 def _resolve(fn: Optional[Reduce], dist_fn: Reduce) -> Reduce:
     if fn is not None:
         return fn
-    return dist_fn if dist_ready() else _identity
+    return dist_fn if dist_ready() else (lambda t: t)           # one process: nothing to reduce
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -325,9 +321,8 @@ def build_mlp(d_in: int, d_hidden: int, d_out: int, *, last_bn: bool, act=nn.ReL
 
 @dataclass
 class SMoGConfig:
-    """Model hyperparameters; defaults are the released ResNet-50 ImageNet recipe. arch, cifar_stem,
-    width and drop_path describe the backbone, which SMoG is handed (Backbone) and never reads:
-    train.py's builder does (smog_train/backbones.py, build_smog)."""
+    """Model hyperparameters; defaults: the released ResNet-50 ImageNet recipe. SMoG never reads
+    arch, cifar_stem, width, drop_path: train.py's builder does (smog_train/backbones.py)."""
     arch: str = "resnet50"        # smallcnn, resnet18/34/50, resnet50w2, wide_resnet50_2, swin_t
     cifar_stem: bool = False      # 3x3 stem, no max-pool (small images)
     width: int = 32               # smallcnn base width
@@ -387,6 +382,9 @@ class SMoG(nn.Module):
         self.projector, self.predictor = self.build_heads(backbone.feat_dim)
         # momentum copy: no drop-path, no predictor, no gradient; its weights reset to the online
         self.momentum_backbone = backbone.build(momentum=True)
+        if self.momentum_backbone is self.backbone:
+            raise ValueError("SMoG: Backbone.build returned the online backbone again; let make() "
+                             "build a new module on every call")
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in self._momentum_params():
             p.requires_grad_(False)
