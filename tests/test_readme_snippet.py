@@ -19,7 +19,7 @@ HEADING = "### SMoG around your own backbone"
 def readme_snippet() -> str:
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         text = fh.read()
-    assert HEADING in text, f"README.md has no section {HEADING!r}; keep the heading or update this test"
+    assert HEADING in text, f"README.md has no section {HEADING!r}; restore it or update this test"
     m = re.search(r"```python\n(.*?)```", text[text.index(HEADING):], re.S)
     assert m, f"no ```python block after {HEADING!r} in README.md"
     return m.group(1)
@@ -45,4 +45,5 @@ def test_readme_snippet_runs_as_written(capsys):
                for p in model.parameters() if p.requires_grad)
     assert all(p.grad is None for p in model._momentum_params())
     # the optimiser moved the online network; the momentum one still holds the EMA of before
-    assert any(not torch.equal(a, b) for a, b in zip(model._online_params(), model._momentum_params()))
+    pairs = zip(model._online_params(), model._momentum_params())
+    assert any(not torch.equal(a, b) for a, b in pairs)

@@ -79,7 +79,7 @@ def test_a_copy_of_smog_py_alone_runs_an_iteration(tmp_path):
 
 
 def test_default_backbone_one_call_per_run_of_one_size_in_crop_order():
-    """Oracle: the network on each crop alone, in eval mode (BN per sample, so batching is exact)."""
+    """Oracle: the network on each crop alone, in eval mode (BN per sample: batching is exact)."""
     calls = []
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
