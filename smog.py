@@ -9,24 +9,26 @@ instead of against other images. Every iteration, for every head:
 Every epoch the groups are re-clustered with spherical k-means over a memory bank of embeddings.
 
 Read top to bottom: the reduction the update needs -> assignment, update, logits, the loss ->
-one iteration of one head, of all heads -> spherical k-means, EMA, beta schedule -> projector and
-predictor -> SMoGConfig -> SMoG. The functions take plain tensors and an optional `all_reduce`; with
-no process group they run in one process. Ids such as (G2) point into spec/*.md; METHOD.md explains
+one iteration of one head, of all heads -> the regroup (spherical k-means), EMA, beta schedule ->
+projector and predictor -> SMoGConfig -> Backbone (the backbone, handed in) -> SMoG, SwinSMoG.
+It imports torch and the standard library only: copy it alone into another code base. The
+functions take plain tensors and an optional `all_reduce`; with no process group they run in one
+process. Ids such as (G2) point into spec/*.md; METHOD.md explains
 the method and the recipe. Shapes: B batch, C online crops, J momentum crops that give targets,
 H heads, K groups, D embedding dimension.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 from dataclasses import dataclass, fields
-from typing import Callable, Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-from smog_train.backbones import build_backbone, drop_path_off, encode_crops
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # returns the SUM over ranks (use the return value)
 
@@ -53,14 +55,10 @@ def _dist_broadcast(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
 def _resolve(fn: Optional[Reduce], dist_fn: Reduce) -> Reduce:
     if fn is not None:
         return fn
-    return dist_fn if dist_ready() else _identity
+    return dist_fn if dist_ready() else (lambda t: t)           # one process: nothing to reduce
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -264,7 +262,8 @@ def initial_indices(n: int, n_heads: int, k: int,
 
 @torch.no_grad()
 def regroup(bank: torch.Tensor, index: torch.Tensor, n: int, n_heads: int, k: int, iters: int = 10,
-            *, generator: Optional[torch.Generator] = None, init_index: Optional[torch.Tensor] = None,
+            *, generator: Optional[torch.Generator] = None,
+            init_index: Optional[torch.Tensor] = None,
             all_reduce: Optional[Reduce] = None) -> torch.Tensor:
     """The regroup at the start of an epoch, all heads, from a memory bank sharded over ranks.
     bank [2, N_r, D]: this rank's rows (row j: embeddings of online global crop j); index [N_r]:
@@ -322,8 +321,9 @@ def build_mlp(d_in: int, d_hidden: int, d_out: int, *, last_bn: bool, act=nn.ReL
 
 @dataclass
 class SMoGConfig:
-    """Model hyperparameters; defaults are the released ResNet-50 ImageNet recipe."""
-    arch: str = "resnet50"        # one of smog_train.backbones.ARCHS
+    """Model hyperparameters; defaults: the released ResNet-50 ImageNet recipe. SMoG never reads
+    arch, cifar_stem, width, drop_path: train.py's builder does (smog_train/backbones.py)."""
+    arch: str = "resnet50"        # smallcnn, resnet18/34/50, resnet50w2, wide_resnet50_2, swin_t
     cifar_stem: bool = False      # 3x3 stem, no max-pool (small images)
     width: int = 32               # smallcnn base width
     dim: int = 128                # D (256 for Swin-T)
@@ -340,38 +340,63 @@ class SMoGConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def size_runs(crops: Sequence[torch.Tensor]) -> list:
+    """The crops cut into runs of consecutive crops of one size: [[crop, ...], ...], in order."""
+    return [list(run) for _, run in itertools.groupby(crops, key=lambda c: c.shape[-2:])]
+
+
+class Backbone:
+    """The backbone side of SMoG: builds the two backbones, runs crops through them. This default
+    serves any torchvision-style module mapping images [B, 3, h, w] to features [B, feat_dim] (a
+    torchvision ResNet with fc = nn.Identity(), say): `make()` is called twice, as MoCo v3 calls
+    its base_encoder (the online backbone, then the momentum one, whose weights SMoG copies from
+    the online one); crops go in one call per run of consecutive crops of one size; no drop-path.
+    smog_train/backbones.py subclasses it for the released networks (one BatchNorm across crop
+    sizes for the ResNets, as released; drop-path for Swin-T)."""
+
+    def __init__(self, make: Callable[[], nn.Module], feat_dim: int):
+        self.make, self.feat_dim = make, feat_dim
+
+    def build(self, momentum: bool) -> nn.Module:
+        """A new backbone; momentum=True: the momentum one, which must have no drop-path."""
+        return self.make()
+
+    def encode(self, net: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`net` on every crop -> features [sum B_c, feat_dim] in crop order."""
+        return torch.cat([net(torch.cat(run)) for run in size_runs(crops)])
+
+    def drop_path_off(self, net: nn.Module) -> ContextManager:
+        """A context in which `net` runs without drop-path (stochastic depth), all else as is."""
+        return contextlib.nullcontext()
+
+
 class SMoG(nn.Module):
     """Online backbone + projector + predictor, momentum backbone + projector, groups [H, K, D].
+    `backbone` (a Backbone) builds both backbones and runs crops of several sizes through them.
+    This class is the ResNet recipe; SwinSMoG overrides where the released Swin-T differs."""
 
-    Several crop sizes share each network's BatchNorms ("joint BN", smog_train/backbones.py: every
-    BN normalises the crops of all sizes together, as the released ResNet does)."""
-
-    def __init__(self, cfg: SMoGConfig):
+    def __init__(self, backbone: Backbone, cfg: SMoGConfig):
         super().__init__()
-        self.cfg = cfg
-        self.backbone, feat = build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem,
-                                             drop_path=cfg.drop_path, width=cfg.width)
-        self.feat_dim = feat
-        # the released Swin-T path: projector and predictor run once per crop size; the update and
-        # bank embeddings are recomputed without drop-path; Linear weights trunc-normal(0.02)
-        self.swin = cfg.arch == "swin_t"
-        act = nn.GELU if self.swin else nn.ReLU
-        self.projector = build_mlp(feat, cfg.hidden_dim, cfg.dim, last_bn=True, act=act)
-        self.predictor = build_mlp(cfg.dim, cfg.hidden_dim, cfg.dim, last_bn=False)
-        if self.swin:
-            for m in [*self.projector, *self.predictor]:
-                if isinstance(m, nn.Linear):
-                    nn.init.trunc_normal_(m.weight, std=0.02)
-                    nn.init.zeros_(m.bias)
-        # momentum copy: no drop-path, no predictor, no gradient
-        self.momentum_backbone, _ = build_backbone(cfg.arch, cifar_stem=cfg.cifar_stem,
-                                                   width=cfg.width)
+        self.cfg, self.backbone_side, self.feat_dim = cfg, backbone, backbone.feat_dim
+        self.backbone = backbone.build(momentum=False)
+        self.projector, self.predictor = self.build_heads(backbone.feat_dim)
+        # momentum copy: no drop-path, no predictor, no gradient; its weights reset to the online
+        self.momentum_backbone = backbone.build(momentum=True)
+        if self.momentum_backbone is self.backbone:
+            raise ValueError("SMoG: Backbone.build returned the online backbone again; let make() "
+                             "build a new module on every call")
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in self._momentum_params():
             p.requires_grad_(False)
         self.reset_momentum()
         groups = F.normalize(torch.randn(cfg.n_heads, cfg.n_groups, cfg.dim), dim=-1)
         self.register_buffer("groups", groups)
+
+    def build_heads(self, feat_dim: int, act=nn.ReLU) -> tuple:
+        """-> (projector with `act`, predictor with ReLU), PyTorch's default initialisation."""
+        cfg = self.cfg
+        return (build_mlp(feat_dim, cfg.hidden_dim, cfg.dim, last_bn=True, act=act),
+                build_mlp(cfg.dim, cfg.hidden_dim, cfg.dim, last_bn=False))
 
     def _momentum_params(self):
         return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
@@ -391,51 +416,39 @@ class SMoG(nn.Module):
         self.momentum_projector.load_state_dict(self.projector.state_dict())
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor, crops: Sequence[torch.Tensor]) -> torch.Tensor:
-        """mlp on rows [sum B_c, *] in crop order: at once (its BNs see all crops), or for Swin-T,
-        as released, once per run of consecutive crops of one size (BN statistics per size)."""
-        if not self.swin:
-            return mlp(x)
-        runs: list = []                                   # [size, rows] per run of one crop size
-        for c in crops:
-            if runs and runs[-1][0] == c.shape[-2:]:
-                runs[-1][1] += c.shape[0]
-            else:
-                runs.append([c.shape[-2:], c.shape[0]])
-        return torch.cat([mlp(r) for r in x.split([n for _, n in runs])])
+        """mlp on rows [sum B_c, *] in crop order, all at once: its BNs see all crops."""
+        return mlp(x)
 
     def online_forward(self, crops: Sequence[torch.Tensor]) -> tuple:
         """-> (projector outputs z, predictor outputs p), both [sum B_c, D] in crop order."""
-        z = self._mlp(self.projector, encode_crops(self.backbone, crops), crops)
+        z = self._mlp(self.projector, self.backbone_side.encode(self.backbone, crops), crops)
         return z, self._mlp(self.predictor, z, crops)
 
     @torch.no_grad()
     def momentum_embed(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
         """Momentum backbone + projector on every momentum crop (global first) -> [sum B_c, D].
-        The local crops take part in the BN statistics (joint BN, projector BNs) but give no target.
-        Swin-T runs each crop size on its own, so there the local crops could not change the targets
-        and are skipped (they would only move running statistics that nothing reads)."""
-        if self.swin:
-            crops = [c for c in crops if c.shape[-2:] == crops[0].shape[-2:]]
-        feats = encode_crops(self.momentum_backbone, crops)
+        The local crops take part in the BN statistics (joint BN, projector BNs) but give no
+        target."""
+        feats = self.backbone_side.encode(self.momentum_backbone, crops)
         return self._mlp(self.momentum_projector, feats, crops)
 
     def update_embed(self, crops: Sequence[torch.Tensor], grad: bool = False) -> torch.Tensor:
         """Online projector embeddings [2*B, D] of the two global crops (first in `crops`), without
-        gradient unless `grad` (group_grad on Swin-T): the update and the bank under gradient
-        accumulation, and always for Swin-T. ResNets: all crops forwarded (the BNs see them all, as
-        in the loss forward). Swin-T, as released: the global crops re-embedded with drop-path
-        off."""
+        gradient unless `grad`: the update and the bank under gradient accumulation. All crops are
+        forwarded (the BNs see them all, as in the loss forward); no predictor: its BN statistics
+        move only in the loss forward."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            if not self.swin:   # no predictor: its BN statistics move only in the loss forward
-                return self.projector(encode_crops(self.backbone, crops))[:2 * crops[0].shape[0]]
-            with drop_path_off(self.backbone):
-                glob = list(crops[:2])
-                return self._mlp(self.projector, encode_crops(self.backbone, glob), glob)
+            feats = self.backbone_side.encode(self.backbone, crops)
+            return self.projector(feats)[:2 * crops[0].shape[0]]
+
+    def update_features(self, crops: Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """The embeddings [sum B_c, D] that update the groups and fill the bank: z of the loss."""
+        return z
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised online projector embeddings [B, D] (fp32) of one batch, drop-path off: what
         fills the memory bank at the start of a run."""
-        with drop_path_off(self.backbone):
+        with self.backbone_side.drop_path_off(self.backbone):
             return F.normalize(self.projector(self.backbone(x)).float(), dim=-1)
 
     def forward(self, online_crops: Sequence[torch.Tensor], momentum_crops: Sequence[torch.Tensor],
@@ -450,10 +463,7 @@ class SMoG(nn.Module):
         C, J, B = len(online_crops), 2, online_crops[0].shape[0]
         zt = self.momentum_embed(momentum_crops)[:J * B]                   # (J*B, D) global only
         z, p = self.online_forward(online_crops)                            # (C*B, D) each
-        if self.swin:   # released Swin: update and bank from the drop-path-free re-embedding
-            # (group_grad: with gradient through it, the only place the update's features come from)
-            zu = self.update_embed(online_crops, grad=self.cfg.group_grad)
-            z = torch.cat([zu, z[2 * B:].detach()])
+        z = self.update_features(online_crops, z)
         with torch.autocast(z.device.type, enabled=False):                 # grouping in fp32
             bank = F.normalize(z[:2 * B].detach().float(), dim=-1).view(2, B, -1)
             zt = F.normalize(zt.float(), dim=-1).view(J, B, -1)
@@ -466,3 +476,42 @@ class SMoG(nn.Module):
                 self.groups.copy_(new_groups)
                 stats = target_stats(targets, self.cfg.n_groups, all_reduce=all_reduce)
         return loss, stats, bank
+
+
+class SwinSMoG(SMoG):
+    """SMoG as released for Swin-T: the projector with GELU, every projector and predictor Linear
+    trunc-normal(0.02) with zero bias; projector and predictor once per crop size (BN statistics
+    per size, as the backbone runs); the momentum network on the global crops only; the update
+    and the bank from the online global crops re-embedded with drop-path off."""
+
+    def build_heads(self, feat_dim: int, act=nn.GELU) -> tuple:
+        heads = super().build_heads(feat_dim, act)
+        for m in [*heads[0], *heads[1]]:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        return heads
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """mlp once per run of consecutive crops of one size, as released."""
+        rows = [sum(c.shape[0] for c in run) for run in size_runs(crops)]
+        return torch.cat([mlp(r) for r in x.split(rows)])
+
+    @torch.no_grad()
+    def momentum_embed(self, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The global momentum crops only: each size runs on its own here, so the local crops
+        could not change the targets (they would only move running statistics nothing reads)."""
+        return super().momentum_embed([c for c in crops if c.shape[-2:] == crops[0].shape[-2:]])
+
+    def update_embed(self, crops: Sequence[torch.Tensor], grad: bool = False) -> torch.Tensor:
+        """The two online global crops re-embedded with drop-path off (BNs in training mode)."""
+        glob = list(crops[:2])
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), \
+                self.backbone_side.drop_path_off(self.backbone):
+            return self._mlp(self.projector, self.backbone_side.encode(self.backbone, glob), glob)
+
+    def update_features(self, crops: Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        """The global crops' rows from update_embed (with gradient under group_grad: then the only
+        place the update's features come from), the local crops' rows detached."""
+        zu = self.update_embed(crops, grad=self.cfg.group_grad)
+        return torch.cat([zu, z[2 * crops[0].shape[0]:].detach()])

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import smog
-from smog_train import checkpoint, data, evaluation, faults, launch, runlock
+from smog_train import backbones, checkpoint, data, evaluation, faults, launch, runlock
 from smog_train import sync_bn as smog_sync_bn
 from smog_train.batches import StepBatches, batch_geometry, build_data, item_seed, loader, \
     reraise_data_error, to_device
@@ -575,7 +575,7 @@ def build_model(cfg: Config, rank: int, world: int, device) -> tuple:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-    model = smog.SMoG(cfg.model_config())
+    model = backbones.build_smog(cfg.model_config())
     sync_bn = world > 1 and cfg.sync_bn
     if sync_bn:  # both networks: SMoG.forward runs them on the same global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else \

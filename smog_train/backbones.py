@@ -8,7 +8,9 @@ the crops come), so its BN normalises and updates its running statistics per siz
 does that for ResNets and SmallCNN in training mode; Swin-T runs each size on its own, as released.
 
 Networks: SmallCNN (the demo's), torchvision's ResNets, the released ResNet-50w2 and Swin-T
-(`build_backbone`). This module imports nothing of the project; smog.py imports it.
+(`build_backbone`). `ReleasedBackbone` is smog.Backbone for these networks (joint BN, drop-path) and
+`build_smog(cfg)` the SMoG model that train.py and the tools train: smog.SwinSMoG for Swin-T,
+smog.SMoG for the others. smog.py imports nothing of the project; this module imports smog.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import resnet as tv_resnet
 from torchvision.models import swin_transformer as tv_swin
+
+import smog
 
 
 class SmallCNN(nn.Module):
@@ -140,6 +144,8 @@ def fix_windows_for(net: "tv_swin.SwinTransformer", image_size: int = 224) -> No
 
 
 ARCHS = ("smallcnn", "resnet18", "resnet34", "resnet50", "resnet50w2", "wide_resnet50_2", "swin_t")
+FEAT_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet50w2": 4096, "wide_resnet50_2": 2048,
+             "swin_t": 768}   # pooled feature width; smallcnn: 8 x width
 
 
 def build_backbone(name: str, *, cifar_stem: bool = False, drop_path: float = 0.0, width: int = 32):
@@ -268,3 +274,39 @@ def drop_path_off(net: nn.Module):
     finally:
         for m in sd:
             m.training = True
+
+
+# ----------------------------------------------------------------------------------------------
+# the SMoG model around these networks
+
+
+class ReleasedBackbone(smog.Backbone):
+    """smog.Backbone for the networks of build_backbone: the online backbone with `drop_path`, the
+    momentum one without (both built fresh, in that order); several crop sizes through encode_crops
+    (one BatchNorm across sizes for the ResNets and SmallCNN in training mode, per size otherwise);
+    drop-path switched off by drop_path_off."""
+
+    def __init__(self, arch: str, *, cifar_stem: bool = False, drop_path: float = 0.0, width: int = 32):
+        if arch not in ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        self.arch, self.cifar_stem, self.drop_path, self.width = arch, cifar_stem, drop_path, width
+        self.feat_dim = 8 * width if arch == "smallcnn" else FEAT_DIMS[arch]     # build() is overridden
+
+    def build(self, momentum: bool) -> nn.Module:
+        net, dim = build_backbone(self.arch, cifar_stem=self.cifar_stem, width=self.width,
+                                  drop_path=0.0 if momentum else self.drop_path)
+        assert dim == self.feat_dim, (self.arch, dim, self.feat_dim)
+        return net
+
+    def encode(self, net: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+        return encode_crops(net, crops)
+
+    def drop_path_off(self, net: nn.Module):
+        return drop_path_off(net)
+
+
+def build_smog(cfg: "smog.SMoGConfig") -> "smog.SMoG":
+    """The SMoG model of a config, as train.py builds it: smog.SwinSMoG for swin_t, else smog.SMoG,
+    around ReleasedBackbone(cfg.arch, ...)."""
+    side = ReleasedBackbone(cfg.arch, cifar_stem=cfg.cifar_stem, drop_path=cfg.drop_path, width=cfg.width)
+    return (smog.SwinSMoG if cfg.arch == "swin_t" else smog.SMoG)(side, cfg)

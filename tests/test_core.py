@@ -211,7 +211,7 @@ def crops(B=4, seed=0, local=2):
 def test_every_backbone_forward_backward(arch, size, stem):
     torch.manual_seed(0)
     cfg = tiny_cfg(arch=arch, cifar_stem=stem, n_heads=2)
-    m = smog.SMoG(cfg)
+    m = backbones.build_smog(cfg)
     on = [torch.randn(2, 3, size, size) for _ in range(2)] + [torch.randn(2, 3, size // 2, size // 2)]
     mo = [torch.randn(2, 3, size, size) for _ in range(2)] + [torch.randn(2, 3, size // 2, size // 2)]
     loss, stats, _ = m(on, mo, 0.99)
@@ -224,12 +224,12 @@ def test_every_backbone_forward_backward(arch, size, stem):
 
 def test_forward_equals_per_head_smog_step_and_updates_buffer():
     torch.manual_seed(1)
-    m = smog.SMoG(tiny_cfg())
+    m = backbones.build_smog(tiny_cfg())
     on, mo = crops()
     g0 = m.groups.clone()
     loss, _, _ = m(on, mo, 0.8)
     # recompute the embeddings (train mode: outputs use batch statistics, the parameters are unchanged)
-    m2 = smog.SMoG(tiny_cfg())
+    m2 = backbones.build_smog(tiny_cfg())
     m2.load_state_dict({**m.state_dict(), "groups": g0})
     with torch.no_grad():
         zt = m2.momentum_projector(backbones.encode_crops(m2.momentum_backbone, mo))[:8]     # targets: global crops
@@ -259,7 +259,7 @@ def test_local_crops_batched_per_resolution():
 
 def test_bf16_autocast_stays_finite_and_grouping_in_fp32():
     torch.manual_seed(3)
-    m = smog.SMoG(tiny_cfg())
+    m = backbones.build_smog(tiny_cfg())
     on, mo = crops()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, stats, _ = m(on, mo, 0.9)
@@ -290,7 +290,7 @@ def test_group_grad_path_through_update(group_grad):
 @pytest.mark.parametrize("group_grad", [False, True])
 def test_module_group_grad_reaches_projector_only_when_enabled(group_grad):
     torch.manual_seed(5)
-    m = smog.SMoG(tiny_cfg(group_grad=group_grad))
+    m = backbones.build_smog(tiny_cfg(group_grad=group_grad))
     on, mo = crops()
     # cut the prediction path: a predictor that ignores its input keeps only the group-update path
     m.predictor = torch.nn.Sequential(torch.nn.Flatten(), _Const(16))
@@ -313,7 +313,7 @@ class _Const(torch.nn.Module):
 
 def test_momentum_step_reset_and_regroup():
     torch.manual_seed(6)
-    m = smog.SMoG(tiny_cfg())
+    m = backbones.build_smog(tiny_cfg())
     with torch.no_grad():
         for p in m.backbone.parameters():
             p.add_(1.0)
@@ -345,7 +345,7 @@ def test_momentum_step_reset_and_regroup():
 
 def test_backbone_state_dict_has_no_classifier_and_loads_in_torchvision():
     import torchvision
-    m = smog.SMoG(tiny_cfg(arch="resnet18"))
+    m = backbones.build_smog(tiny_cfg(arch="resnet18"))
     sd = m.backbone.state_dict()                      # what smog_train.export writes
     missing, unexpected = torchvision.models.resnet18().load_state_dict(sd, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import smog
+from smog_train import backbones
 
 WORLD = 2
 SPLIT = [3, 8]  # uneven shards of an 11-sample batch
@@ -84,7 +85,7 @@ def job_kmeans(rank):
 def tiny_model():
     torch.manual_seed(0)
     cfg = smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=9, n_heads=3)
-    return smog.SMoG(cfg)
+    return backbones.build_smog(cfg)
 
 
 def model_inputs():

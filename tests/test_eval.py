@@ -97,7 +97,7 @@ def test_frozen_backbone_check_catches_changed_weights_after_training():
 def _write_train_checkpoint(path, backbone_state=None, width=WIDTH):
     """train.py's real checkpoint format: SMoG.state_dict() plus the plain config dict."""
     cfg = smog.SMoGConfig(arch="smallcnn", width=width, dim=16, hidden_dim=32, n_groups=8, n_heads=1)
-    model = smog.SMoG(cfg)
+    model = backbones.build_smog(cfg)
     if backbone_state is not None:
         model.backbone.load_state_dict(backbone_state)
     torch.save({"format": checkpoint.FORMAT, "model": model.state_dict(),

@@ -38,7 +38,7 @@ def _scramble_(module: torch.nn.Module, seed: int) -> None:
 def _train_checkpoint(arch: str, path) -> smog.SMoG:
     """A checkpoint in train.py's real format: the SMoG module's full state_dict plus its config."""
     cfg = smog.SMoGConfig(arch=arch, dim=16, hidden_dim=32, n_groups=8, n_heads=1)
-    model = smog.SMoG(cfg)
+    model = backbones.build_smog(cfg)
     _scramble_(model.backbone, seed=1)
     from dataclasses import asdict
     torch.save({"format": "smog-train-v2", "model": model.state_dict(),

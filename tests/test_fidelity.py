@@ -68,7 +68,7 @@ def test_lars_matches_per_tensor_reference():
 
 
 def test_lars_preset_puts_every_online_parameter_in_lars_with_weight_decay():
-    model = smog.SMoG(smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=8, n_heads=1))
+    model = backbones.build_smog(smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=8, n_heads=1))
     online = [p for p in model.parameters() if p.requires_grad]
     cfg = config.parse_config(["--preset", "imagenet-r50", "--weight-decay", "1e-6"])
     opt = train.build_optimizer(cfg, model)
@@ -208,7 +208,7 @@ class _OpLog(TorchDispatchMode):
 
 def _forward_ops(K, B):
     torch.manual_seed(0)
-    m = smog.SMoG(smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=K, n_heads=3))
+    m = backbones.build_smog(smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=K, n_heads=3))
     on, mo = _two_sizes(B, 1)[:4], _two_sizes(B, 2)[:4]
     with _OpLog() as log:
         loss, _, _ = m(on, mo, 0.9)
@@ -232,7 +232,7 @@ def _cfg(**kw):
 
 def test_momentum_local_crops_shape_the_targets_through_bn():
     torch.manual_seed(2)
-    m = smog.SMoG(_cfg())
+    m = backbones.build_smog(_cfg())
     on, mo = _two_sizes(4, 5)[:4], _two_sizes(4, 6)[:4]          # momentum: 2 global + 2 local
     g0 = m.groups.clone()
     ref = copy.deepcopy(m)
@@ -268,7 +268,7 @@ def test_views_give_the_momentum_set_its_local_crops():
 # ---------------------------------------------------------------- ResNet details, ResNet-50w2
 
 def test_resnet_as_released():
-    m = smog.SMoG(_cfg(arch="resnet50", n_heads=1))
+    m = backbones.build_smog(_cfg(arch="resnet50", n_heads=1))
     last_bns = [b.bn3.weight for b in m.backbone.modules() if hasattr(b, "bn3")]
     assert last_bns and all(torch.equal(w, torch.ones_like(w)) for w in last_bns)   # no zero-init residual
     assert m.projector[0].bias is not None and m.predictor[0].bias is not None
@@ -294,7 +294,7 @@ def test_resnet50w2_doubles_every_width():
 @pytest.fixture(scope="module")
 def swin():
     torch.manual_seed(3)
-    return smog.SMoG(_cfg(arch="swin_t", dim=16, hidden_dim=32, n_heads=2, drop_path=0.5))
+    return backbones.build_smog(_cfg(arch="swin_t", dim=16, hidden_dim=32, n_heads=2, drop_path=0.5))
 
 
 def test_swin_blocks_heads_and_init(swin):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from smog_train import data
+from smog_train import backbones, data
 from tools import gallery
 import smog
 
@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
     groups spread over the embeddings so that several groups have members."""
     torch.manual_seed(0)
     mcfg = smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=K, n_heads=H)
-    model = smog.SMoG(mcfg).eval()
+    model = backbones.build_smog(mcfg).eval()
     ds = data.build_dataset(f"demo:{N_TRAIN}", "train", data.eval_transform(32))
     with torch.no_grad():
         z = model.embed(torch.stack([ds[i][0] for i in range(N_TRAIN)]))

@@ -118,7 +118,7 @@ def test_schedules_warmup_cosine_beta_and_ema():
 
 def _tiny_model(seed=0):
     torch.manual_seed(seed)
-    return smog.SMoG(smog.SMoGConfig(arch="smallcnn", width=4, dim=8, hidden_dim=16, n_groups=5, n_heads=3))
+    return backbones.build_smog(smog.SMoGConfig(arch="smallcnn", width=4, dim=8, hidden_dim=16, n_groups=5, n_heads=3))
 
 
 def _micro(b, seed):

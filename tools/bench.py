@@ -318,7 +318,7 @@ def build_step(cfg: BenchConfig, dev: torch.device, stub_backbone: bool = False)
     torch.manual_seed(0)
     mcfg = smog.SMoGConfig(arch=cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem, dim=cfg.dim,
                            hidden_dim=cfg.hidden_dim, n_groups=cfg.n_groups, n_heads=cfg.n_heads, tau=cfg.tau)
-    model = smog.SMoG(mcfg)
+    model = backbones.build_smog(mcfg)
     if stub_backbone:
         model.backbone, model.momentum_backbone = PooledPixels(model.feat_dim), PooledPixels(model.feat_dim)
         model.momentum_backbone.requires_grad_(False)

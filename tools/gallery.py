@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout, not installed
 import smog
-from smog_train import checkpoint, data
+from smog_train import backbones, checkpoint, data
 
 LABEL_WIDTH = 72      # px of the label strip at the left of each row
 PAD = 2               # make_grid padding between tiles (px)
@@ -39,7 +39,7 @@ def load_model(path: str) -> tuple:
     if not isinstance(ck.get("model"), dict) or not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise ValueError(f"{path!r} is not a train.py checkpoint (it needs 'model' and 'config' entries, and the "
                          f"config a 'model' section); an exported backbone has no groups to draw")
-    model = smog.SMoG(smog.SMoGConfig.from_dict(cfg["model"]))
+    model = backbones.build_smog(smog.SMoGConfig.from_dict(cfg["model"]))
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
