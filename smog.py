@@ -194,7 +194,7 @@ def target_stats(targets: Sequence[torch.Tensor], K: int, *,
 
 
 # ------------------------------------------------------------------------------------------------
-# regrouping, EMA, schedule (spec/kmeans.md, spec/momentum.md)
+# regrouping, EMA, schedule (spec/kmeans.md, spec/run.md, spec/momentum.md)
 
 
 def _nearest(x: torch.Tensor, c: torch.Tensor, chunk_elems: Optional[int] = None) -> torch.Tensor:
@@ -215,7 +215,7 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, *,
                      init: Optional[torch.Tensor] = None):
     """Distributed spherical k-means; x [N, D] (this rank's rows) -> (centres [k, D], assign [N]).
 
-    (K1) init: k distinct rows of rank 0, randperm(N_0, generator)[:k], broadcast to all ranks
+    (K1, K11) init: k distinct rows of rank 0, randperm(N_0, generator)[:k], broadcast to all ranks
          (or `init` [k, D] if given, normalised). (K2) E-step: argmax of the dot product.
     (K3) M-step: normalised mean of members with sums and counts reduced over ranks; empty
          clusters keep their centre. iters=0 returns the initial centres.
@@ -253,7 +253,7 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, *,
 
 def initial_indices(n: int, n_heads: int, k: int,
                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(R2) the dataset indices whose bank rows start each head's k-means -> [H, k] long: for
+    """(R3, R5) the dataset indices whose bank rows start each head's k-means -> [H, k] long: for
     h = 0, 1, ... in turn, randperm(n, generator)[:k] from the one generator, so every head starts
     from its own k distinct rows (heads 0 and 2 cluster the same bank row from different starts).
     A function of the generator and n only, not of how the bank is sharded over ranks."""
@@ -269,8 +269,8 @@ def regroup(bank: torch.Tensor, index: torch.Tensor, n: int, n_heads: int, k: in
     bank [2, N_r, D]: this rank's rows (row j: embeddings of online global crop j); index [N_r]:
     their dataset indices (the ranks together hold 0 .. n-1 once each) -> groups [H, k, D].
       (R1) head h <- spherical_kmeans over bank row h mod 2
-      (R2) from the bank rows of init_index[h] (default: initial_indices(n, H, k, generator))
-      (R3) each initial row is gathered from the one rank that holds it (summed with zeros: exact),
+      (R2) from the bank rows of init_index[h] (R3: default initial_indices(n, H, k, generator))
+      (R4) each initial row is gathered from the one rank that holds it (summed with zeros: exact),
            so every rank gets the groups that one process holding the whole bank would."""
     reduce = _resolve(all_reduce, _dist_sum)
     if init_index is None:

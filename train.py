@@ -359,7 +359,8 @@ def accumulated_step(run: Run, micro_batches: list, beta: float) -> tuple:
     Pass 1, no grad: the momentum targets' embeddings and the online global-crop embeddings of
     every micro-batch; then smog.targets_and_update once on their concatenation, as SMoG.forward
     does for one batch. Pass 2: each micro-batch with gradient, its loss against the new groups,
-    with the RNG state (drop-path masks) and BN running statistics of pass 1 replayed."""
+    with the RNG state recorded in pass 1 and its BN running statistics replayed (pass 1 runs
+    with drop-path off; pass 2's drop-path masks are drawn from the replayed state)."""
     model, A = run.model, len(micro_batches)
     z_update, z_target, rng_states = [], [], []
     with torch.no_grad(), restore_buffers(bn_buffers(model.backbone) + bn_buffers(model.projector)):
