@@ -261,7 +261,7 @@ def check_values(cfg: Config) -> None:
          "crop scales must satisfy 0 < min <= max <= 1"),
         (cfg.optimizer in ("lars", "sgd", "adamw"), f"--optimizer must be lars, sgd or adamw, not {cfg.optimizer!r}"),
         (cfg.ema_schedule in ("const", "cosine"), f"--ema-schedule must be const or cosine, not {cfg.ema_schedule!r}"),
-        (cfg.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16"),
+        (cfg.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
         (cfg.bad_images in ("fail", "skip"), f"--bad-images must be fail or skip, not {cfg.bad_images!r}"),
         (cfg.regroup_every >= 1 and cfg.kmeans_iters >= 0, "--regroup-every must be >= 1 and --kmeans-iters >= 0"),
         (cfg.log_every >= 1 and cfg.save_every >= 0 and cfg.knn_every >= 0, "--log-every must be >= 1, "

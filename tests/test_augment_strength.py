@@ -10,7 +10,6 @@ parameter; the two pipelines' means must agree within Z_SAME standard errors, an
 pipeline must differ by more than Z_OFF. Draws are seeded, so the verdicts are deterministic."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -34,7 +34,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import smog
 from smog_train import checkpoint
 from smog_train import export
 from state_compare import assert_same
