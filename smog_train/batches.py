@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from smog_train import data
 import smog
-from smog_train.config import UsageError
+from smog_train.config import UsageError, error_line
 
 
 def build_data(cfg, rank: int) -> tuple:
@@ -108,10 +108,8 @@ def loader(ds, batch_sampler, cfg, device, *, persistent: bool = False):
 
 
 def reraise_data_error(e: Exception):
-    """A BadImageError re-raised out of a DataLoader worker carries the worker traceback; keep its last line."""
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    msg = lines[-1] if lines else type(e).__name__
-    raise UsageError(msg.split("Error: ", 1)[-1] if msg.startswith(("BadImageError", "ValueError")) else msg) from None
+    """A bad image met in the loader, as a one-line UsageError (config.error_line)."""
+    raise UsageError(error_line(e)) from None
 
 
 def to_device(x: torch.Tensor, device, cfg) -> torch.Tensor:

@@ -21,6 +21,18 @@ class UsageError(ValueError):
     """Bad input: printed as one line 'error: ...', exit code 2, nothing written."""
 
 
+def error_line(e: Exception) -> str:
+    """The one line printed for a bad-input error: its message. An exception re-raised out of a
+    DataLoader worker carries the worker's traceback ("Caught BadImageError in DataLoader worker
+    process 0. ... smog_train.data.BadImageError: msg"): its last line, without the exception name."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        return lines[-1].split("Error: ", 1)[-1]
+    return lines[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # the defaults; presets override them; the command line overrides both
 

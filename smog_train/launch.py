@@ -43,12 +43,13 @@ def keep_freed_memory() -> None:
         pass
 
 
-def setup(cfg) -> tuple:
-    """cfg: train.Config -> (rank, world, device); resolves cfg.workers = -1. The cores of this machine
-    are split over the local ranks, and each rank's share over its data workers and its torch threads."""
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+def init_process(device: str) -> tuple:
+    """device auto | cpu | cuda -> (rank, world, torch.device). Plain python (RANK unset): rank 0 of 1,
+    no process group; under torchrun: the process group (init_process_group) and this rank's GPU.
+    train.py and eval_linear.py start this way."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
     rank, world, local = 0, 1, 0
@@ -59,6 +60,15 @@ def setup(cfg) -> tuple:
         init_process_group("nccl" if cuda else "gloo")
     if smog.dist_ready():
         rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def setup(cfg) -> tuple:
+    """cfg: config.Config -> (rank, world, device) (init_process); resolves cfg.workers = -1. The
+    cores of this machine are split over the local ranks, and each rank's share over its data
+    workers and its torch threads."""
+    rank, world, device = init_process(cfg.device)
+    cuda = device.type == "cuda"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     cores = max(1, (os.cpu_count() or 1) // local_world)
     if not cuda:
@@ -66,7 +76,7 @@ def setup(cfg) -> tuple:
     if cfg.workers < 0:
         cfg.workers = min(10, cores - 1)
     torch.set_num_threads(cfg.threads or max(1, cores - cfg.workers))  # workers + threads = cores: no oversubscription
-    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    return rank, world, device
 
 
 def rank0_print(*a):

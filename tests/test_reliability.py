@@ -862,7 +862,7 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
     """eval_linear.py on a file that is not a checkpoint (text, truncated, a half-written temporary
     checkpoint), on a checkpoint of another architecture, on missing CIFAR/STL files, an unknown
     architecture and an out_dir that cannot be written: exit 2, one line, no traceback; an existing
-    out_dir with a previous eval.json is left exactly as it was."""
+    out_dir with a previous eval-augmented.json is left exactly as it was."""
     import eval_linear
     ck = ref1["dir"] / "checkpoint.pth"
     text = tmp_path / "notes.pth"
@@ -873,7 +873,7 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
     export.export_backbone(str(ck), str(exported))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "eval.json").write_text('{"previous": "result"}')
+    (out / "eval-augmented.json").write_text('{"previous": "result"}')
     cases = [
         (["--checkpoint", text], r"cannot load .*notes.pth", r"not a checkpoint of this project"),
         (["--checkpoint", cut], r"cannot load .*cut.pth", r"truncated"),
