@@ -3,7 +3,7 @@ seeded permutation), seeded items, the data loader and the transfer to the devic
 
 Every item is (dataset index, online augmentation set, item seed); the seed is a function of (--seed,
 epoch, index), so crops depend neither on workers, ranks nor where a run resumed. The roles of the two
-augmentation sets swap every optimiser step (even step: online = A). `cfg` is a train.Config."""
+augmentation sets swap every optimiser step (even step: online = A). `cfg` is a config.Config."""
 from __future__ import annotations
 
 import torch

@@ -293,9 +293,9 @@ def test_resume_refuses_a_checkpoint_made_before_a_recipe_field_existed():
     cfg = config.parse_config(["--data", "demo:100"])
     old = dict(__import__("dataclasses").asdict(cfg))
     checkpoint.check_resume({"format": checkpoint.FORMAT, "world_size": 1, "config": old}, cfg, config.RUNTIME_FIELDS,
-                            1, "ck.pth")                                   # the same config resumes
+                            "ck.pth")                                      # the same config resumes
     del old["augment"]
     with pytest.raises(config.UsageError) as e:
         checkpoint.check_resume({"format": checkpoint.FORMAT, "world_size": 1, "config": old}, cfg,
-                                config.RUNTIME_FIELDS, 1, "ck.pth")
+                                config.RUNTIME_FIELDS, "ck.pth")
     assert "no field 'augment'" in str(e.value) and "\n" not in str(e.value)

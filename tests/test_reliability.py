@@ -751,11 +751,11 @@ def _train_bad_inputs(folders, ref1, ref2):
             r"choose another --out-dir")] if os.geteuid() != 0 else []),      # root may write anywhere
         # resuming a run that this command cannot continue: out_dir holds the reference's checkpoint
         (["--n-groups", "6"], r"config field 'n_groups' is 8 in the checkpoint but 6 now",
-         r"pass --n-groups 8 or use a new --out-dir", "ref1"),
+         r"pass --n-groups 8 \(or --config .*/config.json, the run's own config\) or use a new --out-dir", "ref1"),
         (["--epochs", "3"], r"config field 'epochs' is 2 in the checkpoint but 3 now", r"--epochs 2", "ref1"),
         (["--seed", "1"], r"config field 'seed'", r"--seed 0", "ref1"),
         (["--no-sync-bn"], r"config field 'sync_bn' is True in the checkpoint but False now",
-         r"pass --sync-bn or", "ref2"),
+         r"pass --sync-bn \(or --config", "ref2"),
     ]
 
 

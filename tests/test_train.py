@@ -67,6 +67,27 @@ def test_help_lists_every_option_and_preset():
         assert f"  {p}:" in r.stdout
 
 
+def test_refused_resume_names_every_changed_field_and_the_runs_config(tmp_path):
+    """One refusal lists every field that differs, the flags that restore them and the run's own
+    config.json, which --config reads back into the config the checkpoint holds."""
+    saved = config.parse_config(["--data", "demo:100", "--out-dir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(saved)))
+    ck = {"format": checkpoint.FORMAT, "world_size": 1, "config": dataclasses.asdict(saved)}
+    now = config.parse_config(["--data", "demo:100", "--n-groups", "6", "--epochs", "3", "--no-sync-bn"])
+    with pytest.raises(config.UsageError) as e:
+        checkpoint.check_resume(ck, now, config.RUNTIME_FIELDS, str(tmp_path / "checkpoint.pth"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot resume '{tmp_path}/checkpoint.pth': config fields ")
+    for name, was, new in (("epochs", saved.epochs, 3), ("n_groups", saved.n_groups, 6), ("sync_bn", True, False)):
+        assert f"'{name}' is {was!r} in the checkpoint but {new!r} now" in msg
+    fix = msg.split("; pass ")[1]
+    assert {f"--epochs {saved.epochs}", f"--n-groups {saved.n_groups}", "--sync-bn"} <= set(
+        fix.split(" (or ")[0].replace(" --", "\n--").splitlines())
+    assert fix.endswith(f"(or --config {tmp_path}/config.json, the run's own config) or use a new --out-dir")
+    again = config.parse_config(["--config", str(tmp_path / "config.json")])
+    checkpoint.check_resume(ck, again, config.RUNTIME_FIELDS, str(tmp_path / "checkpoint.pth"))
+
+
 def test_presets_set_what_they_claim_and_options_win():
     c = config.parse_config([])
     assert (c.preset, c.data, c.arch, c.image_size, c.out_dir, c.final_eval) == ("demo", "demo", "smallcnn", 32,
