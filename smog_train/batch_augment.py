@@ -1,8 +1,8 @@
 """SMoG's crop augmentation (sets A and B: recipe) as tensor operations on a batch of same-size uint8 images.
 
-data.Augmentation makes one crop at a time with torchvision's PIL operations: any image size, but on 32 px images
-about 0.8 ms of Python per crop, and a demo batch holds 256 x 8 crops (1.6 s of one core per step, more than the
-step). For datasets held as one uint8 array (demo, CIFAR, STL) this module makes every crop of a batch at once:
+data.Augmentation makes one crop at a time with torchvision's PIL operations: any image size, but a Python call
+per operation and crop, and a demo batch holds 256 x 8 crops (more than the step costs on a CPU). For datasets
+held as one uint8 array (demo, CIFAR, STL) this module makes every crop of a batch at once:
 
     crop + resize   per-crop interpolation matrices (PIL's bilinear filter, antialiased when shrinking), two matmuls
     flip            the column matrix reversed

@@ -118,7 +118,7 @@ def final_evaluation(run, train_raw, train_plain, test_ds, n_classes: int) -> in
         if run.rank == 0:                                                # all ranks see it; one rank prints
             with open(done) as fh:
                 res = json.load(fh)
-            print("run already complete; stored results:\n" + results_table(res, cfg), flush=True)
+            print(f"run already complete; stored results ({done}):\n" + results_table(res, cfg), flush=True)
             checkpoint.log(run, dict(type="final", **res, knn=run.knn))  # the log was truncated to the checkpoint
         cfg = dataclasses.replace(cfg, final_eval=False)
     if cfg.final_eval:
@@ -131,4 +131,5 @@ def final_evaluation(run, train_raw, train_plain, test_ds, n_classes: int) -> in
                 json.dump(res, fh, indent=1)
             os.replace(done + ".tmp", done)
             checkpoint.log(run, dict(type="final", **res, knn=run.knn))
+            print(f"results: {done} (the table), {run.path('log.jsonl')} (every step and epoch)", flush=True)
     return 0

@@ -17,7 +17,7 @@ from smog_train.config import UsageError
 def init_process_group(backend: str) -> None:
     """dist.init_process_group from torchrun's environment, with one store key space per restart attempt.
     torchrun keeps its agent's TCPStore across --max-restarts attempts, and the process group's keys
-    (gloo's peer addresses) are not prefixed by attempt (torch 2.14): a restarted rank could read the
+    (gloo's peer addresses) are not prefixed by attempt: a restarted rank could read the
     dead attempt's addresses and fail with "Gloo connectFullMesh failed ... Connection refused"."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         dist.init_process_group(backend)
@@ -31,9 +31,9 @@ def init_process_group(backend: str) -> None:
 
 def keep_freed_memory() -> None:
     """glibc hands every freed block above the mmap threshold straight back to the OS, so on the CPU each
-    step page-faults its activations in again: measured on 2 cores, 0.5 ms of system time per image
-    against 1.1 ms of compute (the demo step 0.41 s -> 0.28 s with this). Keep freed memory in the heap
-    (what jemalloc/tcmalloc would do). Linux/glibc only; elsewhere a no-op."""
+    step would page-fault its activations in again, system time of the order of the compute on a small
+    model. Keep freed memory in the heap (what jemalloc/tcmalloc would do). Linux/glibc only; elsewhere
+    a no-op."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -124,8 +124,8 @@ def announce(run, micro: int, amp, resumed: bool, has_test: bool) -> None:
 def exit_process(rc: int) -> None:
     """sys.exit(rc); under torchrun, skip interpreter finalisation instead: gloo's worker threads may still
     be releasing the tensors of the last collectives, need the GIL of a finalising interpreter and abort
-    the process (exit -6 after a finished run; seen ~1 run in 10 on a busy 2-core machine). Callers have
-    written and flushed everything and destroyed the process group by now."""
+    the process (exit -6 after a finished run, now and then). Callers have written and flushed
+    everything and destroyed the process group by now."""
     if "RANK" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()

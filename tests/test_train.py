@@ -65,6 +65,10 @@ def test_help_lists_every_option_and_preset():
         assert "--" + f.name.replace("_", "-") in r.stdout
     for p in config.PRESETS:
         assert f"  {p}:" in r.stdout
+    line = train.StepLog.step.__code__.co_consts                  # the step line's literal pieces
+    for field in ("loss", "lr", "beta", "m", "img/s", "data", "nonempty", "entropy", "ETA"):
+        assert any(f" {field} " in f" {c}" for c in line if isinstance(c, str)), field   # printed ...
+        assert f"\n  {field} " in r.stdout, field                                         # ... and explained
 
 
 def test_refused_resume_names_every_changed_field_and_the_runs_config(tmp_path):
@@ -265,6 +269,18 @@ def test_kill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
         tmp_path / "cut", "epoch")]
     assert la == lb and len(records(tmp_path / "full", "step")) == 12
     assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "full", "step"))
+
+
+def test_final_eval_names_its_results_file(tmp_path):
+    """The demo table at the end of a run, then the file it went to; started again, the finished run
+    prints the stored table and names the file too."""
+    args = [*TINY, "--data", "demo:48", "--epochs", "1", "--final-eval", "--probe-epochs", "1", "--out-dir", "run"]
+    r = ok(run_train(args, tmp_path))
+    path = os.path.join("run", "demo_results.json")
+    assert r.stdout.strip().splitlines()[-1].startswith(f"results: {path} (the table)"), r.stdout[-500:]
+    assert set(json.loads((tmp_path / path).read_text())) == {"pixels", "random_init", "smog", "supervised"}
+    r = ok(run_train(args, tmp_path))
+    assert f"run already complete; stored results ({path}):" in r.stdout
 
 
 def test_two_gloo_processes_agree_on_groups(tmp_path):
