@@ -97,8 +97,9 @@ class BatchAugment:
 
 
 def crop_boxes(u: torch.Tensor, H: int, W: int, scale: tuple, ratio: tuple) -> tuple:
-    """RandomResizedCrop.get_params for every row of u -> (top i, left j, height h, width w), float tensors [n] of
-    integers: the first of ATTEMPTS (area, log-ratio) draws whose box fits, else the centre crop of the clamped ratio."""
+    """RandomResizedCrop.get_params for every row of u -> (top i, left j, height h, width w), float
+    tensors [n] of integers: the first of ATTEMPTS (area, log-ratio) draws whose box fits, else the
+    centre crop of the clamped ratio."""
     area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA:_AREA + ATTEMPTS])
     lr = (math.log(ratio[0]), math.log(ratio[1]))
     aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, _RATIO:_RATIO + ATTEMPTS])

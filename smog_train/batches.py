@@ -1,5 +1,6 @@
-"""How one rank's data and batches are made for train.py: the datasets, the step sampler (an exact, resumable position in a
-seeded permutation), seeded items, the data loader and the transfer to the device.
+"""How one rank's data and batches are made for train.py: the datasets, the step sampler (an exact,
+resumable position in a seeded permutation), seeded items, the data loader and the transfer to the
+device.
 
 Every item is (dataset index, online augmentation set, item seed); the seed is a function of (--seed,
 epoch, index), so crops depend neither on workers, ranks nor where a run resumed. The roles of the two
