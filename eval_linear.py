@@ -383,8 +383,8 @@ def evaluate(args: argparse.Namespace, device: torch.device, log: Callable[[str]
     pin = device.type == "cuda"
 
     res = dict(checkpoint=args.checkpoint, source=info["source"], arch=info["arch"], cifar_stem=info["cifar_stem"],
-               width=info["width"], channels_last=info["channels_last"], data=spec, image_size=image_size, n_classes=n_classes, n_train=len(train_plain),
-               n_test=len(test_ds), world_size=w, seed=args.seed,
+               width=info["width"], data=spec, image_size=image_size, n_classes=n_classes, n_train=len(train_plain),
+               n_test=len(test_ds), world_size=w, seed=args.seed, channels_last=info["channels_last"],
                protocol=results_mode(args))
     t0 = time.time()
     test_f, test_y = extract_features(backbone, shard_loader(test_ds, args.batch_size, workers=workers,
