@@ -39,7 +39,9 @@ import torch.nn as nn
 
 import smog
 from smog_train import backbones, checkpoint, launch
+from smog_train.batches import item_seed
 from smog_train.checkpoint import FORMAT as TRAIN_FORMAT, check_writable
+from smog_train.config import Config, error_line
 from smog_train.probes import (cached_batches, extract_features, fit_linear, knn_eval, new_linear,
                                rank_world, shard_loader)
 
@@ -118,9 +120,9 @@ class SeededItems(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        s = ((self.seed * 1_000_003 + self.epoch) * 1_000_000_007 + int(i)) % (1 << 63)
+        s = item_seed(self.seed, self.epoch, int(i))
         # torchvision draws from torch's CPU generator, PIL-based transforms often from `random`; both are
-        # restored afterwards. (torch.manual_seed would also seed CUDA: 0.4 ms per item, 40x slower.)
+        # restored afterwards. Only the CPU generator: torch.manual_seed would also seed CUDA, per item.
         gen = torch.default_generator
         states = gen.get_state(), random.getstate()
         try:
@@ -242,7 +244,13 @@ def load_backbone(path: Optional[str], *, arch: Optional[str] = None, cifar_stem
     if random_init:
         source = "random-init"
     ref = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-    info = dict(arch=arch, cifar_stem=cifar_stem, width=width, source=source, train_config=train_cfg)
+    # the memory format train.py ran the backbone in (its --channels-last): other kernels round
+    # differently, and the kNN monitor's features are then reproduced bit for bit
+    channels_last = bool(train_cfg.get("channels_last", Config.channels_last)) and arch != "swin_t"
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    info = dict(arch=arch, cifar_stem=cifar_stem, width=width, source=source, train_config=train_cfg,
+                channels_last=channels_last)
     return freeze(backbone), feat_dim, ref, info
 
 
@@ -267,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(
         prog="eval_linear.py",
         description="Linear (SwAV protocol) and kNN evaluation of a SMoG backbone. Runs as a plain process or "
-                    "under torchrun (identical numbers). Prints a results table and writes OUT_DIR/eval.json.")
+                    "under torchrun (identical numbers). Prints a results table and writes OUT_DIR/eval-MODE.json, "
+                    "MODE augmented, cached-features or knn (--no-linear).")
     a = ap.add_argument
     a("--checkpoint", help="train.py checkpoint (out_dir/checkpoint.pth) or a backbone exported with "
                            "`python -m smog_train.export` (then pass --arch, and --cifar-stem if used in training)")
@@ -286,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--image-size", type=int, default=None, help="evaluation crop size (default: a train.py checkpoint's; for an "
                                                    "exported backbone the dataset's: 224 for image folders, native "
                                                    "for demo/CIFAR/STL; pass the training resolution)")
-    a("--out-dir", default=None, help="where eval.json goes (default: the checkpoint's directory; "
+    a("--out-dir", default=None, help="where eval-MODE.json goes (default: the checkpoint's directory; "
                                       "<that>/random-init with --random-init; runs/random-init without a checkpoint)")
     a("--cached-features", action="store_true", help="extract features once without augmentation and train the "
                                                      "linear layer on them (orders of magnitude faster on a CPU); "
@@ -304,25 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seed of the linear layer's init, the batch order, the augmentations and --random-init "
                                        "(default: %(default)s)")
     a("--workers", type=int, default=None, help="data loader workers per rank (default: min(8, cores per rank - 1))")
-    a("--device", default=None, help="cpu | cuda (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
+    a("--device", default="auto", help="auto | cpu | cuda (default: %(default)s: cuda if available; under torchrun "
+                                         "cuda:LOCAL_RANK)")
     a("--bad-images", choices=("fail", "skip"), default="fail",
       help="imagefolder: stop at an unreadable image (naming it) or skip it (default: %(default)s)")
     a("--quiet", action="store_true", help="no per-epoch log lines")
     return ap
-
-
-def _setup(device_arg: Optional[str]) -> torch.device:
-    """torchrun (RANK set) -> process group (nccl on GPUs, gloo on CPU); plain process -> nothing."""
-    want_cuda = device_arg != "cpu" and (device_arg is not None or torch.cuda.is_available())
-    if device_arg and device_arg.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device_arg} but no CUDA device is available; use --device cpu")
-    if "RANK" in os.environ and not smog.dist_ready():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        if want_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-        return torch.device(f"cuda:{local}") if want_cuda else torch.device("cpu")
-    return torch.device(device_arg if device_arg else ("cuda" if want_cuda else "cpu"))
 
 
 def _table(res: dict) -> str:
@@ -339,6 +335,12 @@ def _table(res: dict) -> str:
             f"({res['n_train']} train / {res['n_test']} test, {res['n_classes']} classes, {res['image_size']} px) | "
             f"{res['protocol']} | world {res['world_size']}")
     return "\n".join([head, line(rows[0]), "|" + "|".join("-" * (x + 2) for x in w) + "|", *map(line, rows[1:])])
+
+
+def results_mode(args: argparse.Namespace) -> str:
+    """augmented | cached-features (the linear protocol; with --knn the kNN too) | knn (--no-linear):
+    each mode writes its own OUT_DIR/eval-MODE.json."""
+    return "knn" if not args.linear else "cached-features" if args.cached_features else "augmented"
 
 
 def evaluate(args: argparse.Namespace, device: torch.device, log: Callable[[str], None]) -> dict:
@@ -386,8 +388,8 @@ def evaluate(args: argparse.Namespace, device: torch.device, log: Callable[[str]
 
     res = dict(checkpoint=args.checkpoint, source=info["source"], arch=info["arch"], cifar_stem=info["cifar_stem"],
                width=info["width"], data=spec, image_size=image_size, n_classes=n_classes, n_train=len(train_plain),
-               n_test=len(test_ds), world_size=w, seed=args.seed,
-               protocol="cached-features" if args.cached_features else "augmented")
+               n_test=len(test_ds), world_size=w, seed=args.seed, channels_last=info["channels_last"],
+               protocol=results_mode(args))
     t0 = time.time()
     test_f, test_y = extract_features(backbone, shard_loader(test_ds, args.batch_size, workers=workers,
                                                              pin_memory=pin), device)
@@ -415,22 +417,10 @@ def evaluate(args: argparse.Namespace, device: torch.device, log: Callable[[str]
     return res
 
 
-def _one_line(e: Exception) -> str:
-    """The message of a bad-input error; one re-raised out of a DataLoader worker carries the worker's
-    traceback ("Caught ValueError in DataLoader worker process 0. ... ValueError: msg"): keep msg."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    if lines[0].startswith("Caught ") and len(lines) > 1:
-        return lines[-1].split("Error: ", 1)[-1]
-    return lines[0]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        device = _setup(args.device)
-        r, _ = rank_world()
+        r, _, device = launch.init_process(args.device)
         log = (lambda s: print(s, flush=True)) if r == 0 else (lambda s: None)
         out_dir = args.out_dir or (os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint
                                    else os.path.join("runs", "random-init"))
@@ -441,17 +431,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if r == 0:
             print(_table(res), flush=True)
             os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, "eval.json")
+            path = os.path.join(out_dir, f"eval-{res['protocol']}.json")
             tmp = f"{path}.tmp-{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump(dict(res, args=vars(args)), f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic: eval.json is complete or absent
+            os.replace(tmp, path)  # atomic: the file is complete or absent
             print(f"wrote {path}", flush=True)
         return 0
     except (ValueError, OSError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:          # a non-finite linear loss: no eval.json
         print(f"error: {e}", file=sys.stderr)

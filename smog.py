@@ -44,8 +44,8 @@ def dist_ready() -> bool:
 
 def _dist_sum(t: torch.Tensor) -> torch.Tensor:
     if t.requires_grad:  # group_grad=True: differentiable all-reduce (backward all-reduces grads)
-        import torch.distributed.nn.functional as dnn
-        return dnn.all_reduce(t)
+        from smog_train.compat import differentiable_all_reduce
+        return differentiable_all_reduce(t)
     dist.all_reduce(t)
     return t
 

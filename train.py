@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import smog
-from smog_train import backbones, checkpoint, data, evaluation, faults, launch, runlock
+from smog_train import backbones, checkpoint, compat, data, evaluation, faults, launch, runlock
 from smog_train import sync_bn as smog_sync_bn
 from smog_train.batches import StepBatches, batch_geometry, build_data, item_seed, loader, \
     reraise_data_error, to_device
@@ -128,7 +128,7 @@ def _train(cfg: Config, lock: runlock.RunLock, signals) -> int:
     # --no-sync-bn: DDP broadcasts rank 0's buffers every forward, so BN statistics agree
     net = step_module if world == 1 else nn.parallel.DistributedDataParallel(
         step_module, device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=not sync_bn)
+        **compat.ddp_buffer_sync(not sync_bn))
     bank = MemoryBank(len(train_raw), cfg.dim, rank, world, device)    # [2, N, D], sharded by index
     run = Run(cfg=cfg, rank=rank, world=world, device=device, model=model, net=net,
               optimizer=optimizer,

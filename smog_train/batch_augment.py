@@ -1,8 +1,8 @@
-"""SMoG's crop augmentation (data.augmentation: sets A and B) as tensor operations on a batch of same-size uint8 images.
+"""SMoG's crop augmentation (sets A and B: recipe) as tensor operations on a batch of same-size uint8 images.
 
-data.augmentation makes one crop at a time with torchvision's PIL operations: any image size, but on 32 px images
-about 0.8 ms of Python per crop, and a demo batch holds 256 x 8 crops (1.6 s of one core per step, more than the
-step). For datasets held as one uint8 array (demo, CIFAR, STL) this module makes every crop of a batch at once:
+data.Augmentation makes one crop at a time with torchvision's PIL operations: any image size, but a Python call
+per operation and crop, and a demo batch holds 256 x 8 crops (more than the step costs on a CPU). For datasets
+held as one uint8 array (demo, CIFAR, STL) this module makes every crop of a batch at once:
 
     crop + resize   per-crop interpolation matrices (PIL's bilinear filter, antialiased when shrinking), two matmuls
     flip            the column matrix reversed
@@ -25,6 +25,7 @@ an item from a generator seeded by the item, so a crop does not depend on the ba
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -40,17 +41,36 @@ N_UNIFORM = _SOL + 1
 LUMA = (0.2989, 0.587, 0.114)                             # torchvision's rgb_to_grayscale weights
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The parameters of one augmentation set (METHOD.md, "Recipes"), besides the crop's size and
+    scale: read by both implementations, the PIL pipeline (data.Augmentation) and BatchAugment."""
+    blur_p: float                                        # Gaussian blur probability
+    sol_p: float                                         # solarise probability
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)                 # colour jitter: brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    sigma: tuple = (0.1, 2.0)                            # blur radius range, times blur_scale
+
+
+RECIPES = {"A": Recipe(blur_p=1.0, sol_p=0.0), "B": Recipe(blur_p=0.1, sol_p=0.2)}
+
+
+def recipe(kind: str) -> Recipe:
+    if kind not in RECIPES:
+        raise ValueError(f"augmentation set must be 'A' or 'B', not {kind!r}")
+    return RECIPES[kind]
+
+
 class BatchAugment:
-    """One crop of augmentation set A or B (data.augmentation's parameters) for each image of a batch."""
+    """One crop of augmentation set A or B (recipe(kind)) for each image of a batch."""
 
     def __init__(self, kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0, ratio=(3 / 4, 4 / 3)):
-        if kind not in ("A", "B"):
-            raise ValueError(f"augmentation set must be 'A' or 'B', not {kind!r}")
+        r = recipe(kind)
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
-        self.blur_p, self.sol_p = (1.0, 0.0) if kind == "A" else (0.1, 0.2)
-        self.jitter_p, self.gray_p = 0.8, 0.2
-        self.jitter = (0.4, 0.4, 0.2, 0.1)                   # brightness, contrast, saturation, hue
-        self.sigma = (0.1 * blur_scale, 2.0 * blur_scale)
+        self.blur_p, self.sol_p, self.jitter_p, self.gray_p = r.blur_p, r.sol_p, r.jitter_p, r.gray_p
+        self.jitter = r.jitter
+        self.sigma = (r.sigma[0] * blur_scale, r.sigma[1] * blur_scale)
 
     def __call__(self, images: torch.Tensor, u: torch.Tensor, src: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images uint8 [n, 3, H, W], u float [n, N_UNIFORM] in [0, 1) -> crops uint8 [n, 3, size, size].
@@ -77,8 +97,9 @@ class BatchAugment:
 
 
 def crop_boxes(u: torch.Tensor, H: int, W: int, scale: tuple, ratio: tuple) -> tuple:
-    """RandomResizedCrop.get_params for every row of u -> (top i, left j, height h, width w), float tensors [n] of
-    integers: the first of ATTEMPTS (area, log-ratio) draws whose box fits, else the centre crop of the clamped ratio."""
+    """RandomResizedCrop.get_params for every row of u -> (top i, left j, height h, width w), float
+    tensors [n] of integers: the first of ATTEMPTS (area, log-ratio) draws whose box fits, else the
+    centre crop of the clamped ratio."""
     area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA:_AREA + ATTEMPTS])
     lr = (math.log(ratio[0]), math.log(ratio[1]))
     aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, _RATIO:_RATIO + ATTEMPTS])

@@ -1,9 +1,10 @@
-"""How one rank's data and batches are made for train.py: the datasets, the step sampler (an exact, resumable position in a
-seeded permutation), seeded items, the data loader and the transfer to the device.
+"""How one rank's data and batches are made for train.py: the datasets, the step sampler (an exact,
+resumable position in a seeded permutation), seeded items, the data loader and the transfer to the
+device.
 
 Every item is (dataset index, online augmentation set, item seed); the seed is a function of (--seed,
 epoch, index), so crops depend neither on workers, ranks nor where a run resumed. The roles of the two
-augmentation sets swap every optimiser step (even step: online = A). `cfg` is a train.Config."""
+augmentation sets swap every optimiser step (even step: online = A). `cfg` is a config.Config."""
 from __future__ import annotations
 
 import signal
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 from smog_train import data
 import smog
-from smog_train.config import UsageError
+from smog_train.config import UsageError, error_line
 
 
 def build_data(cfg, rank: int) -> tuple:
@@ -111,10 +112,8 @@ def loader(ds, batch_sampler, cfg, device, *, persistent: bool = False):
 
 
 def reraise_data_error(e: Exception):
-    """A BadImageError re-raised out of a DataLoader worker carries the worker traceback; keep its last line."""
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    msg = lines[-1] if lines else type(e).__name__
-    raise UsageError(msg.split("Error: ", 1)[-1] if msg.startswith(("BadImageError", "ValueError")) else msg) from None
+    """A bad image met in the loader, as a one-line UsageError (config.error_line)."""
+    raise UsageError(error_line(e)) from None
 
 
 def to_device(x: torch.Tensor, device, cfg) -> torch.Tensor:

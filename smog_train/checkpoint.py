@@ -13,8 +13,8 @@ finds checkpoint.pth damaged uses checkpoint.prev.pth, see choose_checkpoint):
 Nothing in it is laid out per rank, so a run resumes on another number of processes (any that
 divides the global batch / accum): the bank is re-sharded, the data position is the global step;
 the log and the banner say that the world size changed. It is saved at the end of every epoch,
-every --save-every steps and on SIGTERM (then exit 0) or SIGINT (exit 130). Resuming with a different config field
-(other than RUNTIME_FIELDS in train.py) is refused, naming the field. Bad input raises UsageError:
+every --save-every steps and on SIGTERM (then exit 0) or SIGINT (exit 130). Resuming with different config
+fields (other than config.RUNTIME_FIELDS) is refused, naming every one. Bad input raises UsageError:
 train.py prints it as one line and exits with code 2.
 
 The test-only faults that kill a run at chosen points are in smog_train/faults.py.
@@ -276,10 +276,11 @@ def load(path: str) -> dict:
         raise UsageError(str(e)) from None
 
 
-def check_resume(ck: dict, cfg, runtime_fields: set, world: int, path: str) -> None:
+def check_resume(ck: dict, cfg, runtime_fields: set, path: str) -> None:
     """The checkpoint must continue *this* run: same format and every field of the config dataclass
-    `cfg` except `runtime_fields`. The world size may differ (train.py's batch_geometry has checked
-    that this one divides the global batch)."""
+    `cfg` except `runtime_fields`; a refusal names every field that differs, the flags that restore
+    them and the run's own config.json. The world size may differ (train.py's batch_geometry has
+    checked that this one divides the global batch)."""
     if str(ck.get("format", "")).startswith("smog-train-") and ck.get("format") != FORMAT:
         raise UsageError(f"cannot resume {path!r}: it was written by an older train.py (format {ck['format']!r}, "
                          f"this one writes {FORMAT!r}: another recipe or state layout); use a new "
@@ -287,19 +288,26 @@ def check_resume(ck: dict, cfg, runtime_fields: set, world: int, path: str) -> N
     if ck.get("format") != FORMAT:
         raise UsageError(f"{path!r} is not a train.py checkpoint (format {ck.get('format')!r}, expected {FORMAT!r})")
     old = ck.get("config", {})
-    for f in fields(cfg):
-        if f.name in runtime_fields:
-            continue
-        if f.name not in old:    # a field added since: the old run made it as it was then, not necessarily as now
-            raise UsageError(f"cannot resume {path!r}: its config has no field {f.name!r} (written by an older "
-                             f"train.py); use a new --out-dir")
-        if old[f.name] != getattr(cfg, f.name):
-            flag = f.name.replace('_', '-')
-            fix = f"--{flag} {old[f.name]}"
-            if isinstance(old[f.name], bool):
-                fix = f"--{flag}" if old[f.name] else f"--no-{flag}"
-            raise UsageError(f"cannot resume {path!r}: config field {f.name!r} is {old[f.name]!r} in the checkpoint but "
-                             f"{getattr(cfg, f.name)!r} now; pass {fix} or use a new --out-dir")
+    names = [f.name for f in fields(cfg) if f.name not in runtime_fields]
+    missing = [n for n in names if n not in old]
+    if missing:    # fields added since: the old run made them as they were then, not necessarily as now
+        raise UsageError(f"cannot resume {path!r}: its config has no field {', '.join(map(repr, missing))} "
+                         f"(written by an older train.py); use a new --out-dir")
+    changed = [n for n in names if old[n] != getattr(cfg, n)]
+    if changed:
+        diffs = ", ".join(f"{n!r} is {old[n]!r} in the checkpoint but {getattr(cfg, n)!r} now" for n in changed)
+        own = os.path.join(os.path.dirname(path) or ".", "config.json")
+        own = f" (or --config {own}, the run's own config)" if os.path.isfile(own) else ""
+        raise UsageError(f"cannot resume {path!r}: config field{'s' if len(changed) > 1 else ''} {diffs}; "
+                         f"pass {' '.join(_flag(n, old[n]) for n in changed)}{own} or use a new --out-dir")
+
+
+def _flag(name: str, value) -> str:
+    """The command-line option that sets config field `name` to `value`."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
 
 
 def prepare_out_dir(out_dir: str, config_json: str, resumed: bool, same_dir: bool, log_offset: int) -> None:
@@ -378,7 +386,7 @@ class on_signals:
 @dataclass
 class Run:
     """What the loop reads and a checkpoint holds: the built objects and the position in the run."""
-    cfg: object                          # train.Config
+    cfg: object                          # config.Config
     rank: int
     world: int
     device: torch.device
@@ -536,7 +544,7 @@ def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> bool:
     resume, ck = choose_checkpoint(run)
     same_dir = False
     if resume:
-        check_resume(ck, cfg, runtime_fields, run.world, resume)
+        check_resume(ck, cfg, runtime_fields, resume)
         check_writable(cfg.out_dir)
         if run.rank == 0:
             check_space(run)

@@ -21,6 +21,18 @@ class UsageError(ValueError):
     """Bad input: printed as one line 'error: ...', exit code 2, nothing written."""
 
 
+def error_line(e: Exception) -> str:
+    """The one line printed for a bad-input error: its message. An exception re-raised out of a
+    DataLoader worker carries the worker's traceback ("Caught BadImageError in DataLoader worker
+    process 0. ... smog_train.data.BadImageError: msg"): its last line, without the exception name."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        return lines[-1].split("Error: ", 1)[-1]
+    return lines[0]
+
+
 # ------------------------------------------------------------------------------------------------
 # the defaults; presets override them; the command line overrides both
 
@@ -135,8 +147,8 @@ _R50 = dict(data="imagefolder:data/imagenet", arch="resnet50", epochs=400, batch
 PRESETS = {
     # the built-in dataset on 2 CPU cores in a few minutes: small CNN, 32 px, few groups, short run.
     # Plain SGD (no LARS): at batch 256 and a few hundred steps the trust ratio only slows the start.
-    # no data workers, every core for torch: the crops of a batch are made with tensor ops (--augment), about
-    # 0.15 s of a 0.55 s step on 2 cores (the PIL crops took 1.3-1.8 s of one core per batch; bench.py crops).
+    # no data workers, every core for torch: the crops of a batch are made with tensor ops (--augment) in
+    # the training process, a fraction of the step (PIL crops would cost more than the step; bench.py crops).
     "demo": dict(data="demo", arch="smallcnn", width=16, dim=64, hidden_dim=512, n_groups=30, n_heads=3,
                  image_size=32, local_size=16, n_local=2, global_scale_min=0.35, local_scale_min=0.1,
                  local_scale_max=0.35, blur_scale=0.15, epochs=10, batch_size=256, optimizer="sgd", lr=1.0,
@@ -159,6 +171,21 @@ RUNTIME_FIELDS = {"config", "out_dir", "resume", "data_root", "download", "bad_i
                   "skip_nonfinite", "final_eval", "probe_epochs", "probe_lr", "sup_lr"}
 
 
+STEP_LINE = """\
+the step line (every --log-every steps; log.jsonl holds the same fields):
+  loss      the SMoG loss, mean over ranks
+  lr        this step's learning rate (warmup, then cosine)
+  beta      the groups' momentum: c <- normalise(beta c + (1 - beta) mean of its members)
+  m         the momentum network's EMA coefficient (--ema)
+  img/s     training images per second since the previous line
+  data      the share of that time spent waiting for the next batch (high: the input limits the run)
+  nonempty  the fraction of the K groups that some sample of the step is assigned to, mean over heads
+  entropy   of the step's assignment histogram, mean over heads; ln K is every group used equally
+  ETA       the steps left at this epoch's mean step time, evaluations not included
+where the results go (--out-dir): checkpoint.pth, config.json (--config reads it back), log.jsonl,
+and with --final-eval demo_results.json (the table printed at the end)"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, not argparse's usage block
         raise UsageError(f"{message} (see python train.py -h)")
@@ -172,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     lines = ["presets (values that differ from the defaults above):"]
     for name, over in PRESETS.items():
         lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in over.items()))
+    lines += ["", STEP_LINE]
     ap = _Parser(prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                  description=f"SMoG pretraining. Precedence: defaults < --preset (or --config) < options given. "
                              f"A plain `python train.py` runs --preset {Config.preset}: each option shows "
@@ -264,7 +292,7 @@ def check_values(cfg: Config) -> None:
          "crop scales must satisfy 0 < min <= max <= 1"),
         (cfg.optimizer in ("lars", "sgd", "adamw"), f"--optimizer must be lars, sgd or adamw, not {cfg.optimizer!r}"),
         (cfg.ema_schedule in ("const", "cosine"), f"--ema-schedule must be const or cosine, not {cfg.ema_schedule!r}"),
-        (cfg.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16"),
+        (cfg.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
         (cfg.dist_timeout > 0, f"--dist-timeout must be > 0 minutes, got {cfg.dist_timeout}"),
         (cfg.bad_images in ("fail", "skip"), f"--bad-images must be fail or skip, not {cfg.bad_images!r}"),
         (cfg.regroup_every >= 1 and cfg.kmeans_iters >= 0, "--regroup-every must be >= 1 and --kmeans-iters >= 0"),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from smog_train import decode
-from smog_train.batch_augment import (_FLIP, N_UNIFORM, BatchAugment, crop_boxes_sized,
+from smog_train.batch_augment import (_FLIP, N_UNIFORM, BatchAugment, crop_boxes_sized, recipe,
                                      resized_crops, source_rows)
 
 MEAN = (0.485, 0.456, 0.406)
@@ -414,10 +414,10 @@ _MEAN_T, _STD_T = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1,
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 crops [..., 3, h, w] (what augmentation() makes) -> normalised float32, on x's device, the same
+    """uint8 crops [..., 3, h, w] (what Augmentation makes) -> normalised float32, on x's device, the same
     bits as ToTensor + Normalize per crop. Done per batch after the transfer: a quarter of the bytes cross
-    from the loader workers (and to the GPU), and the per-crop conversion was a quarter of the augmentation
-    time on 2 CPU cores. Float input is returned unchanged."""
+    from the loader workers (and to the GPU), and one conversion per batch costs less than one per crop.
+    Float input is returned unchanged."""
     if x.dtype != torch.uint8:
         return x
     return x.float().div_(255).sub_(_MEAN_T.to(x.device)).div_(_STD_T.to(x.device))
@@ -431,23 +431,20 @@ class Augmentation:
 
     def __init__(self, kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0):
         import torchvision.transforms as T
-        blur_p, sol_p = (1.0, 0.0) if kind == "A" else (0.1, 0.2)
+        r = recipe(kind)
         ops = [T.RandomResizedCrop(size, scale=scale),  # bilinear, torchvision's default, as released
                T.RandomHorizontalFlip(),
-               T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-               T.RandomGrayscale(p=0.2)]
-        if blur_p > 0:
-            ops.append(GaussianBlur(blur_p, 0.1 * blur_scale, 2.0 * blur_scale))
-        if sol_p > 0:
-            ops.append(Solarize(sol_p))
+               T.RandomApply([T.ColorJitter(*r.jitter)], p=r.jitter_p),
+               T.RandomGrayscale(p=r.gray_p)]
+        if r.blur_p > 0:
+            ops.append(GaussianBlur(r.blur_p, r.sigma[0] * blur_scale, r.sigma[1] * blur_scale))
+        if r.sol_p > 0:
+            ops.append(Solarize(r.sol_p))
         self.pil = T.Compose([*ops, T.PILToTensor()])        # uint8 [3, size, size]; data.normalize() per batch
         self.batch = BatchAugment(kind, size, scale, blur_scale=blur_scale)
 
     def __call__(self, img) -> torch.Tensor:
         return self.pil(img)
-
-
-augmentation = Augmentation          # the name train.py, bench.py and METHOD.md use for one crop of a set
 
 
 def in_memory_arrays(ds) -> Optional[tuple]:
@@ -483,8 +480,8 @@ class MultiCropViews:
 
     def __init__(self, global_size: int, local_size: int, n_local: int, global_scale=(0.2, 1.0),
                  local_scale=(0.05, 0.2), blur_scale: float = 1.0):
-        self.glob = {k: augmentation(k, global_size, tuple(global_scale), blur_scale=blur_scale) for k in "AB"}
-        self.loc = {k: augmentation(k, local_size, tuple(local_scale), blur_scale=blur_scale) for k in "AB"}
+        self.glob = {k: Augmentation(k, global_size, tuple(global_scale), blur_scale=blur_scale) for k in "AB"}
+        self.loc = {k: Augmentation(k, local_size, tuple(local_scale), blur_scale=blur_scale) for k in "AB"}
         self.n_local = n_local
 
     def crops(self, img, s: str) -> list:
@@ -582,8 +579,8 @@ class EncodedBatch:
 
 class seeded:
     """Context: torch's CPU generator seeded for one item, the caller's state restored afterwards (so
-    workers=0 leaves the training process's RNG alone). torch.manual_seed would also queue CUDA seeding
-    with a formatted stack trace, 0.5 ms per call, a third of a demo item's augmentation time."""
+    workers=0 leaves the training process's RNG alone). Only the CPU generator: torch.manual_seed would
+    also queue CUDA seeding with a formatted stack trace, per item."""
 
     def __init__(self, seed: int):
         self.seed = seed

@@ -49,7 +49,7 @@ def train_supervised(cfg, train_raw, n_classes: int, steps: int, device, autocas
     world = dist.get_world_size() if smog.dist_ready() else 1
     rank = dist.get_rank() if smog.dist_ready() else 0
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    aug = data.augmentation("A", cfg.image_size, (cfg.global_scale_min, cfg.global_scale_max), blur_scale=cfg.blur_scale)
+    aug = data.Augmentation("A", cfg.image_size, (cfg.global_scale_min, cfg.global_scale_max), blur_scale=cfg.blur_scale)
     sampler = StepBatches(len(train_raw), rank, world, cfg.batch_size // world, 1, cfg.seed + 2)
     dl = loader(data.AugmentedDataset(train_raw, aug, batched=cfg.augment != "pil"), sampler, cfg, device, persistent=True)
     opt = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9, weight_decay=5e-4, nesterov=True)
@@ -118,7 +118,7 @@ def final_evaluation(run, train_raw, train_plain, test_ds, n_classes: int) -> in
         if run.rank == 0:                                                # all ranks see it; one rank prints
             with open(done) as fh:
                 res = json.load(fh)
-            print("run already complete; stored results:\n" + results_table(res, cfg), flush=True)
+            print(f"run already complete; stored results ({done}):\n" + results_table(res, cfg), flush=True)
             checkpoint.log(run, dict(type="final", **res, knn=run.knn))  # the log was truncated to the checkpoint
         cfg = dataclasses.replace(cfg, final_eval=False)
     if cfg.final_eval:
@@ -131,4 +131,5 @@ def final_evaluation(run, train_raw, train_plain, test_ds, n_classes: int) -> in
                 json.dump(res, fh, indent=1)
             os.replace(done + ".tmp", done)
             checkpoint.log(run, dict(type="final", **res, knn=run.knn))
+            print(f"results: {done} (the table), {run.path('log.jsonl')} (every step and epoch)", flush=True)
     return 0

@@ -19,7 +19,7 @@ from smog_train.config import UsageError
 def init_process_group(backend: str, timeout_min: float = 10.0) -> None:
     """dist.init_process_group from torchrun's environment, with one store key space per restart attempt.
     torchrun keeps its agent's TCPStore across --max-restarts attempts, and the process group's keys
-    (gloo's peer addresses) are not prefixed by attempt (torch 2.14): a restarted rank could read the
+    (gloo's peer addresses) are not prefixed by attempt: a restarted rank could read the
     dead attempt's addresses and fail with "Gloo connectFullMesh failed ... Connection refused"."""
     timeout = datetime.timedelta(minutes=timeout_min)     # every collective's limit (--dist-timeout)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
@@ -34,9 +34,9 @@ def init_process_group(backend: str, timeout_min: float = 10.0) -> None:
 
 def keep_freed_memory() -> None:
     """glibc hands every freed block above the mmap threshold straight back to the OS, so on the CPU each
-    step page-faults its activations in again: measured on 2 cores, 0.5 ms of system time per image
-    against 1.1 ms of compute (the demo step 0.41 s -> 0.28 s with this). Keep freed memory in the heap
-    (what jemalloc/tcmalloc would do). Linux/glibc only; elsewhere a no-op."""
+    step would page-fault its activations in again, system time of the order of the compute on a small
+    model. Keep freed memory in the heap (what jemalloc/tcmalloc would do). Linux/glibc only; elsewhere
+    a no-op."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -46,12 +46,13 @@ def keep_freed_memory() -> None:
         pass
 
 
-def setup(cfg) -> tuple:
-    """cfg: train.Config -> (rank, world, device); resolves cfg.workers = -1. The cores of this machine
-    are split over the local ranks, and each rank's share over its data workers and its torch threads."""
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, not {cfg.device!r}")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+def init_process(device: str, timeout_min: float = 10.0) -> tuple:
+    """device auto | cpu | cuda -> (rank, world, torch.device). Plain python (RANK unset): rank 0 of
+    1, no process group; under torchrun: the process group (init_process_group, every collective
+    limited to timeout_min minutes) and this rank's GPU. train.py and eval_linear.py start this way."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {device!r}")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu")
     rank, world, local = 0, 1, 0
@@ -59,9 +60,18 @@ def setup(cfg) -> tuple:
         local = int(os.environ.get("LOCAL_RANK", 0))
         if cuda:
             torch.cuda.set_device(local)
-        init_process_group("nccl" if cuda else "gloo", getattr(cfg, "dist_timeout", 10.0))
+        init_process_group("nccl" if cuda else "gloo", timeout_min)
     if smog.dist_ready():
         rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def setup(cfg) -> tuple:
+    """cfg: config.Config -> (rank, world, device) (init_process); resolves cfg.workers = -1. The
+    cores of this machine are split over the local ranks, and each rank's share over its data
+    workers and its torch threads."""
+    rank, world, device = init_process(cfg.device, cfg.dist_timeout)
+    cuda = device.type == "cuda"
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     cores = max(1, (os.cpu_count() or 1) // local_world)
     if not cuda:
@@ -69,7 +79,7 @@ def setup(cfg) -> tuple:
     if cfg.workers < 0:
         cfg.workers = min(10, cores - 1)
     torch.set_num_threads(cfg.threads or max(1, cores - cfg.workers))  # workers + threads = cores: no oversubscription
-    return rank, world, torch.device(f"cuda:{local}" if cuda else "cpu")
+    return rank, world, device
 
 
 def is_timeout(e: BaseException) -> bool:
@@ -144,8 +154,8 @@ def announce(run, micro: int, amp, resumed: bool, has_test: bool) -> None:
 def exit_process(rc: int) -> None:
     """sys.exit(rc); under torchrun, skip interpreter finalisation instead: gloo's worker threads may still
     be releasing the tensors of the last collectives, need the GIL of a finalising interpreter and abort
-    the process (exit -6 after a finished run; seen ~1 run in 10 on a busy 2-core machine). Callers have
-    written and flushed everything and destroyed the process group by now."""
+    the process (exit -6 after a finished run, now and then). Callers have written and flushed
+    everything and destroyed the process group by now."""
     if "RANK" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()

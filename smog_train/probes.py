@@ -51,16 +51,6 @@ def shard_loader(ds, batch_size: int, *, workers: int = 0, pin_memory: bool = Fa
                                        pin_memory=pin_memory)
 
 
-def _real_count(loader) -> Optional[int]:
-    """Rows of this rank that are real samples; DistributedSampler pads by repeating samples at the end
-    of the padded index list, which land at the end of the ranks' shards. None: keep every row."""
-    s = getattr(loader, "sampler", None)
-    if isinstance(s, torch.utils.data.DistributedSampler):
-        # padded list position p = rank + j * num_replicas; positions >= len(dataset) are repeats
-        return len(range(s.rank, min(len(s.dataset), s.total_size), s.num_replicas))
-    return None
-
-
 @torch.no_grad()
 def _extract_local(backbone: nn.Module, loader, device) -> tuple:
     modes = [(m, m.training) for m in backbone.modules()]
@@ -77,15 +67,14 @@ def _extract_local(backbone: nn.Module, loader, device) -> tuple:
         f, y = torch.cat(feats), torch.cat(labels)
     else:  # empty shard: the feature width is needed for the gather; one probe forward finds it
         f, y = torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    n = _real_count(loader)
-    return (f[:n], y[:n]) if n is not None else (f, y)
+    return f, y
 
 
 def extract_features(backbone: nn.Module, loader, device) -> tuple:
     """Pooled features of every sample of `loader`'s dataset -> (feats [N, F] float32, labels [N] long),
     gathered across ranks in rank order (all_gather_rows). The backbone runs in eval() mode without
-    gradient and every module gets its previous mode back. DistributedSampler padding is dropped so every sample
-    counts once; use shard_loader for dataset order. Collective under a process group."""
+    gradient and every module gets its previous mode back. With shard_loader's loaders every sample
+    counts once, in dataset order. Collective under a process group."""
     f, y = _extract_local(backbone, loader, device)
     if smog.dist_ready():
         # ranks with an empty shard do not know F: agree on it first
@@ -172,8 +161,8 @@ class _Threads:
 
 
 def _step_threads(head: nn.Linear, device) -> _Threads:
-    """A small linear layer on a CPU steps with one thread: its kernels take microseconds, and OpenMP
-    threads waiting at barriers made them 10x slower on a busy 2-core machine (measured)."""
+    """A small linear layer on a CPU steps with one thread: its kernels take microseconds, less than
+    OpenMP threads spend waiting at barriers, the more so on a busy machine."""
     small = torch.device(device).type == "cpu" and head.in_features * head.out_features <= (1 << 16)
     return _Threads(1 if small and torch.get_num_threads() > 1 else None)
 
@@ -240,7 +229,7 @@ def cached_batches(train_f: torch.Tensor, train_y: torch.Tensor, batch_size: int
     def batches(epoch):
         perm = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         perm = perm.to(train_f.device)
-        # one gather per epoch, then views: many small gathers were the probe's bottleneck on a busy CPU
+        # one gather per epoch, then views: a gather per batch would cost more than the probe's steps
         yield from zip(train_f[perm].split(batch_size), train_y[perm].split(batch_size))
 
     return batches

@@ -6,8 +6,9 @@ The reduction is SyncBatchNorm's: every rank computes its count, mean and centre
 per channel; the rows of all ranks are summed (an all-gather written as an all-reduce of one
 non-zero row per rank, exact) and combined (Chan et al.), so the statistics are those of the global
 micro-batch and do not depend on how it is split over ranks -- except for the order of
-floating-point operations. The all-reduce is autograd-aware (torch.distributed.nn): its backward
-sums the gradient over ranks, so each rank's inputs get the gradient of the global statistics.
+floating-point operations. The all-reduce is autograd-aware (compat.differentiable_all_reduce):
+its backward sums the gradient over ranks, so each rank's inputs get the gradient of the global
+statistics.
 Running statistics are updated with the global mean and unbiased variance, identically on every
 rank. In eval mode, and in a single process, it is the plain BatchNorm.
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dnn
 import torch.nn as nn
 import torch.nn.functional as F
 
 import smog
+from smog_train.compat import differentiable_all_reduce
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -41,7 +42,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean_r = xf.mean(dims)
         m2_r = (xf - mean_r.view(shape)).square().sum(dims)
         row = torch.cat([mean_r, m2_r, xf.new_full((1,), float(n_r))])
-        rows = dnn.all_reduce(F.pad(row[None], (0, 0, rank, world - 1 - rank)))     # (W, 2C+1)
+        rows = differentiable_all_reduce(F.pad(row[None], (0, 0, rank, world - 1 - rank)))  # (W, 2C+1)
         n = rows[:, 2 * C:]                                                         # (W, 1)
         total = n.sum()
         mean = (rows[:, :C] * n).sum(0) / total

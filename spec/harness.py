@@ -145,9 +145,6 @@ class Impl:
                             f"{type(e).__name__}: {e}", pytrace=False)
         return self._ns
 
-    def declares(self, what: str) -> bool:
-        return what in declarations(self._load())
-
     def __getattr__(self, attr: str):
         if attr not in PROTOCOL:   # python and hypothesis probe objects for other attributes
             raise AttributeError(attr)

@@ -1,4 +1,5 @@
-"""heads.md: one iteration of all heads, smog_multihead_step (H1-H5); the returned types and the error (H6, contract)."""
+"""heads.md: one iteration of all heads, smog_multihead_step (H1-H5); the returned types and the
+error (H6, contract)."""
 from __future__ import annotations
 
 import pytest

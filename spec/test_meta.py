@@ -54,7 +54,7 @@ def test_ids_are_numbered_consecutively_and_references_resolve():
 def test_missing_function_fails_by_name():
     lacking = Impl("spec.strategies")   # a module without the protocol
     with pytest.raises(pytest.fail.Exception, match="assign_groups is not defined in spec.strategies"):
-        lacking.assign_groups
+        _ = lacking.assign_groups
     assert "assign_groups" in PROTOCOL
 
 

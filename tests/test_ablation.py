@@ -9,7 +9,6 @@ import shlex
 import pytest
 
 from tools import ablation
-import train
 from smog_train import config
 
 

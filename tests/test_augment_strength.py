@@ -10,7 +10,6 @@ parameter; the two pipelines' means must agree within Z_SAME standard errors, an
 pipeline must differ by more than Z_OFF. Draws are seeded, so the verdicts are deterministic."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -25,7 +24,7 @@ N = {"grayscale": 2400, "solarize": 3000, "crop scale": 500}
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Small ops: threads only contend on the 2 shared cores (10x slower here with 2)."""
+    """Small ops: more threads only wait at barriers on a machine with few cores."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 from torchvision.transforms import InterpolationMode
@@ -249,7 +248,7 @@ def pil_reference():
 
 def tensor_worst_z(ref, mutate=None):
     worst = 0.0
-    for (kind, size, sk), (batch, imgs, pil_stats) in ref.items():
+    for (_, _, sk), (batch, imgs, pil_stats) in ref.items():
         b = __import__("copy").copy(batch)
         if mutate:
             mutate(b)
@@ -291,13 +290,12 @@ def test_resume_refuses_a_checkpoint_made_before_a_recipe_field_existed():
     """A v2 checkpoint written before --augment existed made its crops with PIL; resuming it with tensor crops
     would silently change the run, so a config without a (non-runtime) field is refused in one line."""
     from smog_train import checkpoint
-    import train
     cfg = config.parse_config(["--data", "demo:100"])
     old = dict(__import__("dataclasses").asdict(cfg))
     checkpoint.check_resume({"format": checkpoint.FORMAT, "world_size": 1, "config": old}, cfg, config.RUNTIME_FIELDS,
-                            1, "ck.pth")                                   # the same config resumes
+                            "ck.pth")                                      # the same config resumes
     del old["augment"]
     with pytest.raises(config.UsageError) as e:
         checkpoint.check_resume({"format": checkpoint.FORMAT, "world_size": 1, "config": old}, cfg,
-                                config.RUNTIME_FIELDS, 1, "ck.pth")
+                                config.RUNTIME_FIELDS, "ck.pth")
     assert "no field 'augment'" in str(e.value) and "\n" not in str(e.value)

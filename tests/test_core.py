@@ -239,8 +239,8 @@ def test_forward_equals_per_head_smog_step_and_updates_buffer():
         z = F.normalize(z, dim=-1).view(4, 4, -1)
     exp_loss = 0
     for h in range(3):
-        l, g, _ = smog.smog_step(g0[h], z[h % 2], zt, p, 0.8, 0.1)
-        exp_loss += l / 3
+        loss_h, g, _ = smog.smog_step(g0[h], z[h % 2], zt, p, 0.8, 0.1)
+        exp_loss += loss_h / 3
         torch.testing.assert_close(m.groups[h], g, rtol=0, atol=1e-6)
     assert abs(loss.item() - exp_loss.item()) < 1e-5
 

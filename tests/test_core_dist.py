@@ -6,7 +6,6 @@ each other and with the single-process result on the whole batch.
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

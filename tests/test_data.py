@@ -108,17 +108,17 @@ def test_views_are_seeded_per_item_and_leave_the_global_rng_alone():
     # with B online the counts are the same (which set is used: test_release_rules pins the sets)
     onb, mob, _ = views[(4, "B", 77)]
     assert len(onb) == 5 and len(mob) == 5
-    aug = data.AugmentedDataset(base, data.augmentation("A", 24, (0.3, 1.0)))
+    aug = data.AugmentedDataset(base, data.Augmentation("A", 24, (0.3, 1.0)))
     x, y = aug[(3, "A", 5)]
     assert x.shape == (3, 24, 24) and y == base[3][1] and torch.equal(x, aug[(3, "A", 5)][0])
 
 
 def test_uint8_crops_normalised_per_batch_equal_totensor_normalize_per_crop():
-    """augmentation() hands out uint8 crops and data.normalize() converts whole batches: bit for bit what
+    """Augmentation hands out uint8 crops and data.normalize() converts whole batches: bit for bit what
     ToTensor + Normalize per crop gives (the released pipeline's float crops)."""
     import torchvision.transforms as T
     base = data.build_dataset("demo:40", "train")
-    aug = data.augmentation("B", 32, (0.2, 1.0), blur_scale=0.15)
+    aug = data.Augmentation("B", 32, (0.2, 1.0), blur_scale=0.15)
     per_crop = T.Compose([*aug.pil.transforms[:-1], T.ToTensor(), T.Normalize(data.MEAN, data.STD)])
     new, old = [], []
     for i in range(40):

@@ -19,7 +19,8 @@ RELEASED = ("resnet50w2", "swin_t")   # the released networks (not in torchvisio
 
 
 def _scramble_(module: torch.nn.Module, seed: int) -> None:
-    """Make every tensor distinctive: fresh BN weights are all 1 and fresh BN statistics are 0/1, so an untouched model could not tell swapped or dropped weights apart."""
+    """Make every tensor distinctive: fresh BN weights are all 1 and fresh BN statistics are 0/1, so
+    an untouched model could not tell swapped or dropped weights apart."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in module.state_dict().items():

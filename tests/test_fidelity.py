@@ -368,7 +368,7 @@ def test_old_checkpoint_refused_in_one_line():
     for old in ("smog-train-v1", "smog-train-v2"):
         with pytest.raises(config.UsageError) as e:
             checkpoint.check_resume({"format": old, "world_size": 1, "config": {}}, cfg,
-                                    config.RUNTIME_FIELDS, 1, "old.pth")
+                                    config.RUNTIME_FIELDS, "old.pth")
         msg = str(e.value)
         assert "older train.py" in msg and old in msg and "use a new --out-dir" in msg
         assert "\n" not in msg

@@ -13,7 +13,6 @@ from one rank's shard fails here.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys

@@ -34,7 +34,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import smog
 from smog_train import checkpoint
 from smog_train import export
 from state_compare import assert_same
@@ -752,11 +751,11 @@ def _train_bad_inputs(folders, ref1, ref2):
             r"choose another --out-dir")] if os.geteuid() != 0 else []),      # root may write anywhere
         # resuming a run that this command cannot continue: out_dir holds the reference's checkpoint
         (["--n-groups", "6"], r"config field 'n_groups' is 8 in the checkpoint but 6 now",
-         r"pass --n-groups 8 or use a new --out-dir", "ref1"),
+         r"pass --n-groups 8 \(or --config .*/config.json, the run's own config\) or use a new --out-dir", "ref1"),
         (["--epochs", "3"], r"config field 'epochs' is 2 in the checkpoint but 3 now", r"--epochs 2", "ref1"),
         (["--seed", "1"], r"config field 'seed'", r"--seed 0", "ref1"),
         (["--no-sync-bn"], r"config field 'sync_bn' is True in the checkpoint but False now",
-         r"pass --sync-bn or", "ref2"),
+         r"pass --sync-bn \(or --config", "ref2"),
         # --resume of one run into an out_dir holding another
         (["--resume", ref1["dir"] / "checkpoint.pth"], r"--out-dir '.*' holds another run \(checkpoint.pth\); "
          r"resuming '.*ref1.*checkpoint.pth' there would overwrite it",
@@ -868,7 +867,7 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
     """eval_linear.py on a file that is not a checkpoint (text, truncated, a half-written temporary
     checkpoint), on a checkpoint of another architecture, on missing CIFAR/STL files, an unknown
     architecture and an out_dir that cannot be written: exit 2, one line, no traceback; an existing
-    out_dir with a previous eval.json is left exactly as it was."""
+    out_dir with a previous eval-augmented.json is left exactly as it was."""
     import eval_linear
     ck = ref1["dir"] / "checkpoint.pth"
     text = tmp_path / "notes.pth"
@@ -879,7 +878,7 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
     export.export_backbone(str(ck), str(exported))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "eval.json").write_text('{"previous": "result"}')
+    (out / "eval-augmented.json").write_text('{"previous": "result"}')
     cases = [
         (["--checkpoint", text], r"cannot load .*notes.pth", r"not a checkpoint of this project"),
         (["--checkpoint", cut], r"cannot load .*cut.pth", r"truncated"),

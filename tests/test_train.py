@@ -65,6 +65,31 @@ def test_help_lists_every_option_and_preset():
         assert "--" + f.name.replace("_", "-") in r.stdout
     for p in config.PRESETS:
         assert f"  {p}:" in r.stdout
+    line = train.StepLog.step.__code__.co_consts                  # the step line's literal pieces
+    for field in ("loss", "lr", "beta", "m", "img/s", "data", "nonempty", "entropy", "ETA"):
+        assert any(f" {field} " in f" {c}" for c in line if isinstance(c, str)), field   # printed ...
+        assert f"\n  {field} " in r.stdout, field                                         # ... and explained
+
+
+def test_refused_resume_names_every_changed_field_and_the_runs_config(tmp_path):
+    """One refusal lists every field that differs, the flags that restore them and the run's own
+    config.json, which --config reads back into the config the checkpoint holds."""
+    saved = config.parse_config(["--data", "demo:100", "--out-dir", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(saved)))
+    ck = {"format": checkpoint.FORMAT, "world_size": 1, "config": dataclasses.asdict(saved)}
+    now = config.parse_config(["--data", "demo:100", "--n-groups", "6", "--epochs", "3", "--no-sync-bn"])
+    with pytest.raises(config.UsageError) as e:
+        checkpoint.check_resume(ck, now, config.RUNTIME_FIELDS, str(tmp_path / "checkpoint.pth"))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"cannot resume '{tmp_path}/checkpoint.pth': config fields ")
+    for name, was, new in (("epochs", saved.epochs, 3), ("n_groups", saved.n_groups, 6), ("sync_bn", True, False)):
+        assert f"'{name}' is {was!r} in the checkpoint but {new!r} now" in msg
+    fix = msg.split("; pass ")[1]
+    assert {f"--epochs {saved.epochs}", f"--n-groups {saved.n_groups}", "--sync-bn"} <= set(
+        fix.split(" (or ")[0].replace(" --", "\n--").splitlines())
+    assert fix.endswith(f"(or --config {tmp_path}/config.json, the run's own config) or use a new --out-dir")
+    again = config.parse_config(["--config", str(tmp_path / "config.json")])
+    checkpoint.check_resume(ck, again, config.RUNTIME_FIELDS, str(tmp_path / "checkpoint.pth"))
 
 
 def test_presets_set_what_they_claim_and_options_win():
@@ -244,6 +269,18 @@ def test_kill_mid_epoch_then_resume_is_bitwise_identical(tmp_path):
         tmp_path / "cut", "epoch")]
     assert la == lb and len(records(tmp_path / "full", "step")) == 12
     assert all(math.isfinite(r["loss"]) for r in records(tmp_path / "full", "step"))
+
+
+def test_final_eval_names_its_results_file(tmp_path):
+    """The demo table at the end of a run, then the file it went to; started again, the finished run
+    prints the stored table and names the file too."""
+    args = [*TINY, "--data", "demo:48", "--epochs", "1", "--final-eval", "--probe-epochs", "1", "--out-dir", "run"]
+    r = ok(run_train(args, tmp_path))
+    path = os.path.join("run", "demo_results.json")
+    assert r.stdout.strip().splitlines()[-1].startswith(f"results: {path} (the table)"), r.stdout[-500:]
+    assert set(json.loads((tmp_path / path).read_text())) == {"pixels", "random_init", "smog", "supervised"}
+    r = ok(run_train(args, tmp_path))
+    assert f"run already complete; stored results ({path}):" in r.stdout
 
 
 def test_two_gloo_processes_agree_on_groups(tmp_path):

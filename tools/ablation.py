@@ -126,7 +126,7 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
             tail = p.stdout.strip().splitlines()[-1:] or ["(no output)"]
             raise SystemExit(f"error: {argv[0]} failed for {arm} seed {seed} (exit {p.returncode}): {tail[0]}; "
                              f"full log in {os.path.join(d, 'ablation.log')}; rerun to resume")
-    with open(os.path.join(d, "eval.json")) as fh:
+    with open(os.path.join(d, "eval-cached-features.json")) as fh:
         res = json.load(fh)
     rec = dict(arm=arm, seed=seed, linear_top1=res["linear"]["top1"], linear_best_top1=res["linear"]["best_top1"],
                knn_top1=res["knn"]["20"], train_s=times[0], eval_s=times[1], commands=cmd)

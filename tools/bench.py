@@ -580,7 +580,7 @@ def bench_kmeans(cfg: BenchConfig, dev: torch.device, clock: Clock, sizes) -> li
                     0, cfg.kmeans_repeats)
         s = summary([m / 1e3 for m in ms])
         rows.append({"N": n, "K": k, "D": 128, "iters": cfg.kmeans_iters, "seconds": s})
-        del x
+        x = None                      # frees the rows before the next size's
     return rows
 
 
