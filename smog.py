@@ -42,9 +42,35 @@ def dist_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _functional_all_reduce_has_autograd() -> bool:
+    """Whether torch's functional all_reduce is differentiable (an Autograd kernel registered for
+    `_c10d_functional::all_reduce`); where it is, torch.distributed.nn.functional.all_reduce is
+    deprecated."""
+    try:
+        import torch.distributed._functional_collectives  # noqa: F401  (registers the kernels)
+        return torch._C._dispatch_has_kernel_for_dispatch_key("_c10d_functional::all_reduce",
+                                                              "Autograd")
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+
+
+# the current API where the installed torch has it (no deprecation warning), the older one otherwise
+# (torch >= 2.4); set once at import, tests flip it to run the other branch
+FUNCTIONAL_ALL_REDUCE = _functional_all_reduce_has_autograd()
+
+
+def differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum of `t` over the ranks of the default group, as a new tensor; its backward sums the
+    gradient over ranks. The same reduction (gloo / NCCL all-reduce) on either branch."""
+    if FUNCTIONAL_ALL_REDUCE:
+        import torch.distributed._functional_collectives as funcol
+        return funcol.wait_tensor(funcol.all_reduce(t, "sum", dist.group.WORLD))
+    import torch.distributed.nn.functional as dnn
+    return dnn.all_reduce(t)
+
+
 def _dist_sum(t: torch.Tensor) -> torch.Tensor:
     if t.requires_grad:  # group_grad=True: differentiable all-reduce (backward all-reduces grads)
-        from smog_train.compat import differentiable_all_reduce
         return differentiable_all_reduce(t)
     dist.all_reduce(t)
     return t

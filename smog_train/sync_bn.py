@@ -6,7 +6,7 @@ The reduction is SyncBatchNorm's: every rank computes its count, mean and centre
 per channel; the rows of all ranks are summed (an all-gather written as an all-reduce of one
 non-zero row per rank, exact) and combined (Chan et al.), so the statistics are those of the global
 micro-batch and do not depend on how it is split over ranks -- except for the order of
-floating-point operations. The all-reduce is autograd-aware (compat.differentiable_all_reduce):
+floating-point operations. The all-reduce is autograd-aware (smog.differentiable_all_reduce):
 its backward sums the gradient over ranks, so each rank's inputs get the gradient of the global
 statistics.
 Running statistics are updated with the global mean and unbiased variance, identically on every
@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import smog
-from smog_train.compat import differentiable_all_reduce
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -42,7 +41,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean_r = xf.mean(dims)
         m2_r = (xf - mean_r.view(shape)).square().sum(dims)
         row = torch.cat([mean_r, m2_r, xf.new_full((1,), float(n_r))])
-        rows = differentiable_all_reduce(F.pad(row[None], (0, 0, rank, world - 1 - rank)))  # (W, 2C+1)
+        rows = smog.differentiable_all_reduce(F.pad(row[None], (0, 0, rank, world - 1 - rank)))  # (W, 2C+1)
         n = rows[:, 2 * C:]                                                         # (W, 1)
         total = n.sum()
         mean = (rows[:, :C] * n).sum(0) / total

@@ -1,4 +1,4 @@
-"""smog_train/compat.py: both branches of each torch-API switch compute the same thing, the current
+"""smog_train/compat.py and smog.differentiable_all_reduce: both branches of each torch-API switch compute the same thing, the current
 branch warns nothing; and a real 2-process training run prints no warning line from this project's
 code (torchrun, gloo, SyncBN on the CPU, DDP, --group-grad's differentiable all-reduce)."""
 import os
@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import smog
 from smog_train import compat
 from test_train import ROOT, TINY, ok, run_train
 
@@ -55,19 +56,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _branches(flag_name: str):
-    """The values of compat.<flag_name> this torch can run: the current API only where it has it."""
-    return [False, True] if getattr(compat, flag_name) else [False]
+def _branches(module, flag_name: str):
+    """The values of module.<flag_name> this torch can run: the current API only where it has it."""
+    return [False, True] if getattr(module, flag_name) else [False]
 
 
 def _all_reduce_branches() -> dict:
     res = {}
-    for flag in _branches("FUNCTIONAL_ALL_REDUCE"):
-        compat.FUNCTIONAL_ALL_REDUCE = flag
+    for flag in _branches(smog, "FUNCTIONAL_ALL_REDUCE"):
+        smog.FUNCTIONAL_ALL_REDUCE = flag
         x = torch.randn(5, 7, generator=torch.Generator().manual_seed(dist.get_rank()), requires_grad=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            y = compat.differentiable_all_reduce(x * 1.7)
+            y = smog.differentiable_all_reduce(x * 1.7)
             (y.sin() * (dist.get_rank() + 1.3)).sum().backward()
         res[flag] = (y.detach(), x.grad, [str(w.message) for w in caught])
     return res
@@ -75,7 +76,7 @@ def _all_reduce_branches() -> dict:
 
 def _ddp_branches() -> dict:
     res = {}
-    for flag in _branches("DDP_FORWARD_SYNC_BUFFERS"):
+    for flag in _branches(compat, "DDP_FORWARD_SYNC_BUFFERS"):
         compat.DDP_FORWARD_SYNC_BUFFERS = flag
         for sync in (False, True):
             torch.manual_seed(0)                                 # identical weights and buffers
@@ -105,7 +106,7 @@ def branches(tmp_path_factory) -> list:
     """Per rank of two gloo processes: each branch's results (one spawn for both switches)."""
     out = tmp_path_factory.mktemp("compat")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def test_differentiable_all_reduce_branches_agree_bitwise(branches):
@@ -123,7 +124,7 @@ def test_differentiable_all_reduce_branches_agree_bitwise(branches):
             assert torch.equal(y1, y) and torch.equal(g1, g)
             assert caught == [], caught
             assert any("deprecated" in m for m in got[r][False][2])   # what the switch avoids
-    if not compat.FUNCTIONAL_ALL_REDUCE:
+    if not smog.FUNCTIONAL_ALL_REDUCE:
         pytest.skip("this torch has no differentiable functional all_reduce: legacy branch only")
 
 
@@ -131,7 +132,7 @@ def test_ddp_buffer_sync_branches_agree(branches):
     """sync=True: rank 0's BN statistics are broadcast before each forward; sync=False: each rank
     keeps its own. The same under either keyword, and the current keyword warns nothing."""
     got = [b["ddp"] for b in branches]
-    for flag in _branches("DDP_FORWARD_SYNC_BUFFERS"):
+    for flag in _branches(compat, "DDP_FORWARD_SYNC_BUFFERS"):
         # rank 0 ends the same either way; rank 1, synced, started its second forward from rank 0's
         assert torch.equal(got[0][flag, True][0], got[0][flag, False][0])
         assert not torch.equal(got[1][flag, True][0], got[1][flag, False][0])

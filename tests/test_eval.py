@@ -193,7 +193,7 @@ def test_knn_is_the_train_monitors_number_bit_for_bit(trained_ckpt):
     train_ds, test_ds = (torch.utils.data.Subset(data.eval_set(data.build_dataset("demo", s, None), 32), range(n))
                          for s, n in (("train", 1000), ("test", 300)))
     ck = checkpoint.load_checkpoint(str(trained_ckpt))
-    model = smog.SMoG(smog.SMoGConfig.from_dict(ck["config"]["model"]))
+    model = backbones.build_smog(smog.SMoGConfig.from_dict(ck["config"]["model"]))
     model.load_state_dict(ck["model"])
     model.to(memory_format=torch.channels_last)                    # train.py's build_model, --channels-last
     cfg = Config(knn_k=20, workers=0)

@@ -540,7 +540,7 @@ def test_resume_on_a_world_size_that_cannot_divide_the_batch_is_refused(cut2, tm
     that far exits 2 with one line naming the problem and the world sizes that work; out_dir is
     untouched."""
     out, logs = tmp_path / "run", tmp_path / "logs"
-    shutil.copytree(cut2, out)
+    shutil.copytree(cut2, out, ignore=shutil.ignore_patterns("run.lock"))  # the killed run's (stale)
     before = snapshot(out)
     r = run(train_cmd(out, nproc=3, torchrun=("--log-dir", str(logs), "--redirects", "3")))
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
