@@ -99,6 +99,10 @@ class BenchConfig:
     beta: float = 0.99              # group momentum of the full step
     step_warmup: int = 3            # untimed steps of each kind
     step_pairs: int = 24            # timed (ideal, full) pairs
+    # joint BN
+    jointbn_archs: str = "arch"     # backbones of the jointbn section, comma-separated; "arch" = --arch
+    jointbn_batch: int = 0          # per crop; 0 = --batch
+    jointbn_budget_s: float = 60.0  # per backbone: no new timed pair after this (at least 4 pairs)
     # group update
     update_k: tuple = (300, 3000)
     update_n: tuple = (512, 4096)
@@ -124,17 +128,20 @@ PRESETS = {
     # train.py's demo model (smallcnn, D=64, K=60, H=3, 2x32 + 2x16 px crops, SGD) at half the demo's batch,
     # so that enough interleaved pairs fit in 2 minutes; one intra-op thread (see docs/BENCHMARKS.md: on a
     # shared 2-core machine two threads were 2-3x slower and far noisier), the other core loads data.
+    # Its jointbn section times the demo backbone only (about 2 minutes in all); the ResNet-18 leg of the
+    # other presets costs about 26 s per forward + backward at batch 128 on one thread: add it with
+    # `--sections jointbn --jointbn-archs arch,resnet18 --jointbn-batch 32` (docs/BENCHMARKS.md).
     "cpu-small": {},
     "r50-224": dict(threads=0, arch="resnet50", dim=128, hidden_dim=2048, n_groups=3000, n_heads=3, batch=256,
                     global_px=224, local_px=96, n_local=4, amp="bf16", channels_last=True, optimizer="lars",
                     lr=0.3, weight_decay=1e-6,
                     step_warmup=5, step_pairs=20, update_repeats=50, kmeans_n=(65536, 1281167),
-                    kmeans_repeats=5, data_size=1281167, loader_batches=20),
+                    kmeans_repeats=5, data_size=1281167, loader_batches=20, jointbn_archs="arch,resnet18"),
     "smoke": dict(width=8, dim=32, hidden_dim=64, n_groups=64, n_heads=2, batch=8, global_px=16,
                   local_px=8, n_local=2, step_warmup=1, step_pairs=2, update_repeats=1, update_budget_s=0.0,
                   kmeans_k=128, kmeans_n=(2048,), kmeans_iters=2, kmeans_repeats=1, data_size=512,
                   workers=0, loader_batches=2, input_pairs=1, crop_pairs=1,
-                  out="runs/bench-smoke.json"),
+                  jointbn_archs="arch,resnet18", out="runs/bench-smoke.json"),
 }
 
 # the targets bench.py checks, per device type
@@ -443,17 +450,21 @@ def bench_overhead(cfg: BenchConfig, dev: torch.device, clock: Clock, ideal_ms: 
 def bench_joint_bn(cfg: BenchConfig, dev: torch.device, clock: Clock) -> list:
     """Cost of one BatchNorm across crop sizes: forward + backward of backbones.encode_crops (joint BN, training
     mode) against one plain net() call per crop size (separate BN statistics, what SwAV does), on the
-    preset's crops (2 global + n_local local, batch cfg.batch), for the preset's backbone and resnet18
-    (3x3 stem below 64 px). Interleaved pairs; `ratio` = median over pairs of joint / separate."""
+    preset's crops (2 global + n_local local, batch cfg.jointbn_batch or cfg.batch), for the backbones in
+    cfg.jointbn_archs ("arch" = cfg.arch; ResNets get the 3x3 stem below 64 px). Interleaved pairs, at most
+    cfg.step_pairs, none started after cfg.jointbn_budget_s (but at least 4); `ratio` = median over pairs of
+    joint / separate."""
     out = []
-    for arch in dict.fromkeys([cfg.arch, "resnet18"]):
+    batch = cfg.jointbn_batch or cfg.batch
+    archs = [cfg.arch if a.strip() == "arch" else a.strip() for a in cfg.jointbn_archs.split(",") if a.strip()]
+    for arch in dict.fromkeys(archs):
         torch.manual_seed(0)
         net, _ = backbones.build_backbone(arch, width=cfg.width, cifar_stem=arch.startswith("resnet") and cfg.global_px <= 64)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         net = net.to(dev, memory_format=fmt).train()
         g = torch.Generator().manual_seed(1)
         sizes = [cfg.global_px] * 2 + [cfg.local_px] * cfg.n_local
-        crops = [torch.randn(cfg.batch, 3, px, px, generator=g).to(dev).contiguous(memory_format=fmt) for px in sizes]
+        crops = [torch.randn(batch, 3, px, px, generator=g).to(dev).contiguous(memory_format=fmt) for px in sizes]
         per_size = [torch.cat(crops[:2]), torch.cat(crops[2:])] if cfg.n_local else [torch.cat(crops)]
 
         def autocast():
@@ -479,10 +490,10 @@ def bench_joint_bn(cfg: BenchConfig, dev: torch.device, clock: Clock) -> list:
         for i in range(cfg.step_pairs):
             for name in (("joint", "separate") if i % 2 == 0 else ("separate", "joint")):
                 ms[name].append(clock.ms(fns[name]))
-            if time.perf_counter() - t0 > 60 and i >= 4:
+            if time.perf_counter() - t0 > cfg.jointbn_budget_s and i >= 3:
                 break
         ratios = [j / s for j, s in zip(ms["joint"], ms["separate"])]
-        out.append({"arch": arch, "batch": cfg.batch, "crops": [2, cfg.global_px, cfg.n_local, cfg.local_px],
+        out.append({"arch": arch, "batch": batch, "crops": [2, cfg.global_px, cfg.n_local, cfg.local_px],
                     "joint_ms": summary(ms["joint"]), "separate_ms": summary(ms["separate"]),
                     "ratio": summary(ratios)["median"], "ratio_ci95": bootstrap_median_ci(ratios)})
         net.zero_grad(set_to_none=True)
