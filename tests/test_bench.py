@@ -190,8 +190,8 @@ def test_both_steps_train_the_same_parameters_and_only_the_full_step_moves_the_g
 
 
 def test_default_preset_times_only_its_own_backbone_in_jointbn():
-    """cpu-small leaves the ResNet-18 leg out (about 26 s per forward + backward at batch 128 on one thread,
-    which would take the default run far past its 2 minutes); the GPU preset and the smoke run keep it."""
+    """cpu-small leaves the ResNet-18 leg out (at batch 128 on one thread it would take the default run far
+    past its 2 minutes); the GPU preset and the smoke run keep it."""
     assert bench.parse_args([]).jointbn_archs == "arch"
     assert bench.parse_args(["--preset", "r50-224"]).jointbn_archs == "arch,resnet18"
     assert bench.parse_args(["--smoke"]).jointbn_archs == "arch,resnet18"

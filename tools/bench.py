@@ -1,6 +1,6 @@
 """bench.py -- how close is a SMoG step to the cost of its networks, and how far ahead of naive grouping?
 
-    python tools/bench.py --preset cpu-small     # demo backbone, 32 px crops, 1 thread: about 2 min on 2 idle cores
+    python tools/bench.py --preset cpu-small     # demo model, 1 thread: ~2 min idle (BENCHMARKS.md)
     python tools/bench.py --preset r50-224       # ResNet-50, 2x224 + 4x96, batch 256, bf16, channels_last (GPU)
     python tools/bench.py --smoke                # seconds; CI checks that every section runs (no timing claims)
 
@@ -129,7 +129,7 @@ PRESETS = {
     # 16 interleaved step pairs, 2 k-means repeats and 6 loader batches per round, so that the whole run takes about
     # 2 minutes on an idle 2-core machine (docs/BENCHMARKS.md). One intra-op thread (docs/BENCHMARKS.md: on a shared
     # 2-core machine two threads were 2-3x slower and far noisier); the other core loads data. Its jointbn section
-    # times the demo backbone only: ResNet-18 costs about 26 s per forward + backward at batch 128 on one thread;
+    # times the demo backbone only (ResNet-18 at batch 128 on one thread would take several minutes more);
     # add it with `--sections jointbn --jointbn-archs arch,resnet18 --batch 32` (docs/BENCHMARKS.md).
     "cpu-small": {},
     "r50-224": dict(threads=0, arch="resnet50", dim=128, hidden_dim=2048, n_groups=3000, n_heads=3, batch=256,
