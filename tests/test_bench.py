@@ -184,3 +184,22 @@ def test_both_steps_train_the_same_parameters_and_only_the_full_step_moves_the_g
     moved_full, groups_full = changed_by(steps["full"])
     assert not groups_ideal and groups_full
     assert moved_ideal == moved_full == {n for n, _ in model.named_parameters()}   # optimiser + EMA in both
+
+
+# ---------------------------------------------------------------- the jointbn section's backbones, batch and budget
+
+
+def test_default_preset_times_only_its_own_backbone_in_jointbn():
+    """cpu-small leaves the ResNet-18 leg out (at batch 128 on one thread it would take the default run far
+    past its 2 minutes); the GPU preset and the smoke run keep it."""
+    assert bench.parse_args([]).jointbn_archs == "arch"
+    assert bench.parse_args(["--preset", "r50-224"]).jointbn_archs == "arch,resnet18"
+    assert bench.parse_args(["--smoke"]).jointbn_archs == "arch,resnet18"
+
+
+def test_jointbn_honours_archs_batch_and_budget():
+    cfg = bench.parse_args(["--smoke", "--jointbn-archs", "arch", "--jointbn-batch", "4", "--step-pairs", "50",
+                            "--jointbn-budget-s", "0"])
+    out = bench.bench_joint_bn(cfg, torch.device("cpu"), bench.Clock(torch.device("cpu")))
+    assert [r["arch"] for r in out] == [cfg.arch] and out[0]["batch"] == 4
+    assert out[0]["joint_ms"]["n"] == out[0]["separate_ms"]["n"] == 4      # budget 0 s: the minimum of 4 pairs

@@ -97,7 +97,20 @@ def machine() -> dict:
     except OSError:
         pass
     return dict(cpu=cpu, cores=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
-                torch=torch.__version__, cuda=torch.version.cuda)
+                torch=torch.__version__, cuda=torch.version.cuda, git=git_revision())
+
+
+def git_revision() -> str:
+    """The code's commit (short hash, "-dirty" with uncommitted changes to tracked files), "" outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("-dirty" if rev and dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
@@ -183,6 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(shlex.join(["python", *c]))
         return 0
     t0 = time.time()
+    mach = machine()                                # at the start: the commit the runs are made by
     runs: dict = {arm: [] for arm in args.arms}
     for i, (arm, s) in enumerate(plan):
         rec = run_one(arm, s, args)
@@ -191,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"(train {rec['train_s']:.0f}s, eval {rec['eval_s']:.0f}s; {time.time() - t0:.0f}s so far)", flush=True)
     agg = aggregate(runs)
     out = dict(description={a: ARMS[a][0] for a in args.arms}, epochs=args.epochs, regroup_every=args.regroup_every,
-               data=args.data, seeds=args.seeds, train_args=args.train_args, machine=machine(),
+               data=args.data, seeds=args.seeds, train_args=args.train_args, machine=mach,
                metrics=dict(linear_top1="linear probe on cached features, last-epoch top-1 % (eval_linear.py "
                                         "--cached-features, 100 epochs)",
                             knn_top1="weighted kNN top-1 %, k=20, T=0.07"),

@@ -1,6 +1,6 @@
 """bench.py -- how close is a SMoG step to the cost of its networks, and how far ahead of naive grouping?
 
-    python tools/bench.py --preset cpu-small     # demo backbone, 32 px crops, 2 CPU cores, under 2 minutes
+    python tools/bench.py --preset cpu-small     # demo model, 1 thread: ~2 min idle (docs/BENCHMARKS.md)
     python tools/bench.py --preset r50-224       # ResNet-50, 2x224 + 4x96, batch 256, bf16, channels_last (GPU)
     python tools/bench.py --smoke                # seconds; CI checks that every section runs (no timing claims)
 
@@ -98,7 +98,11 @@ class BenchConfig:
     ema: float = 0.999              # momentum-network EMA m
     beta: float = 0.99              # group momentum of the full step
     step_warmup: int = 3            # untimed steps of each kind
-    step_pairs: int = 24            # timed (ideal, full) pairs
+    step_pairs: int = 16            # timed (ideal, full) pairs
+    # joint BN
+    jointbn_archs: str = "arch"     # backbones of the jointbn section, comma-separated; "arch" = --arch
+    jointbn_batch: int = 0          # per crop; 0 = --batch
+    jointbn_budget_s: float = 15.0  # per backbone: no new timed pair after this (at least 4 pairs)
     # group update
     update_k: tuple = (300, 3000)
     update_n: tuple = (512, 4096)
@@ -109,32 +113,36 @@ class BenchConfig:
     kmeans_k: int = 3000
     kmeans_n: tuple = (65536,)
     kmeans_iters: int = 10
-    kmeans_repeats: int = 3
+    kmeans_repeats: int = 2
     data_size: int = 8000           # the preset's training set (data.py's demo: 8000), for the epoch share
     # input pipeline
     data: str = "jpeg-folder"       # input: jpeg-folder (write_jpeg_folder) or a data.py spec
     workers: int = -1               # DataLoader workers; -1 = cores - 1 (at least 1, at most 10), as train.py
-    loader_batches: int = 12        # timed batches after the first one (worker start-up is not timed)
+    loader_batches: int = 6         # timed batches after the first one (worker start-up is not timed)
     jpegs: int = 0                  # generated JPEGs; 0: batch x (loader_batches + 2)
     input_pairs: int = 2            # input: interleaved (PIL, tensor) rounds of loader_batches
     crop_pairs: int = 5             # crops section: timed (PIL, tensor) pairs of one batch each
 
 
 PRESETS = {
-    # train.py's demo model (smallcnn, D=64, K=60, H=3, 2x32 + 2x16 px crops, SGD) at half the demo's batch,
-    # so that enough interleaved pairs fit in 2 minutes; one intra-op thread (see docs/BENCHMARKS.md: on a
-    # shared 2-core machine two threads were 2-3x slower and far noisier), the other core loads data.
+    # train.py's demo model (smallcnn, D=64, K=60, H=3, 2x32 + 2x16 px crops, SGD) at half the demo's batch, with
+    # 16 interleaved step pairs, 2 k-means repeats and 6 loader batches per round, so that the whole run takes about
+    # 2 minutes on an idle 2-core machine (docs/BENCHMARKS.md). One intra-op thread (docs/BENCHMARKS.md: on a shared
+    # 2-core machine two threads were 2-3x slower and far noisier); the other core loads data. Its jointbn section
+    # times the demo backbone only (ResNet-18 at batch 128 on one thread would take several minutes more);
+    # add it with `--sections jointbn --jointbn-archs arch,resnet18 --batch 32` (docs/BENCHMARKS.md).
     "cpu-small": {},
     "r50-224": dict(threads=0, arch="resnet50", dim=128, hidden_dim=2048, n_groups=3000, n_heads=3, batch=256,
                     global_px=224, local_px=96, n_local=4, amp="bf16", channels_last=True, optimizer="lars",
                     lr=0.3, weight_decay=1e-6,
                     step_warmup=5, step_pairs=20, update_repeats=50, kmeans_n=(65536, 1281167),
-                    kmeans_repeats=5, data_size=1281167, loader_batches=20),
+                    kmeans_repeats=5, data_size=1281167, loader_batches=20, jointbn_archs="arch,resnet18",
+                    jointbn_budget_s=60.0),
     "smoke": dict(width=8, dim=32, hidden_dim=64, n_groups=64, n_heads=2, batch=8, global_px=16,
                   local_px=8, n_local=2, step_warmup=1, step_pairs=2, update_repeats=1, update_budget_s=0.0,
                   kmeans_k=128, kmeans_n=(2048,), kmeans_iters=2, kmeans_repeats=1, data_size=512,
                   workers=0, loader_batches=2, input_pairs=1, crop_pairs=1,
-                  out="runs/bench-smoke.json"),
+                  jointbn_archs="arch,resnet18", out="runs/bench-smoke.json"),
 }
 
 # the targets bench.py checks, per device type
@@ -443,17 +451,21 @@ def bench_overhead(cfg: BenchConfig, dev: torch.device, clock: Clock, ideal_ms: 
 def bench_joint_bn(cfg: BenchConfig, dev: torch.device, clock: Clock) -> list:
     """Cost of one BatchNorm across crop sizes: forward + backward of backbones.encode_crops (joint BN, training
     mode) against one plain net() call per crop size (separate BN statistics, what SwAV does), on the
-    preset's crops (2 global + n_local local, batch cfg.batch), for the preset's backbone and resnet18
-    (3x3 stem below 64 px). Interleaved pairs; `ratio` = median over pairs of joint / separate."""
+    preset's crops (2 global + n_local local, batch cfg.jointbn_batch or cfg.batch), for the backbones in
+    cfg.jointbn_archs ("arch" = cfg.arch; ResNets get the 3x3 stem below 64 px). Interleaved pairs, at most
+    cfg.step_pairs, none started after cfg.jointbn_budget_s (but at least 4); `ratio` = median over pairs of
+    joint / separate."""
     out = []
-    for arch in dict.fromkeys([cfg.arch, "resnet18"]):
+    batch = cfg.jointbn_batch or cfg.batch
+    archs = [cfg.arch if a.strip() == "arch" else a.strip() for a in cfg.jointbn_archs.split(",") if a.strip()]
+    for arch in dict.fromkeys(archs):
         torch.manual_seed(0)
         net, _ = backbones.build_backbone(arch, width=cfg.width, cifar_stem=arch.startswith("resnet") and cfg.global_px <= 64)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         net = net.to(dev, memory_format=fmt).train()
         g = torch.Generator().manual_seed(1)
         sizes = [cfg.global_px] * 2 + [cfg.local_px] * cfg.n_local
-        crops = [torch.randn(cfg.batch, 3, px, px, generator=g).to(dev).contiguous(memory_format=fmt) for px in sizes]
+        crops = [torch.randn(batch, 3, px, px, generator=g).to(dev).contiguous(memory_format=fmt) for px in sizes]
         per_size = [torch.cat(crops[:2]), torch.cat(crops[2:])] if cfg.n_local else [torch.cat(crops)]
 
         def autocast():
@@ -479,10 +491,10 @@ def bench_joint_bn(cfg: BenchConfig, dev: torch.device, clock: Clock) -> list:
         for i in range(cfg.step_pairs):
             for name in (("joint", "separate") if i % 2 == 0 else ("separate", "joint")):
                 ms[name].append(clock.ms(fns[name]))
-            if time.perf_counter() - t0 > 60 and i >= 4:
+            if time.perf_counter() - t0 > cfg.jointbn_budget_s and i >= 3:
                 break
         ratios = [j / s for j, s in zip(ms["joint"], ms["separate"])]
-        out.append({"arch": arch, "batch": cfg.batch, "crops": [2, cfg.global_px, cfg.n_local, cfg.local_px],
+        out.append({"arch": arch, "batch": batch, "crops": [2, cfg.global_px, cfg.n_local, cfg.local_px],
                     "joint_ms": summary(ms["joint"]), "separate_ms": summary(ms["separate"]),
                     "ratio": summary(ratios)["median"], "ratio_ci95": bootstrap_median_ci(ratios)})
         net.zero_grad(set_to_none=True)
