@@ -17,6 +17,7 @@ process. Ids such as (G2) point into spec/*.md; METHOD.md explains
 the method and the recipe. Shapes: B batch, C online crops, J momentum crops that give targets,
 H heads, K groups, D embedding dimension.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,10 @@ def _functional_all_reduce_has_autograd() -> bool:
     deprecated."""
     try:
         import torch.distributed._functional_collectives  # noqa: F401  (registers the kernels)
-        return torch._C._dispatch_has_kernel_for_dispatch_key("_c10d_functional::all_reduce",
-                                                              "Autograd")
+
+        return torch._C._dispatch_has_kernel_for_dispatch_key(
+            "_c10d_functional::all_reduce", "Autograd"
+        )
     except (ImportError, AttributeError, RuntimeError):
         return False
 
@@ -64,8 +67,10 @@ def differentiable_all_reduce(t: torch.Tensor) -> torch.Tensor:
     gradient over ranks. The same reduction (gloo / NCCL all-reduce) on either branch."""
     if FUNCTIONAL_ALL_REDUCE:
         import torch.distributed._functional_collectives as funcol
+
         return funcol.wait_tensor(funcol.all_reduce(t, "sum", dist.group.WORLD))
     import torch.distributed.nn.functional as dnn
+
     return dnn.all_reduce(t)
 
 
@@ -84,7 +89,7 @@ def _dist_broadcast(t: torch.Tensor) -> torch.Tensor:
 def _resolve(fn: Optional[Reduce], dist_fn: Reduce) -> Reduce:
     if fn is not None:
         return fn
-    return dist_fn if dist_ready() else (lambda t: t)           # one process: nothing to reduce
+    return dist_fn if dist_ready() else (lambda t: t)  # one process: nothing to reduce
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -104,8 +109,14 @@ def assign_groups(z: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return (F.normalize(z.to(dt), dim=-1) @ groups.to(dt).T).argmax(dim=-1)
 
 
-def update_groups(groups: torch.Tensor, z: torch.Tensor, assign: torch.Tensor, beta,
-                  *, all_reduce: Optional[Reduce] = None) -> torch.Tensor:
+def update_groups(
+    groups: torch.Tensor,
+    z: torch.Tensor,
+    assign: torch.Tensor,
+    beta,
+    *,
+    all_reduce: Optional[Reduce] = None,
+) -> torch.Tensor:
     """(G2) synchronous momentum update; groups [K, D], z [N, D], assign [N] -> new groups [K, D].
 
     For every group with n_k > 0 members over all ranks:
@@ -117,10 +128,10 @@ def update_groups(groups: torch.Tensor, z: torch.Tensor, assign: torch.Tensor, b
     reduce = _resolve(all_reduce, _dist_sum)
     K, D = groups.shape
     dt = compute_dtype(groups)
-    zn = F.normalize(z.to(dt), dim=-1)                                       # (N, D)
+    zn = F.normalize(z.to(dt), dim=-1)  # (N, D)
     ones = torch.ones(zn.shape[0], 1, dtype=dt, device=zn.device)
     stats = torch.zeros(K, D + 1, dtype=dt, device=zn.device)
-    stats = reduce(stats.index_add(0, assign, torch.cat([zn, ones], 1)))     # (K, D+1) sums|counts
+    stats = reduce(stats.index_add(0, assign, torch.cat([zn, ones], 1)))  # (K, D+1) sums|counts
     sums, counts = stats[:, :D], stats[:, D:]
     mean = sums / counts.clamp_min(1)
     g = groups.to(dt)
@@ -134,29 +145,38 @@ def group_logits(p: torch.Tensor, groups: torch.Tensor, tau: float) -> torch.Ten
     return F.normalize(p.to(dt), dim=-1) @ groups.to(dt).T / tau
 
 
-def smog_loss(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor,
-              tau: float) -> torch.Tensor:
+def smog_loss(
+    p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, tau: float
+) -> torch.Tensor:
     """(L1) mean cross-entropy of group_logits(p) against integer targets [N]: the single-target
     form spec/loss.md states. Training uses multi_target_loss, its mean over crops and targets."""
     return F.cross_entropy(group_logits(p, groups, tau), targets)
 
 
-def multi_target_loss(p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor,
-                      tau: float) -> torch.Tensor:
+def multi_target_loss(
+    p: torch.Tensor, groups: torch.Tensor, targets: torch.Tensor, tau: float
+) -> torch.Tensor:
     """(S2) the loss that trains: every online prediction against every target; p [C, B, D],
     groups [K, D], targets [J, B] -> mean over (c, j, b) of CE(group_logits(p[c]), targets[j])."""
     C, B, D = p.shape
     J = targets.shape[0]
     logp = group_logits(p.reshape(C * B, D), groups, tau).log_softmax(-1).view(C, B, -1)  # (C,B,K)
-    return -logp.gather(2, targets.T.unsqueeze(0).expand(C, B, J)).mean()                 # (C,B,J)
+    return -logp.gather(2, targets.T.unsqueeze(0).expand(C, B, J)).mean()  # (C,B,J)
 
 
 # ------------------------------------------------------------------------------------------------
 # one iteration: targets, then the update, then the loss; of one head, of all heads
 
 
-def targets_and_update(groups: torch.Tensor, z: torch.Tensor, z_target: torch.Tensor, beta, *,
-                       all_reduce: Optional[Reduce] = None, group_grad: bool = False) -> tuple:
+def targets_and_update(
+    groups: torch.Tensor,
+    z: torch.Tensor,
+    z_target: torch.Tensor,
+    beta,
+    *,
+    all_reduce: Optional[Reduce] = None,
+    group_grad: bool = False,
+) -> tuple:
     """Targets, then the update, for all H heads: groups [H, K, D]; z [C, B, D] online projector
     embeddings (the two global crops first); z_target [J, B, D] momentum embeddings
     -> (new groups [H, K, D], targets [H, J, B]).
@@ -178,45 +198,74 @@ def targets_and_update(groups: torch.Tensor, z: torch.Tensor, z_target: torch.Te
     return torch.stack(new), torch.stack(targets)
 
 
-def smog_step(groups: torch.Tensor, z_update: torch.Tensor, z_target: torch.Tensor,
-              p: torch.Tensor, beta, tau: float, *, all_reduce: Optional[Reduce] = None,
-              group_grad: bool = False):
+def smog_step(
+    groups: torch.Tensor,
+    z_update: torch.Tensor,
+    z_target: torch.Tensor,
+    p: torch.Tensor,
+    beta,
+    tau: float,
+    *,
+    all_reduce: Optional[Reduce] = None,
+    group_grad: bool = False,
+):
     """One head's iteration (spec/step.md): groups [K, D]; z_update [B, D] online projector
     embedding of one global crop; z_target [J, B, D]; p [C, B, D] online predictions.
     -> (loss [], new_groups [K, D], targets [J, B]). (S2) The loss uses the updated groups."""
-    new, targets = targets_and_update(groups[None], z_update[None], z_target, beta,
-                                      all_reduce=all_reduce, group_grad=group_grad)
+    new, targets = targets_and_update(
+        groups[None], z_update[None], z_target, beta, all_reduce=all_reduce, group_grad=group_grad
+    )
     return multi_target_loss(p, new[0], targets[0], tau), new[0], targets[0]
 
 
-def smog_multihead_step(groups: torch.Tensor, z: torch.Tensor, z_target: torch.Tensor,
-                        p: torch.Tensor, beta, tau: float, *, all_reduce: Optional[Reduce] = None,
-                        group_grad: bool = False):
+def smog_multihead_step(
+    groups: torch.Tensor,
+    z: torch.Tensor,
+    z_target: torch.Tensor,
+    p: torch.Tensor,
+    beta,
+    tau: float,
+    *,
+    all_reduce: Optional[Reduce] = None,
+    group_grad: bool = False,
+):
     """One iteration of all H heads (spec/heads.md): targets_and_update, then (H1) the loss, the
     mean over heads of each head's multi_target_loss with its new groups. z [C, B, D] with C >= 2,
     p [C, B, D]. -> (loss [], new_groups [H, K, D], targets [H, J, B]). The caller copies
     new_groups into its buffer after all heads are done (H5, S7)."""
     if z.shape[0] < 2:
-        raise ValueError(f"smog_multihead_step: z holds {z.shape[0]} online crop(s); head h "
-                         f"updates from global crop h mod 2, so pass at least the 2 global crops")
-    new, targets = targets_and_update(groups, z, z_target, beta, all_reduce=all_reduce,
-                                      group_grad=group_grad)
+        raise ValueError(
+            f"smog_multihead_step: z holds {z.shape[0]} online crop(s); head h "
+            f"updates from global crop h mod 2, so pass at least the 2 global crops"
+        )
+    new, targets = targets_and_update(
+        groups, z, z_target, beta, all_reduce=all_reduce, group_grad=group_grad
+    )
     losses = [multi_target_loss(p, new[h], targets[h], tau) for h in range(new.shape[0])]
     return torch.stack(losses).mean(), new, targets
 
 
 @torch.no_grad()
-def target_stats(targets: Sequence[torch.Tensor], K: int, *,
-                 all_reduce: Optional[Reduce] = None) -> dict:
+def target_stats(
+    targets: Sequence[torch.Tensor], K: int, *, all_reduce: Optional[Reduce] = None
+) -> dict:
     """Collapse monitor from the targets of all heads (targets[h] integer [J, B]), no host sync:
     nonempty [H] fraction of groups hit, entropy [H] of the global target histogram (nats; ln K is
     uniform). The per-group counts are summed over ranks before anything is derived from them."""
-    hits = torch.stack([torch.zeros(K, device=t.device).index_add_(
-        0, t.flatten(), torch.ones(t.numel(), device=t.device)) for t in targets])
-    counts = _resolve(all_reduce, _dist_sum)(hits)                                   # (H, K)
+    hits = torch.stack(
+        [
+            torch.zeros(K, device=t.device).index_add_(
+                0, t.flatten(), torch.ones(t.numel(), device=t.device)
+            )
+            for t in targets
+        ]
+    )
+    counts = _resolve(all_reduce, _dist_sum)(hits)  # (H, K)
     prob = counts / counts.sum(1, keepdim=True)
-    return {"nonempty": (counts > 0).float().mean(1),
-            "entropy": -(prob * prob.clamp_min(1e-12).log()).sum(1)}
+    return {
+        "nonempty": (counts > 0).float().mean(1),
+        "entropy": -(prob * prob.clamp_min(1e-12).log()).sum(1),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,10 +284,16 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk_elems: Optional[int] = None
     return torch.cat([(xc @ c.T).argmax(1) for xc in x.split(step)])
 
 
-def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, *,
-                     generator: Optional[torch.Generator] = None,
-                     all_reduce: Optional[Reduce] = None, broadcast: Optional[Reduce] = None,
-                     init: Optional[torch.Tensor] = None):
+def spherical_kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 10,
+    *,
+    generator: Optional[torch.Generator] = None,
+    all_reduce: Optional[Reduce] = None,
+    broadcast: Optional[Reduce] = None,
+    init: Optional[torch.Tensor] = None,
+):
     """Distributed spherical k-means; x [N, D] (this rank's rows) -> (centres [k, D], assign [N]).
 
     (K1, K11) init: k distinct rows of rank 0, randperm(N_0, generator)[:k], broadcast to all ranks
@@ -253,15 +308,19 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, *,
     N, D = x.shape
     n_total = int(reduce(torch.tensor([float(N)], dtype=torch.float64, device=x.device)).item())
     if n_total < k:
-        raise ValueError(f"spherical_kmeans: {n_total} rows across all ranks but k={k} clusters; "
-                         f"use fewer groups or more data")
+        raise ValueError(
+            f"spherical_kmeans: {n_total} rows across all ranks but k={k} clusters; "
+            f"use fewer groups or more data"
+        )
     if init is not None:
         c = F.normalize(init.to(device=x.device, dtype=dt), dim=-1)
     else:
         n0 = int(bcast(torch.tensor([float(N)], dtype=torch.float64, device=x.device)).item())
         if n0 < k:
-            raise ValueError(f"spherical_kmeans: rank 0 holds {n0} rows but k={k}; initial centres "
-                             f"are drawn from rank 0's rows, give it at least k rows")
+            raise ValueError(
+                f"spherical_kmeans: rank 0 holds {n0} rows but k={k}; initial centres "
+                f"are drawn from rank 0's rows, give it at least k rows"
+            )
         c = torch.zeros(k, D, dtype=dt, device=x.device)
         if N >= k:
             gen_device = generator.device if generator else "cpu"
@@ -270,15 +329,16 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 10, *,
         c = bcast(c.contiguous())
     ones = torch.ones(N, 1, dtype=dt, device=x.device)
     for _ in range(iters):
-        a = _nearest(x, c)                                                         # (K2)
+        a = _nearest(x, c)  # (K2)
         stats = torch.zeros(k, D + 1, dtype=dt, device=x.device)
         stats = reduce(stats.index_add(0, a, torch.cat([x, ones], 1)))
-        c = torch.where(stats[:, D:] > 0, F.normalize(stats[:, :D], dim=-1), c)   # (K3)
+        c = torch.where(stats[:, D:] > 0, F.normalize(stats[:, :D], dim=-1), c)  # (K3)
     return c, _nearest(x, c)
 
 
-def initial_indices(n: int, n_heads: int, k: int,
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def initial_indices(
+    n: int, n_heads: int, k: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """(R3, R5) the dataset indices whose bank rows start each head's k-means -> [H, k] long: for
     h = 0, 1, ... in turn, randperm(n, generator)[:k] from the one generator, so every head starts
     from its own k distinct rows (heads 0 and 2 cluster the same bank row from different starts).
@@ -287,10 +347,18 @@ def initial_indices(n: int, n_heads: int, k: int,
 
 
 @torch.no_grad()
-def regroup(bank: torch.Tensor, index: torch.Tensor, n: int, n_heads: int, k: int, iters: int = 10,
-            *, generator: Optional[torch.Generator] = None,
-            init_index: Optional[torch.Tensor] = None,
-            all_reduce: Optional[Reduce] = None) -> torch.Tensor:
+def regroup(
+    bank: torch.Tensor,
+    index: torch.Tensor,
+    n: int,
+    n_heads: int,
+    k: int,
+    iters: int = 10,
+    *,
+    generator: Optional[torch.Generator] = None,
+    init_index: Optional[torch.Tensor] = None,
+    all_reduce: Optional[Reduce] = None,
+) -> torch.Tensor:
     """The regroup at the start of an epoch, all heads, from a memory bank sharded over ranks.
     bank [2, N_r, D]: this rank's rows (row j: embeddings of online global crop j); index [N_r]:
     their dataset indices (the ranks together hold 0 .. n-1 once each) -> groups [H, k, D].
@@ -301,12 +369,12 @@ def regroup(bank: torch.Tensor, index: torch.Tensor, n: int, n_heads: int, k: in
     reduce = _resolve(all_reduce, _dist_sum)
     if init_index is None:
         init_index = initial_indices(n, n_heads, k, generator)
-    row_of = torch.full((n,), -1, dtype=torch.long)                  # dataset index -> local row
+    row_of = torch.full((n,), -1, dtype=torch.long)  # dataset index -> local row
     row_of[index.cpu()] = torch.arange(len(index))
     groups = []
     for h in range(n_heads):
-        x = bank[h % 2]                                                             # (N_r, D)
-        pos = row_of[init_index[h].cpu()].to(x.device)                   # (k,) -1: another rank's
+        x = bank[h % 2]  # (N_r, D)
+        pos = row_of[init_index[h].cpu()].to(x.device)  # (k,) -1: another rank's
         init = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device)
         init[pos >= 0] = x[pos[pos >= 0]]
         c, _ = spherical_kmeans(x, k, iters, all_reduce=all_reduce, init=reduce(init))
@@ -315,8 +383,9 @@ def regroup(bank: torch.Tensor, index: torch.Tensor, n: int, n_heads: int, k: in
 
 
 @torch.no_grad()
-def momentum_update_(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor],
-                     m: float) -> None:
+def momentum_update_(
+    target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], m: float
+) -> None:
     """(M1) theta_k <- m theta_k + (1 - m) theta_q, in place, foreach kernels over all tensors."""
     target, online = list(target), list(online)
     torch._foreach_mul_(target, m)
@@ -338,8 +407,12 @@ def beta_schedule(beta_start: float, beta_end: float, total_steps: int) -> torch
 def build_mlp(d_in: int, d_hidden: int, d_out: int, *, last_bn: bool, act=nn.ReLU) -> nn.Sequential:
     """Projector / predictor: Linear -> BN -> act -> Linear (-> BN without affine, for the
     projector); every Linear with a bias."""
-    layers = [nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), act(),
-              nn.Linear(d_hidden, d_out)]
+    layers = [
+        nn.Linear(d_in, d_hidden),
+        nn.BatchNorm1d(d_hidden),
+        act(),
+        nn.Linear(d_hidden, d_out),
+    ]
     if last_bn:
         layers.append(nn.BatchNorm1d(d_out, affine=False))
     return nn.Sequential(*layers)
@@ -349,16 +422,17 @@ def build_mlp(d_in: int, d_hidden: int, d_out: int, *, last_bn: bool, act=nn.ReL
 class SMoGConfig:
     """Model hyperparameters; defaults: the released ResNet-50 ImageNet recipe. SMoG never reads
     arch, cifar_stem, width, drop_path: train.py's builder does (smog_train/backbones.py)."""
-    arch: str = "resnet50"        # smallcnn, resnet18/34/50, resnet50w2, wide_resnet50_2, swin_t
-    cifar_stem: bool = False      # 3x3 stem, no max-pool (small images)
-    width: int = 32               # smallcnn base width
-    dim: int = 128                # D (256 for Swin-T)
-    hidden_dim: int = 2048        # projector / predictor hidden width
-    n_groups: int = 3000          # K
-    n_heads: int = 3              # H
+
+    arch: str = "resnet50"  # smallcnn, resnet18/34/50, resnet50w2, wide_resnet50_2, swin_t
+    cifar_stem: bool = False  # 3x3 stem, no max-pool (small images)
+    width: int = 32  # smallcnn base width
+    dim: int = 128  # D (256 for Swin-T)
+    hidden_dim: int = 2048  # projector / predictor hidden width
+    n_groups: int = 3000  # K
+    n_heads: int = 3  # H
     tau: float = 0.1
-    group_grad: bool = False      # gradient through the (1-beta) mean term of the update
-    drop_path: float = 0.0        # stochastic depth, online Swin only
+    group_grad: bool = False  # gradient through the (1-beta) mean term of the update
+    drop_path: float = 0.0  # stochastic depth, online Swin only
 
     @classmethod
     def from_dict(cls, d: dict) -> "SMoGConfig":
@@ -409,8 +483,10 @@ class SMoG(nn.Module):
         # momentum copy: no drop-path, no predictor, no gradient; its weights reset to the online
         self.momentum_backbone = backbone.build(momentum=True)
         if self.momentum_backbone is self.backbone:
-            raise ValueError("SMoG: Backbone.build returned the online backbone again; let make() "
-                             "build a new module on every call")
+            raise ValueError(
+                "SMoG: Backbone.build returned the online backbone again; let make() "
+                "build a new module on every call"
+            )
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in self._momentum_params():
             p.requires_grad_(False)
@@ -421,8 +497,10 @@ class SMoG(nn.Module):
     def build_heads(self, feat_dim: int, act=nn.ReLU) -> tuple:
         """-> (projector with `act`, predictor with ReLU), PyTorch's default initialisation."""
         cfg = self.cfg
-        return (build_mlp(feat_dim, cfg.hidden_dim, cfg.dim, last_bn=True, act=act),
-                build_mlp(cfg.dim, cfg.hidden_dim, cfg.dim, last_bn=False))
+        return (
+            build_mlp(feat_dim, cfg.hidden_dim, cfg.dim, last_bn=True, act=act),
+            build_mlp(cfg.dim, cfg.hidden_dim, cfg.dim, last_bn=False),
+        )
 
     def _momentum_params(self):
         return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
@@ -465,7 +543,7 @@ class SMoG(nn.Module):
         move only in the loss forward."""
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             feats = self.backbone_side.encode(self.backbone, crops)
-            return self.projector(feats)[:2 * crops[0].shape[0]]
+            return self.projector(feats)[: 2 * crops[0].shape[0]]
 
     def update_features(self, crops: Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         """The embeddings [sum B_c, D] that update the groups and fill the bank: z of the loss."""
@@ -477,8 +555,14 @@ class SMoG(nn.Module):
         with self.backbone_side.drop_path_off(self.backbone):
             return F.normalize(self.projector(self.backbone(x)).float(), dim=-1)
 
-    def forward(self, online_crops: Sequence[torch.Tensor], momentum_crops: Sequence[torch.Tensor],
-                beta, *, all_reduce: Optional[Reduce] = None):
+    def forward(
+        self,
+        online_crops: Sequence[torch.Tensor],
+        momentum_crops: Sequence[torch.Tensor],
+        beta,
+        *,
+        all_reduce: Optional[Reduce] = None,
+    ):
         """One SMoG iteration. online_crops: C tensors [B, 3, h, w], the two global crops first;
         momentum_crops: the crops of the other augmentation set, global first (targets from its
         J = 2 global crops; its local crops only take part in BN statistics, as released).
@@ -487,17 +571,24 @@ class SMoG(nn.Module):
           bank [2, B, D]: the normalised, detached embeddings of the two global crops that the
                           update used, for the memory bank."""
         C, J, B = len(online_crops), 2, online_crops[0].shape[0]
-        zt = self.momentum_embed(momentum_crops)[:J * B]                   # (J*B, D) global only
-        z, p = self.online_forward(online_crops)                            # (C*B, D) each
+        zt = self.momentum_embed(momentum_crops)[: J * B]  # (J*B, D) global only
+        z, p = self.online_forward(online_crops)  # (C*B, D) each
         z = self.update_features(online_crops, z)
-        with torch.autocast(z.device.type, enabled=False):                 # grouping in fp32
-            bank = F.normalize(z[:2 * B].detach().float(), dim=-1).view(2, B, -1)
+        with torch.autocast(z.device.type, enabled=False):  # grouping in fp32
+            bank = F.normalize(z[: 2 * B].detach().float(), dim=-1).view(2, B, -1)
             zt = F.normalize(zt.float(), dim=-1).view(J, B, -1)
             z = F.normalize(z.float(), dim=-1).view(C, B, -1)
             p = p.float().view(C, B, -1)
             loss, new_groups, targets = smog_multihead_step(
-                self.groups, z, zt, p, beta, self.cfg.tau, all_reduce=all_reduce,
-                group_grad=self.cfg.group_grad)
+                self.groups,
+                z,
+                zt,
+                p,
+                beta,
+                self.cfg.tau,
+                all_reduce=all_reduce,
+                group_grad=self.cfg.group_grad,
+            )
             with torch.no_grad():
                 self.groups.copy_(new_groups)
                 stats = target_stats(targets, self.cfg.n_groups, all_reduce=all_reduce)
@@ -532,12 +623,14 @@ class SwinSMoG(SMoG):
     def update_embed(self, crops: Sequence[torch.Tensor], grad: bool = False) -> torch.Tensor:
         """The two online global crops re-embedded with drop-path off (BNs in training mode)."""
         glob = list(crops[:2])
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), \
-                self.backbone_side.drop_path_off(self.backbone):
+        with (
+            torch.set_grad_enabled(grad and torch.is_grad_enabled()),
+            self.backbone_side.drop_path_off(self.backbone),
+        ):
             return self._mlp(self.projector, self.backbone_side.encode(self.backbone, glob), glob)
 
     def update_features(self, crops: Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         """The global crops' rows from update_embed (with gradient under group_grad: then the only
         place the update's features come from), the local crops' rows detached."""
         zu = self.update_embed(crops, grad=self.cfg.group_grad)
-        return torch.cat([zu, z[2 * crops[0].shape[0]:].detach()])
+        return torch.cat([zu, z[2 * crops[0].shape[0] :].detach()])

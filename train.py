@@ -15,6 +15,7 @@ method itself; smog_train/ holds the machinery this file calls (config, data, ch
 Read top to bottom: main() and train(), the whole run; the epoch loop; the pieces of one step in
 their order; the optimisers and schedules; building the model.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,13 +37,19 @@ import torch.nn.functional as F
 import smog
 from smog_train import backbones, checkpoint, compat, data, evaluation, faults, launch, runlock
 from smog_train import sync_bn as smog_sync_bn
-from smog_train.batches import StepBatches, batch_geometry, build_data, item_seed, loader, \
-    reraise_data_error, to_device
+from smog_train.batches import (
+    StepBatches,
+    batch_geometry,
+    build_data,
+    item_seed,
+    loader,
+    reraise_data_error,
+    to_device,
+)
 from smog_train.checkpoint import Run, log, resume_or_start, save
 from smog_train.config import RUNTIME_FIELDS, Config, UsageError, check_values, parse_config
 from smog_train.launch import rank0_print
 from smog_train.memory_bank import MemoryBank, bn_buffers, fill_bank, restore_buffers
-
 
 # ------------------------------------------------------------------------------------------------
 # the run
@@ -54,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     written), 128 + signal for a signal before the first step (nothing saved yet). docs/RELIABILITY.md."""
     lock = runlock.RunLock()
     cfg = None
-    if hasattr(signal, "SIGXFSZ"):     # past ulimit -f: an EFBIG error (one line), not a core dump
+    if hasattr(signal, "SIGXFSZ"):  # past ulimit -f: an EFBIG error (one line), not a core dump
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         cfg = parse_config(argv)
@@ -65,20 +72,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except checkpoint.StorageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 4
-    except FloatingPointError as e:        # the final evaluation's linear probe
+    except FloatingPointError as e:  # the final evaluation's linear probe
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
     except checkpoint.Interrupted as e:
         if lock.phase.startswith("in the final evaluation"):
-            print(f"{e} {lock.phase}: training is complete; rerun the same command to redo the "
-                  f"evaluation", file=sys.stderr, flush=True)
+            print(
+                f"{e} {lock.phase}: training is complete; rerun the same command to redo the "
+                f"evaluation",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             resume = os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pth"))
-            print(f"{e} {lock.phase}: nothing was saved yet; rerun the same command to "
-                  f"{'resume from its checkpoint' if resume else 'start again'}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{e} {lock.phase}: nothing was saved yet; rerun the same command to "
+                f"{'resume from its checkpoint' if resume else 'start again'}",
+                file=sys.stderr,
+                flush=True,
+            )
         return 128 + e.signum
-    except RuntimeError as e:   # a collective failed: one line (torchrun reports the exit codes)
+    except RuntimeError as e:  # a collective failed: one line (torchrun reports the exit codes)
         if cfg is None or not smog.dist_ready():
             raise
         if launch.is_timeout(e):
@@ -107,58 +121,94 @@ def _train(cfg: Config, lock: runlock.RunLock, signals) -> int:
     check_values(cfg)
     checkpoint.check_writable(cfg.out_dir)  # now, not after loading the data and filling the bank
     rank, world, device = launch.setup(cfg)
-    take_lock(lock, cfg.out_dir, rank)      # one run per out_dir, before anything is written
+    take_lock(lock, cfg.out_dir, rank)  # one run per out_dir, before anything is written
     train_raw, train_plain, test_ds = build_data(cfg, rank)
     if cfg.final_eval and test_ds is None:
-        raise UsageError(f"--final-eval needs a held-out split; {cfg.data} has none (create "
-                         f"PATH/val)")
-    if cfg.augment == "tensor" and data.in_memory_arrays(train_raw) is None \
-            and not isinstance(train_raw, data.ImageFolderDataset):
-        raise UsageError(f"--augment tensor needs a dataset held as one array (demo, cifar10, "
-                         f"cifar100, stl10) or an image folder, not {cfg.data}; use --augment "
-                         f"pil or auto")
+        raise UsageError(
+            f"--final-eval needs a held-out split; {cfg.data} has none (create PATH/val)"
+        )
+    if (
+        cfg.augment == "tensor"
+        and data.in_memory_arrays(train_raw) is None
+        and not isinstance(train_raw, data.ImageFolderDataset)
+    ):
+        raise UsageError(
+            f"--augment tensor needs a dataset held as one array (demo, cifar10, "
+            f"cifar100, stl10) or an image folder, not {cfg.data}; use --augment "
+            f"pil or auto"
+        )
     micro, spe = batch_geometry(cfg, len(train_raw), world)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"))
+        cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    )
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
-    model, sync_bn = build_model(cfg, rank, world, device)    # identical initial weights everywhere
+    model, sync_bn = build_model(cfg, rank, world, device)  # identical initial weights everywhere
     optimizer = build_optimizer(cfg, model)
     step_module = StepModule(model)
     # --no-sync-bn: DDP broadcasts rank 0's buffers every forward, so BN statistics agree
-    net = step_module if world == 1 else nn.parallel.DistributedDataParallel(
-        step_module, device_ids=[device.index] if device.type == "cuda" else None,
-        **compat.ddp_buffer_sync(not sync_bn))
-    bank = MemoryBank(len(train_raw), cfg.dim, rank, world, device)    # [2, N, D], sharded by index
-    run = Run(cfg=cfg, rank=rank, world=world, device=device, model=model, net=net,
-              optimizer=optimizer,
-              scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
-              bank=bank, sched=schedules(cfg, spe), spe=spe, autocast=autocast,
-              cfg_dict=dict(asdict(cfg), model=asdict(cfg.model_config()),
-                            git=launch.git_revision()),
-              hooks=faults.from_env(), lock=lock)
+    net = (
+        step_module
+        if world == 1
+        else nn.parallel.DistributedDataParallel(
+            step_module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            **compat.ddp_buffer_sync(not sync_bn),
+        )
+    )
+    bank = MemoryBank(len(train_raw), cfg.dim, rank, world, device)  # [2, N, D], sharded by index
+    run = Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+        bank=bank,
+        sched=schedules(cfg, spe),
+        spe=spe,
+        autocast=autocast,
+        cfg_dict=dict(asdict(cfg), model=asdict(cfg.model_config()), git=launch.git_revision()),
+        hooks=faults.from_env(),
+        lock=lock,
+    )
     n_classes = data.num_classes(train_raw)
     lock.phase = "while loading the checkpoint or filling the memory bank"
-    resumed = resume_or_start(run, train_raw, RUNTIME_FIELDS, start=lambda: fill_bank(
-        model, bank, train_plain, cfg, device, micro, autocast))   # restore all, or fill the bank
+    resumed = resume_or_start(
+        run,
+        train_raw,
+        RUNTIME_FIELDS,
+        start=lambda: fill_bank(model, bank, train_plain, cfg, device, micro, autocast),
+    )  # restore all, or fill the bank
     launch.announce(run, micro, amp, resumed, test_ds is not None)
 
-    views = data.ViewsDataset(train_raw, data.MultiCropViews(
-        cfg.image_size, cfg.local_size, cfg.n_local, (cfg.global_scale_min, cfg.global_scale_max),
-        (cfg.local_scale_min, cfg.local_scale_max), cfg.blur_scale), batched=cfg.augment != "pil",
-        decode_on_device=data.decode_on_device(device, cfg.workers))
+    views = data.ViewsDataset(
+        train_raw,
+        data.MultiCropViews(
+            cfg.image_size,
+            cfg.local_size,
+            cfg.n_local,
+            (cfg.global_scale_min, cfg.global_scale_max),
+            (cfg.local_scale_min, cfg.local_scale_max),
+            cfg.blur_scale,
+        ),
+        batched=cfg.augment != "pil",
+        decode_on_device=data.decode_on_device(device, cfg.workers),
+    )
     sampler = StepBatches(len(train_raw), rank, world, micro, cfg.accum, cfg.seed)
     batches = loader(views, sampler, cfg, device, persistent=True)
     lock.phase = "before the first step"
     for epoch in range(run.epoch, cfg.epochs):
         start = run.step_in_epoch if epoch == run.epoch else 0
         if start == 0 and epoch % cfg.regroup_every == 0:
-            regroup(run, epoch)                         # k-means over the memory bank
-        sampler.set_epoch(epoch, start)                 # resumes mid-epoch at the exact batch
-        signals.loop = True                             # a signal now: checkpoint at the step's end
+            regroup(run, epoch)  # k-means over the memory bank
+        sampler.set_epoch(epoch, start)  # resumes mid-epoch at the exact batch
+        signals.loop = True  # a signal now: checkpoint at the step's end
         code = train_one_epoch(run, views.batches(iter(batches), device), epoch, start, signals)
         if code is not None:
-            return code                                 # SIGTERM (0), Ctrl-C (130), non-finite (3)
+            return code  # SIGTERM (0), Ctrl-C (130), non-finite (3)
         end_of_epoch(run, epoch, train_plain, test_ds, n_classes)
     signals.loop, lock.phase = False, "in the final evaluation, after the last checkpoint"
     return evaluation.final_evaluation(run, train_raw, train_plain, test_ds, n_classes)
@@ -193,13 +243,24 @@ def regroup(run: Run, epoch: int) -> None:
     whatever the number of ranks."""
     cfg, model, bank, t0 = run.cfg, run.model, run.bank, time.time()
     gen = torch.Generator().manual_seed(item_seed(cfg.seed, epoch, 1 << 40))
-    model.groups.copy_(smog.regroup(bank.local, bank.index, bank.n, cfg.n_heads, cfg.n_groups,
-                                    cfg.kmeans_iters, generator=gen))
+    model.groups.copy_(
+        smog.regroup(
+            bank.local,
+            bank.index,
+            bank.n,
+            cfg.n_heads,
+            cfg.n_groups,
+            cfg.kmeans_iters,
+            generator=gen,
+        )
+    )
     run.hooks.regrouped(epoch)
     if cfg.reset_momentum:
         run.model.reset_momentum()
-    rank0_print(f"epoch {epoch}: regrouped {cfg.n_heads} x {cfg.n_groups} groups over the memory "
-                f"bank ({time.time() - t0:.1f}s)")
+    rank0_print(
+        f"epoch {epoch}: regrouped {cfg.n_heads} x {cfg.n_groups} groups over the memory "
+        f"bank ({time.time() - t0:.1f}s)"
+    )
 
 
 def train_one_epoch(run: Run, batches, epoch: int, start: int, signals) -> Optional[int]:
@@ -207,20 +268,20 @@ def train_one_epoch(run: Run, batches, epoch: int, start: int, signals) -> Optio
     the SIGTERM checkpoint, 130 after the Ctrl-C (SIGINT) one, 3 for a non-finite loss beyond
     --skip-nonfinite."""
     cfg, model = run.cfg, run.model
-    attainable = min(1.0, 2 * cfg.batch_size / cfg.n_groups)                 # groups hit at most
+    attainable = min(1.0, 2 * cfg.batch_size / cfg.n_groups)  # groups hit at most
     run.peak_hit = torch.full((), run.peak_hit if start else 0.0, device=run.device)
     meter = StepLog(run)
     for s in range(start, run.spe):
         step = epoch * run.spe + s
         seed_step(cfg.seed, step, run.rank)
         run.hooks.step_start(step)
-        micro_batches, idx = next_step(batches, run, meter)     # [(online, momentum crops)] x accum
+        micro_batches, idx = next_step(batches, run, meter)  # [(online, momentum crops)] x accum
         run.hooks.batch(step, run.rank, micro_batches, idx)
         lr, beta, m = (float(run.sched[k][step]) for k in ("lr", "beta", "m"))
         for g in run.optimizer.param_groups:
             g["lr"] = lr
-        undo = undo_point(model) if cfg.skip_nonfinite else None   # a skipped step leaves no trace
-        model.momentum_step(m)                                     # (M1) EMA before the forward
+        undo = undo_point(model) if cfg.skip_nonfinite else None  # a skipped step leaves no trace
+        model.momentum_step(m)  # (M1) EMA before the forward
         loss, stats, bank_z = train_step(run, micro_batches, beta)
         loss = run.hooks.loss(step, loss)
         loss_v, bad, term, intr = step_flags(loss, signals, run)  # one all-reduce: a host sync
@@ -229,15 +290,17 @@ def train_one_epoch(run: Run, batches, epoch: int, start: int, signals) -> Optio
             return 3
         if not bad:
             optimizer_step(run)
-            run.bank.write(torch.cat(idx), bank_z)                 # this step's global embeddings
+            run.bank.write(torch.cat(idx), bank_z)  # this step's global embeddings
         run.peak_hit = torch.maximum(run.peak_hit, stats["nonempty"].mean() / attainable)
         run.step, run.epoch, run.step_in_epoch = step + 1, epoch, s + 1
         meter.step(step, s, loss_v, lr, beta, m, stats)
         if term or intr:
             name = "SIGINT" if intr else "SIGTERM"
             save(run, name)
-            rank0_print(f"{name}: checkpoint written ({run.last_ck}), exiting; rerun the same "
-                        f"command to resume")
+            rank0_print(
+                f"{name}: checkpoint written ({run.last_ck}), exiting; rerun the same "
+                f"command to resume"
+            )
             return 130 if intr else 0
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and s + 1 < run.spe:
             save(run, f"every {cfg.save_every} steps")
@@ -247,25 +310,31 @@ def train_one_epoch(run: Run, batches, epoch: int, start: int, signals) -> Optio
 def end_of_epoch(run: Run, epoch: int, train_plain, test_ds, n_classes: int) -> None:
     """kNN monitor, groups identical on all ranks, collapse guard, bad images, log, checkpoint."""
     cfg = run.cfg
-    rec = dict(type="epoch", epoch=epoch, step=(epoch + 1) * run.spe,
-               peak_group_hit=run.peak_hit.item())
+    rec = dict(
+        type="epoch", epoch=epoch, step=(epoch + 1) * run.spe, peak_group_hit=run.peak_hit.item()
+    )
     last = epoch + 1 == cfg.epochs
     if cfg.knn_every and test_ds is not None and ((epoch + 1) % cfg.knn_every == 0 or last):
         t0 = time.time()
         rec["knn_top1"], *run.knn_feats = evaluation.knn_monitor(
-            run.model.backbone, train_plain, test_ds, n_classes, cfg, run.device)
+            run.model.backbone, train_plain, test_ds, n_classes, cfg, run.device
+        )
         run.knn.append([epoch, rec["knn_top1"]])
-        rank0_print(f"epoch {epoch}: kNN top-1 {rec['knn_top1']:.2f}% (k={cfg.knn_k}, "
-                    f"T={cfg.knn_t}, "
-                    f"{time.time() - t0:.1f}s)")
+        rank0_print(
+            f"epoch {epoch}: kNN top-1 {rec['knn_top1']:.2f}% (k={cfg.knn_k}, "
+            f"T={cfg.knn_t}, "
+            f"{time.time() - t0:.1f}s)"
+        )
     if run.world > 1:
         rec["groups_rank_max_diff"] = groups_rank_max_diff(run.model, epoch)
     if rec["peak_group_hit"] < cfg.collapse_threshold:
-        rank0_print(f"warning: possible collapse: in epoch {epoch} no step hit more than "
-                    f"{100 * rec['peak_group_hit']:.1f}% of the attainable groups (threshold "
-                    f"{100 * cfg.collapse_threshold:.0f}%); try a lower --lr, a higher --tau, "
-                    f"fewer --n-groups, a beta closer to 1 (--beta-end), or more warmup "
-                    f"(--warmup-epochs)")
+        rank0_print(
+            f"warning: possible collapse: in epoch {epoch} no step hit more than "
+            f"{100 * rec['peak_group_hit']:.1f}% of the attainable groups (threshold "
+            f"{100 * cfg.collapse_threshold:.0f}%); try a lower --lr, a higher --tau, "
+            f"fewer --n-groups, a beta closer to 1 (--beta-end), or more warmup "
+            f"(--warmup-epochs)"
+        )
         rec["collapse_warning"] = True
     if cfg.bad_images == "skip" and run.rank == 0:
         rec.update(data.skipped_images(cfg.out_dir))
@@ -297,8 +366,12 @@ def next_step(batches, run: Run, meter: StepLog) -> tuple:
     try:
         for _ in range(run.cfg.accum):
             online, momentum, i = next(batches)
-            micro_batches.append(([to_device(x, run.device, run.cfg) for x in online],
-                                  [to_device(x, run.device, run.cfg) for x in momentum]))
+            micro_batches.append(
+                (
+                    [to_device(x, run.device, run.cfg) for x in online],
+                    [to_device(x, run.device, run.cfg) for x in momentum],
+                )
+            )
             idx.append(i.to(run.device))
     except data.BadImageError as e:
         reraise_data_error(e)
@@ -309,8 +382,13 @@ def next_step(batches, run: Run, meter: StepLog) -> tuple:
 def undo_point(model: smog.SMoG) -> restore_buffers:
     """Buffers (groups, BN statistics) and the momentum network as they are now; __exit__ puts
     them back."""
-    saved = restore_buffers([*model.buffers(), *model.momentum_backbone.parameters(),
-                             *model.momentum_projector.parameters()])
+    saved = restore_buffers(
+        [
+            *model.buffers(),
+            *model.momentum_backbone.parameters(),
+            *model.momentum_projector.parameters(),
+        ]
+    )
     saved.__enter__()
     return saved
 
@@ -335,11 +413,15 @@ class StepModule(nn.Module):
     def loss_against_groups(self, online: list, targets: torch.Tensor) -> torch.Tensor:
         """targets [H, J, b]: the mean over heads of smog.multi_target_loss with head h's groups."""
         m = self.model
-        p = m.online_forward(online)[1]                                            # (C*b, D)
-        p = p.float().view(len(online), online[0].shape[0], -1)                    # (C, b, D)
+        p = m.online_forward(online)[1]  # (C*b, D)
+        p = p.float().view(len(online), online[0].shape[0], -1)  # (C, b, D)
         with torch.autocast(p.device.type, enabled=False):
-            return torch.stack([smog.multi_target_loss(p, m.groups[h], t, m.cfg.tau)
-                                for h, t in enumerate(targets)]).mean()
+            return torch.stack(
+                [
+                    smog.multi_target_loss(p, m.groups[h], t, m.cfg.tau)
+                    for h, t in enumerate(targets)
+                ]
+            ).mean()
 
 
 def train_step(run: Run, micro_batches: list, beta: float) -> tuple:
@@ -367,24 +449,24 @@ def accumulated_step(run: Run, micro_batches: list, beta: float) -> tuple:
         for online, momentum in micro_batches:
             b = online[0].shape[0]
             with run.autocast():
-                zt = model.momentum_embed(momentum)[:2 * b]
-                rng_states.append(_rng_get(run.device))                   # replayed in pass 2
-                z = model.update_embed(online)                            # BN over all crops
+                zt = model.momentum_embed(momentum)[: 2 * b]
+                rng_states.append(_rng_get(run.device))  # replayed in pass 2
+                z = model.update_embed(online)  # BN over all crops
             z_target.append(F.normalize(zt.float(), dim=-1).view(2, b, -1))
             z_update.append(F.normalize(z.float(), dim=-1).view(2, b, -1))
-    z_all, zt_all = torch.cat(z_update, 1), torch.cat(z_target, 1)         # (2, A*b, D)
+    z_all, zt_all = torch.cat(z_update, 1), torch.cat(z_target, 1)  # (2, A*b, D)
     with torch.no_grad():
         new_groups, targets = smog.targets_and_update(model.groups, z_all, zt_all, beta)
-        model.groups.copy_(new_groups)                                   # targets (H, 2, A*b)
+        model.groups.copy_(new_groups)  # targets (H, 2, A*b)
     total = torch.zeros((), device=run.device)
     ddp = isinstance(run.net, nn.parallel.DistributedDataParallel)
     for i, (online, _) in enumerate(micro_batches):
         b = online[0].shape[0]
         _rng_set(rng_states[i], run.device)
-        last = i == A - 1   # DDP all-reduces the gradients once, in the last micro-batch's backward
+        last = i == A - 1  # DDP all-reduces the gradients once, in the last micro-batch's backward
         with run.net.no_sync() if ddp and not last else nullcontext():
             with run.autocast():
-                loss = run.net("loss_against_groups", online, targets[:, :, i * b:(i + 1) * b])
+                loss = run.net("loss_against_groups", online, targets[:, :, i * b : (i + 1) * b])
             run.backward(loss / A)
         total += loss.detach() / A
     return total, smog.target_stats(targets, model.cfg.n_groups), z_all
@@ -404,12 +486,22 @@ def _rng_set(state: torch.Tensor, device) -> None:
 def step_flags(loss: torch.Tensor, signals, run: Run) -> tuple:
     """One small all-reduce per step -> (mean loss over ranks, non-finite on any rank, SIGTERM on
     any rank, SIGINT on any rank)."""
-    flags = torch.stack([loss.float(), (~torch.isfinite(loss)).float(),
-                         torch.tensor(float(signals.term), device=run.device),
-                         torch.tensor(float(signals.int), device=run.device)])
+    flags = torch.stack(
+        [
+            loss.float(),
+            (~torch.isfinite(loss)).float(),
+            torch.tensor(float(signals.term), device=run.device),
+            torch.tensor(float(signals.int), device=run.device),
+        ]
+    )
     if smog.dist_ready():
         dist.all_reduce(flags)
-    return flags[0].item() / run.world, flags[1].item() > 0, flags[2].item() > 0, flags[3].item() > 0
+    return (
+        flags[0].item() / run.world,
+        flags[1].item() > 0,
+        flags[2].item() > 0,
+        flags[3].item() > 0,
+    )
 
 
 def skip_nonfinite(run: Run, step: int, epoch: int, undo: Optional[restore_buffers]) -> bool:
@@ -419,14 +511,18 @@ def skip_nonfinite(run: Run, step: int, epoch: int, undo: Optional[restore_buffe
     run.optimizer.zero_grad(set_to_none=True)
     if run.skipped_nonfinite >= run.cfg.skip_nonfinite:
         last = run.last_ck or "none (no checkpoint was written yet)"
-        print(f"error: non-finite loss at step {step} (epoch {epoch}); stopped without saving; "
-              f"last good checkpoint: {last}; lower --lr or use --skip-nonfinite N",
-              file=sys.stderr)
+        print(
+            f"error: non-finite loss at step {step} (epoch {epoch}); stopped without saving; "
+            f"last good checkpoint: {last}; lower --lr or use --skip-nonfinite N",
+            file=sys.stderr,
+        )
         return False
     undo.__exit__()
     run.skipped_nonfinite += 1
-    rank0_print(f"warning: non-finite loss at step {step}, step skipped "
-                f"({run.skipped_nonfinite}/{run.cfg.skip_nonfinite})")
+    rank0_print(
+        f"warning: non-finite loss at step {step}, step skipped "
+        f"({run.skipped_nonfinite}/{run.cfg.skip_nonfinite})"
+    )
     return True
 
 
@@ -454,18 +550,31 @@ class StepLog:
             return
         now = time.time()
         dt = now - self.t
-        rec = dict(type="step", step=step, epoch=run.epoch, loss=loss_v, lr=lr, beta=beta, m=m,
-                   nonempty=stats["nonempty"].mean().item(), entropy=stats["entropy"].mean().item(),
-                   img_s=self.imgs / max(dt, 1e-9), data_frac=self.wait / max(dt, 1e-9), time=now)
+        rec = dict(
+            type="step",
+            step=step,
+            epoch=run.epoch,
+            loss=loss_v,
+            lr=lr,
+            beta=beta,
+            m=m,
+            nonempty=stats["nonempty"].mean().item(),
+            entropy=stats["entropy"].mean().item(),
+            img_s=self.imgs / max(dt, 1e-9),
+            data_frac=self.wait / max(dt, 1e-9),
+            time=now,
+        )
         log(run, rec)
         per_step = (now - self.t_start) / max(1, step + 1 - self.step_start)
         eta = per_step * (run.total_steps - step - 1)
-        rank0_print(f"epoch {run.epoch} step {step}/{run.total_steps} loss {loss_v:.4f} "
-                    f"lr {lr:.4g} "
-                    f"beta {beta:.4f} m {m:.4f} img/s {rec['img_s']:.0f} data "
-                    f"{100 * rec['data_frac']:.0f}% nonempty {rec['nonempty']:.2f} entropy "
-                    f"{rec['entropy']:.2f} (ln K {math.log(run.cfg.n_groups):.2f}) "
-                    f"ETA {_duration(eta)}")
+        rank0_print(
+            f"epoch {run.epoch} step {step}/{run.total_steps} loss {loss_v:.4f} "
+            f"lr {lr:.4g} "
+            f"beta {beta:.4f} m {m:.4f} img/s {rec['img_s']:.0f} data "
+            f"{100 * rec['data_frac']:.0f}% nonempty {rec['nonempty']:.2f} entropy "
+            f"{rec['entropy']:.2f} (ln K {math.log(run.cfg.n_groups):.2f}) "
+            f"ETA {_duration(eta)}"
+        )
         self.t, self.wait, self.imgs = now, 0.0, 0
 
 
@@ -484,8 +593,10 @@ def groups_rank_max_diff(model: smog.SMoG, epoch: int) -> float:
     diff = (model.groups - g0).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     if diff.item() != 0:
-        raise RuntimeError(f"group features differ across ranks by {diff.item()} (epoch {epoch}); "
-                           f"the synchronous update is broken")
+        raise RuntimeError(
+            f"group features differ across ranks by {diff.item()} (epoch {epoch}); "
+            f"the synchronous update is broken"
+        )
     return diff.item()
 
 
@@ -501,10 +612,21 @@ class LARS(torch.optim.Optimizer):
     the scheduled lr: buf <- momentum * buf + g (the first buf = g), p <- p - lr * buf. No host
     sync."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coef: float = 0.001, eps: float = 1e-8):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coef=trust_coef, eps=eps))
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coef: float = 0.001,
+        eps: float = 1e-8,
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coef=trust_coef, eps=eps
+            ),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -532,13 +654,20 @@ def build_optimizer(cfg: Config, model: smog.SMoG) -> torch.optim.Optimizer:
     exclusions)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # no momentum net
     if cfg.optimizer == "lars":
-        return LARS([p for _, p in params], lr=0.0, momentum=cfg.momentum,
-                    weight_decay=cfg.weight_decay, trust_coef=cfg.trust_coef)
+        return LARS(
+            [p for _, p in params],
+            lr=0.0,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            trust_coef=cfg.trust_coef,
+        )
     decay, no_decay = [], []
     for name, p in params:
         (no_decay if p.ndim <= 1 or "relative_position_bias_table" in name else decay).append(p)
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay),
-              dict(params=no_decay, weight_decay=0.0)]
+    groups = [
+        dict(params=decay, weight_decay=cfg.weight_decay),
+        dict(params=no_decay, weight_decay=0.0),
+    ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
@@ -556,7 +685,8 @@ def schedules(cfg: Config, steps_per_epoch: int) -> dict:
     warm = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
     t = torch.arange(total, dtype=torch.float64)
     lr = peak * cfg.min_lr_ratio + 0.5 * peak * (1 - cfg.min_lr_ratio) * (
-        1 + torch.cos(math.pi * (t - warm) / max(1, total - warm)))
+        1 + torch.cos(math.pi * (t - warm) / max(1, total - warm))
+    )
     if warm:
         lr[:warm] = torch.linspace(peak * cfg.warmup_lr_ratio, peak, warm, dtype=torch.float64)
     m = torch.full((total,), cfg.ema, dtype=torch.float64)
@@ -579,8 +709,11 @@ def build_model(cfg: Config, rank: int, world: int, device) -> tuple:
     model = backbones.build_smog(cfg.model_config())
     sync_bn = world > 1 and cfg.sync_bn
     if sync_bn:  # both networks: SMoG.forward runs them on the same global batch
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model) if device.type == "cuda" else \
-            smog_sync_bn.convert(model)
+        model = (
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if device.type == "cuda"
+            else smog_sync_bn.convert(model)
+        )
     model.to(device)
     if cfg.channels_last and cfg.arch != "swin_t":
         model.to(memory_format=torch.channels_last)

@@ -12,6 +12,7 @@ Networks: SmallCNN (the demo's), torchvision's ResNets, the released ResNet-50w2
 `build_smog(cfg)` the SMoG model that train.py and the tools train: smog.SwinSMoG for Swin-T,
 smog.SMoG for the others. smog.py imports nothing of the project; this module imports smog.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,13 @@ class SmallCNN(nn.Module):
         chans = [3, width, 2 * width, 4 * width, 8 * width]
         layers = []
         for i in range(4):
-            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                       nn.BatchNorm2d(chans[i + 1]), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(
+                    chans[i], chans[i + 1], 3, stride=1 if i == 0 else 2, padding=1, bias=False
+                ),
+                nn.BatchNorm2d(chans[i + 1]),
+                nn.ReLU(inplace=True),
+            ]
         self.features = nn.Sequential(*layers)
         self.out_dim = chans[-1]
 
@@ -55,7 +61,7 @@ def resnet50w2() -> tv_resnet.ResNet:
     m.layer3 = m._make_layer(tv_resnet.Bottleneck, 512, 6, stride=2)
     m.layer4 = m._make_layer(tv_resnet.Bottleneck, 1024, 3, stride=2)
     m.fc = nn.Linear(4096, 1000)
-    for mod in m.modules():                          # torchvision's initialisation, no zero-init residual
+    for mod in m.modules():  # torchvision's initialisation, no zero-init residual
         if isinstance(mod, nn.Conv2d):
             nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(mod, nn.BatchNorm2d):
@@ -80,13 +86,18 @@ def released_window_attention(x, attn: "tv_swin.ShiftedWindowAttention") -> torc
         x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
     nw, n, heads = (Hp // wh) * (Wp // ww), wh * ww, attn.num_heads
     win = x.view(B, Hp // wh, wh, Wp // ww, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nw, n, C)
-    q, k, v = F.linear(win, attn.qkv.weight, attn.qkv.bias).view(B * nw, n, 3, heads, C // heads) \
+    q, k, v = (
+        F.linear(win, attn.qkv.weight, attn.qkv.bias)
+        .view(B * nw, n, 3, heads, C // heads)
         .permute(2, 0, 3, 1, 4)
+    )
     a = (q * (C // heads) ** -0.5) @ k.transpose(-2, -1) + attn.get_relative_position_bias()
     if sh or sw:
         region = x.new_zeros(Hp, Wp)
-        bands = [[slice(0, -w), slice(-w, -s), slice(-s, None)] if s else [slice(None)]
-                 for w, s in ((wh, sh), (ww, sw))]
+        bands = [
+            [slice(0, -w), slice(-w, -s), slice(-s, None)] if s else [slice(None)]
+            for w, s in ((wh, sh), (ww, sw))
+        ]
         for i, hs in enumerate(bands[0]):
             for j, ws in enumerate(bands[1]):
                 region[hs, ws] = 3 * i + j
@@ -122,7 +133,7 @@ class SwinBlockBN(tv_swin.SwinTransformerBlock):
 
     def forward(self, x):
         x = x + self.stochastic_depth(self.attn(self.norm1(x)))
-        x = self.norm2(x.reshape(-1, x.shape[-1])).view_as(x)                       # (B*H*W, C) tokens as batch
+        x = self.norm2(x.reshape(-1, x.shape[-1])).view_as(x)  # (B*H*W, C) tokens as batch
         return x + self.stochastic_depth(self.mlp(x))
 
 
@@ -131,21 +142,32 @@ def fix_windows_for(net: "tv_swin.SwinTransformer", image_size: int = 224) -> No
     of `image_size` crops: a stage whose map (image_size / 4 / 2^stage) is no larger than the window
     gets no shift (the window stays 7 at 224 px, where stage 4's map is 7 x 7). Other crop sizes
     keep these."""
-    stages = [m for m in net.features if isinstance(m, nn.Sequential)
-              and isinstance(m[0], tv_swin.SwinTransformerBlock)]
+    stages = [
+        m
+        for m in net.features
+        if isinstance(m, nn.Sequential) and isinstance(m[0], tv_swin.SwinTransformerBlock)
+    ]
     for i, stage in enumerate(stages):
-        side = image_size // 4 // 2 ** i
+        side = image_size // 4 // 2**i
         for blk in stage:
             if side <= min(blk.attn.window_size):
                 if side != min(blk.attn.window_size):
-                    raise ValueError(f"a {side} px map under a {blk.attn.window_size} window: the "
-                                     f"released rule shrinks the window, which is not built here")
+                    raise ValueError(
+                        f"a {side} px map under a {blk.attn.window_size} window: the "
+                        f"released rule shrinks the window, which is not built here"
+                    )
                 blk.attn.shift_size = [0, 0]
 
 
 ARCHS = ("smallcnn", "resnet18", "resnet34", "resnet50", "resnet50w2", "wide_resnet50_2", "swin_t")
-FEAT_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet50w2": 4096, "wide_resnet50_2": 2048,
-             "swin_t": 768}   # pooled feature width; smallcnn: 8 x width
+FEAT_DIMS = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "resnet50w2": 4096,
+    "wide_resnet50_2": 2048,
+    "swin_t": 768,
+}  # pooled feature width; smallcnn: 8 x width
 
 
 def build_backbone(name: str, *, cifar_stem: bool = False, drop_path: float = 0.0, width: int = 32):
@@ -156,25 +178,38 @@ def build_backbone(name: str, *, cifar_stem: bool = False, drop_path: float = 0.
     wide_resnet50_2 torchvision's (another network). swin_t is the released Swin-T (SwinBlockBN blocks).
     cifar_stem: 3x3 stride-1 first conv and no max-pool, for 32-96 px images (ResNets only)."""
     import torchvision.models as tvm
+
     if name == "smallcnn":
         m = SmallCNN(width)
         return m, m.out_dim
     if name in ("resnet18", "resnet34", "resnet50", "resnet50w2", "wide_resnet50_2"):
-        m = resnet50w2() if name == "resnet50w2" else getattr(tvm, name)(weights=None, zero_init_residual=False)
+        m = (
+            resnet50w2()
+            if name == "resnet50w2"
+            else getattr(tvm, name)(weights=None, zero_init_residual=False)
+        )
         if cifar_stem:
             m.conv1 = nn.Conv2d(3, m.conv1.out_channels, 3, 1, 1, bias=False)
             nn.init.kaiming_normal_(m.conv1.weight, mode="fan_out", nonlinearity="relu")
             m.maxpool = nn.Identity()
         dim, m.fc = m.fc.in_features, nn.Identity()
         return m, dim
-    if name == "swin_t":   # torchvision's SwinTransformer: Linear weights trunc-normal(0.02), biases 0
-        m = tv_swin.SwinTransformer(patch_size=[4, 4], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24],
-                                    window_size=[7, 7], stochastic_depth_prob=drop_path, block=SwinBlockBN)
+    if (
+        name == "swin_t"
+    ):  # torchvision's SwinTransformer: Linear weights trunc-normal(0.02), biases 0
+        m = tv_swin.SwinTransformer(
+            patch_size=[4, 4],
+            embed_dim=96,
+            depths=[2, 2, 6, 2],
+            num_heads=[3, 6, 12, 24],
+            window_size=[7, 7],
+            stochastic_depth_prob=drop_path,
+            block=SwinBlockBN,
+        )
         fix_windows_for(m, 224)
         dim, m.head = m.head.in_features, nn.Identity()
         return m, dim
     raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}")
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,20 +230,28 @@ def joint_bn(bn: nn.Module, xs: list, act: Optional[nn.Module] = None) -> list:
     The outputs are views of one tensor: `act` (in place or not) runs on the whole before it is cut up;
     callers must not modify the outputs in place."""
     C = xs[0].shape[1]
-    channels_last = all(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in xs)
+    channels_last = all(
+        x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() for x in xs
+    )
     sizes = [x.shape[0] * x.shape[2] * x.shape[3] for x in xs]
-    if channels_last:                                                                     # pixels as rows: free views
+    if channels_last:  # pixels as rows: free views
         y = bn(torch.cat([x.permute(0, 2, 3, 1).reshape(-1, C) for x in xs]).view(-1, C, 1, 1))
-    else:                                                                          # (C, sum NHW)
+    else:  # (C, sum NHW)
         y = bn(torch.cat([x.transpose(0, 1).flatten(1) for x in xs], 1).view(1, C, -1, 1))
     if act is not None:
-        y = act(y)          # on the BN output itself, not a view of it: an in-place ReLU costs no copy in backward
+        y = act(
+            y
+        )  # on the BN output itself, not a view of it: an in-place ReLU costs no copy in backward
     # split, not slicing: its backward concatenates the gradients instead of zero-filling one tensor per piece
-    if channels_last:                                                                     # (N, C, H, W) channels_last
-        return [p.view(x.shape[0], x.shape[2], x.shape[3], C).permute(0, 3, 1, 2)
-                for p, x in zip(y.view(-1, C).split(sizes), xs)]
-    return [p.view(C, x.shape[0], x.shape[2], x.shape[3]).transpose(0, 1)
-            for p, x in zip(y.view(C, -1).split(sizes, 1), xs)]
+    if channels_last:  # (N, C, H, W) channels_last
+        return [
+            p.view(x.shape[0], x.shape[2], x.shape[3], C).permute(0, 3, 1, 2)
+            for p, x in zip(y.view(-1, C).split(sizes), xs)
+        ]
+    return [
+        p.view(C, x.shape[0], x.shape[2], x.shape[3]).transpose(0, 1)
+        for p, x in zip(y.view(C, -1).split(sizes, 1), xs)
+    ]
 
 
 def forward_joint_bn(net: nn.Module, xs: list) -> list:
@@ -219,18 +262,21 @@ def forward_joint_bn(net: nn.Module, xs: list) -> list:
     runs it, so that BN normalises each size with its own statistics and updates its running
     statistics once per size, in list order. torchvision ResNets and SmallCNN; -> pooled features
     [N_r, F] per resolution. Same layers and parameters as net(x)."""
-    if isinstance(net, SmallCNN):                                                  # (conv, BN, ReLU) x 4
+    if isinstance(net, SmallCNN):  # (conv, BN, ReLU) x 4
         layers = list(net.features)
         for conv, bn, relu in zip(layers[0::3], layers[1::3], layers[2::3]):
             xs = joint_bn(bn, _each(conv, xs), relu)
         return [x.mean(dim=(2, 3)) for x in xs]
-    xs = _each(net.maxpool, joint_bn(net.bn1, _each(net.conv1, xs), net.relu))    # stem
+    xs = _each(net.maxpool, joint_bn(net.bn1, _each(net.conv1, xs), net.relu))  # stem
     for block in [*net.layer1, *net.layer2, *net.layer3, *net.layer4]:
         convs = ["1", "2", "3"] if isinstance(block, tv_resnet.Bottleneck) else ["1", "2"]
         out = xs
-        for i, k in enumerate(convs):                                              # last BN: no ReLU before +
-            out = joint_bn(getattr(block, "bn" + k), _each(getattr(block, "conv" + k), out),
-                           block.relu if i < len(convs) - 1 else None)
+        for i, k in enumerate(convs):  # last BN: no ReLU before +
+            out = joint_bn(
+                getattr(block, "bn" + k),
+                _each(getattr(block, "conv" + k), out),
+                block.relu if i < len(convs) - 1 else None,
+            )
         # per size, as released
         skip = xs if block.downsample is None else _each(block.downsample, xs)
         xs = [block.relu(o + s) for o, s in zip(out, skip)]
@@ -286,15 +332,23 @@ class ReleasedBackbone(smog.Backbone):
     (one BatchNorm across sizes for the ResNets and SmallCNN in training mode, per size otherwise);
     drop-path switched off by drop_path_off."""
 
-    def __init__(self, arch: str, *, cifar_stem: bool = False, drop_path: float = 0.0, width: int = 32):
+    def __init__(
+        self, arch: str, *, cifar_stem: bool = False, drop_path: float = 0.0, width: int = 32
+    ):
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
         self.arch, self.cifar_stem, self.drop_path, self.width = arch, cifar_stem, drop_path, width
-        self.feat_dim = 8 * width if arch == "smallcnn" else FEAT_DIMS[arch]     # build() is overridden
+        self.feat_dim = (
+            8 * width if arch == "smallcnn" else FEAT_DIMS[arch]
+        )  # build() is overridden
 
     def build(self, momentum: bool) -> nn.Module:
-        net, dim = build_backbone(self.arch, cifar_stem=self.cifar_stem, width=self.width,
-                                  drop_path=0.0 if momentum else self.drop_path)
+        net, dim = build_backbone(
+            self.arch,
+            cifar_stem=self.cifar_stem,
+            width=self.width,
+            drop_path=0.0 if momentum else self.drop_path,
+        )
         assert dim == self.feat_dim, (self.arch, dim, self.feat_dim)
         return net
 
@@ -308,5 +362,7 @@ class ReleasedBackbone(smog.Backbone):
 def build_smog(cfg: "smog.SMoGConfig") -> "smog.SMoG":
     """The SMoG model of a config, as train.py builds it: smog.SwinSMoG for swin_t, else smog.SMoG,
     around ReleasedBackbone(cfg.arch, ...)."""
-    side = ReleasedBackbone(cfg.arch, cifar_stem=cfg.cifar_stem, drop_path=cfg.drop_path, width=cfg.width)
+    side = ReleasedBackbone(
+        cfg.arch, cifar_stem=cfg.cifar_stem, drop_path=cfg.drop_path, width=cfg.width
+    )
     return (smog.SwinSMoG if cfg.arch == "swin_t" else smog.SMoG)(side, cfg)

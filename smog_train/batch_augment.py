@@ -22,6 +22,7 @@ whole crops against the PIL pipeline by crop statistics (it lists which 2x error
 Randomness: every crop reads its parameters from one row of uniforms, u [n, N_UNIFORM]; data.py draws the rows of
 an item from a generator seeded by the item, so a crop does not depend on the batch it is made in.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,26 +32,27 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-ATTEMPTS = 10                                            # RandomResizedCrop's tries before the centre-crop fallback
+ATTEMPTS = 10  # RandomResizedCrop's tries before the centre-crop fallback
 # columns of u: area and log-ratio per attempt, crop position, flip, jitter (apply, 4 factors, 4 order keys),
 # grayscale, blur (apply, sigma), solarise
 _AREA, _RATIO, _POS, _FLIP = 0, ATTEMPTS, 2 * ATTEMPTS, 2 * ATTEMPTS + 2
 _JIT, _FACT, _ORDER = _FLIP + 1, _FLIP + 2, _FLIP + 6
 _GRAY, _BLUR, _SIGMA, _SOL = _ORDER + 4, _ORDER + 5, _ORDER + 6, _ORDER + 7
 N_UNIFORM = _SOL + 1
-LUMA = (0.2989, 0.587, 0.114)                             # torchvision's rgb_to_grayscale weights
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
 @dataclass(frozen=True)
 class Recipe:
     """The parameters of one augmentation set (METHOD.md, "Recipes"), besides the crop's size and
     scale: read by both implementations, the PIL pipeline (data.Augmentation) and BatchAugment."""
-    blur_p: float                                        # Gaussian blur probability
-    sol_p: float                                         # solarise probability
-    jitter: tuple = (0.4, 0.4, 0.2, 0.1)                 # colour jitter: brightness, contrast, saturation, hue
+
+    blur_p: float  # Gaussian blur probability
+    sol_p: float  # solarise probability
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # colour jitter: brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     gray_p: float = 0.2
-    sigma: tuple = (0.1, 2.0)                            # blur radius range, times blur_scale
+    sigma: tuple = (0.1, 2.0)  # blur radius range, times blur_scale
 
 
 RECIPES = {"A": Recipe(blur_p=1.0, sol_p=0.0), "B": Recipe(blur_p=0.1, sol_p=0.2)}
@@ -65,14 +67,23 @@ def recipe(kind: str) -> Recipe:
 class BatchAugment:
     """One crop of augmentation set A or B (recipe(kind)) for each image of a batch."""
 
-    def __init__(self, kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0, ratio=(3 / 4, 4 / 3)):
+    def __init__(
+        self, kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0, ratio=(3 / 4, 4 / 3)
+    ):
         r = recipe(kind)
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
-        self.blur_p, self.sol_p, self.jitter_p, self.gray_p = r.blur_p, r.sol_p, r.jitter_p, r.gray_p
+        self.blur_p, self.sol_p, self.jitter_p, self.gray_p = (
+            r.blur_p,
+            r.sol_p,
+            r.jitter_p,
+            r.gray_p,
+        )
         self.jitter = r.jitter
         self.sigma = (r.sigma[0] * blur_scale, r.sigma[1] * blur_scale)
 
-    def __call__(self, images: torch.Tensor, u: torch.Tensor, src: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, u: torch.Tensor, src: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """images uint8 [n, 3, H, W], u float [n, N_UNIFORM] in [0, 1) -> crops uint8 [n, 3, size, size].
         src: source_rows(images), when several crops are made from the same images."""
         i, j, h, w = crop_boxes(u, images.shape[-2], images.shape[-1], self.scale, self.ratio)
@@ -93,17 +104,20 @@ class BatchAugment:
             x[blur] = gaussian_blur(x[blur], sigma)
         q = x.mul_(255).round_().clamp_(0, 255).to(torch.uint8)
         sol = (u[:, _SOL] < self.sol_p).view(-1, 1, 1, 1)
-        return torch.where(sol & (q >= 128), 255 - q, q)     # PIL's ImageOps.solarize(threshold=128)
+        return torch.where(sol & (q >= 128), 255 - q, q)  # PIL's ImageOps.solarize(threshold=128)
 
 
 def crop_boxes(u: torch.Tensor, H: int, W: int, scale: tuple, ratio: tuple) -> tuple:
     """RandomResizedCrop.get_params for every row of u -> (top i, left j, height h, width w), float
     tensors [n] of integers: the first of ATTEMPTS (area, log-ratio) draws whose box fits, else the
     centre crop of the clamped ratio."""
-    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA:_AREA + ATTEMPTS])
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, _AREA : _AREA + ATTEMPTS])
     lr = (math.log(ratio[0]), math.log(ratio[1]))
-    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, _RATIO:_RATIO + ATTEMPTS])
-    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()   # round half to even, as Python
+    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, _RATIO : _RATIO + ATTEMPTS])
+    w, h = (
+        torch.sqrt(area * aspect).round(),
+        torch.sqrt(area / aspect).round(),
+    )  # round half to even, as Python
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
     first = fits.to(torch.uint8).argmax(1, keepdim=True)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
@@ -120,7 +134,9 @@ def crop_boxes(u: torch.Tensor, H: int, W: int, scale: tuple, ratio: tuple) -> t
     return i, j, h, w
 
 
-def interpolation_matrix(start: torch.Tensor, length: torch.Tensor, size: int, n_in: int) -> torch.Tensor:
+def interpolation_matrix(
+    start: torch.Tensor, length: torch.Tensor, size: int, n_in: int
+) -> torch.Tensor:
     """Rows of PIL's bilinear resize of the pixels start .. start+length-1 of an axis of n_in pixels to `size`
     pixels -> [n, size, n_in]: output pixel o weighs input pixel p by the triangle max(0, 1 - |p + 0.5 - c| / s)
     around its centre c = start + (o + 0.5) * length / size, s = max(1, length / size) (antialiased when
@@ -140,18 +156,19 @@ def source_rows(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 2, 1, 3).reshape(n, H, C * W).float()
 
 
-def resized_crop(src: torch.Tensor, i, j, h, w, size: int, channels: int, flip: torch.Tensor) -> torch.Tensor:
+def resized_crop(
+    src: torch.Tensor, i, j, h, w, size: int, channels: int, flip: torch.Tensor
+) -> torch.Tensor:
     """src = source_rows(images) -> the box (i, j, h, w) of each image resized to size x size, mirrored where flip,
     float [n, C, size, size] in [0, 1]."""
     n, H, CW = src.shape
     W = CW // channels
-    rows = interpolation_matrix(i, h, size, H) / 255                         # [n, size, H], and 0-255 -> 0-1
-    cols = interpolation_matrix(j, w, size, W)                               # [n, size, W]
+    rows = interpolation_matrix(i, h, size, H) / 255  # [n, size, H], and 0-255 -> 0-1
+    cols = interpolation_matrix(j, w, size, W)  # [n, size, W]
     cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
-    y = torch.bmm(rows, src)                                                 # [n, size, C W]
-    y = torch.bmm(y.view(n, size * channels, W), cols.transpose(1, 2))       # [n, size C, size]
+    y = torch.bmm(rows, src)  # [n, size, C W]
+    y = torch.bmm(y.view(n, size * channels, W), cols.transpose(1, 2))  # [n, size C, size]
     return y.view(n, size, channels, size).permute(0, 2, 1, 3).contiguous()
-
 
 
 # sources of different sizes (image folders): each crop's box from its own source's size, crop +
@@ -159,34 +176,46 @@ def resized_crop(src: torch.Tensor, i, j, h, w, size: int, channels: int, flip: 
 # a GPU
 
 
-def crop_boxes_sized(u: torch.Tensor, H: torch.Tensor, W: torch.Tensor, scale: tuple,
-                     ratio: tuple) -> tuple:
+def crop_boxes_sized(
+    u: torch.Tensor, H: torch.Tensor, W: torch.Tensor, scale: tuple, ratio: tuple
+) -> tuple:
     """crop_boxes with each row's own source size H, W (integer tensors [n]); for equal sizes the
     same numbers as crop_boxes(u, H, W, ...) (tests/test_folder_tensor.py)."""
     Hf, Wf = H.to(u.dtype).view(-1, 1), W.to(u.dtype).view(-1, 1)
-    s = scale[0] + (scale[1] - scale[0]) * u[:, _AREA:_AREA + ATTEMPTS]
+    s = scale[0] + (scale[1] - scale[0]) * u[:, _AREA : _AREA + ATTEMPTS]
     area = (H * W).to(u.dtype).view(-1, 1) * s
     lr = (math.log(ratio[0]), math.log(ratio[1]))
-    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, _RATIO:_RATIO + ATTEMPTS])
+    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, _RATIO : _RATIO + ATTEMPTS])
     w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= Wf) & (h > 0) & (h <= Hf)
     first = fits.to(torch.uint8).argmax(1, keepdim=True)
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    Hd, Wd = H.double(), W.double()                     # the fallback in Python's float64
+    Hd, Wd = H.double(), W.double()  # the fallback in Python's float64
     tall, wide = Wd / Hd < ratio[0], Wd / Hd > ratio[1]
     fw = torch.where(wide, torch.round(Hd * ratio[1]), Wd)
     fh = torch.where(tall, torch.round(Wd / ratio[0]), Hd)
     ok = fits.any(1)
     w, h = torch.where(ok, w, fw.to(u.dtype)), torch.where(ok, h, fh.to(u.dtype))
-    i = torch.where(ok, torch.floor(u[:, _POS] * (Hf[:, 0] - h + 1)),
-                    torch.floor((Hd - fh) / 2).to(u.dtype))
-    j = torch.where(ok, torch.floor(u[:, _POS + 1] * (Wf[:, 0] - w + 1)),
-                    torch.floor((Wd - fw) / 2).to(u.dtype))
+    i = torch.where(
+        ok, torch.floor(u[:, _POS] * (Hf[:, 0] - h + 1)), torch.floor((Hd - fh) / 2).to(u.dtype)
+    )
+    j = torch.where(
+        ok, torch.floor(u[:, _POS + 1] * (Wf[:, 0] - w + 1)), torch.floor((Wd - fw) / 2).to(u.dtype)
+    )
     return i, j, h, w
 
 
-def resized_crops(images: list, k: torch.Tensor, i, j, h, w, size: int, flip: torch.Tensor,
-                  method: Optional[str] = None) -> torch.Tensor:
+def resized_crops(
+    images: list,
+    k: torch.Tensor,
+    i,
+    j,
+    h,
+    w,
+    size: int,
+    flip: torch.Tensor,
+    method: Optional[str] = None,
+) -> torch.Tensor:
     """Crop the box (i, j, h, w) of images[k] (uint8 [C, H_k, W_k], sizes may differ), resize it to
     size x size, mirror it where flip -> float [n, C, size, size] in [0, 1], on the images' device.
     method "interp": one antialiased bilinear resize per crop of the uint8 box (torch's version of
@@ -204,28 +233,30 @@ def resized_crops(images: list, k: torch.Tensor, i, j, h, w, size: int, flip: to
         out = torch.empty(n, C, size, size, dtype=torch.uint8, device=dev)
         boxes = zip(*(t.long().tolist() for t in (k, i, j, h, w)))
         for c, (kk, ii, jj, hh, ww) in enumerate(boxes):
-            box = images[kk][None, :, ii:ii + hh, jj:jj + ww]
-            out[c] = F.interpolate(box, size=(size, size), mode="bilinear", antialias=True,
-                                   align_corners=False)[0]
+            box = images[kk][None, :, ii : ii + hh, jj : jj + ww]
+            out[c] = F.interpolate(
+                box, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )[0]
         out = torch.where(flip.view(-1, 1, 1, 1).to(dev), out.flip(-1), out)
         return out.float().div_(255)
     if method != "matmul":
         raise ValueError(f"method must be 'interp' or 'matmul', not {method!r}")
     Hm, Wm = max(x.shape[1] for x in images), max(x.shape[2] for x in images)
     out = torch.empty(n, C, size, size, device=dev)
-    order = torch.argsort(k.to(dev), stable=True)                   # crops of one source together
+    order = torch.argsort(k.to(dev), stable=True)  # crops of one source together
     kk = k.to(dev)[order]
-    chunk = max(1, (1 << 28) // ((Hm + size) * C * Wm * 4))        # ~256 MB of float rows per chunk
+    chunk = max(1, (1 << 28) // ((Hm + size) * C * Wm * 4))  # ~256 MB of float rows per chunk
     for s in range(0, n, chunk):
-        sel = order[s:s + chunk]
-        used, inv = torch.unique(kk[s:s + chunk], return_inverse=True)
+        sel = order[s : s + chunk]
+        used, inv = torch.unique(kk[s : s + chunk], return_inverse=True)
         pad = torch.zeros(len(used), C, Hm, Wm, dtype=torch.uint8, device=dev)
         for r, src_k in enumerate(used.tolist()):
-            pad[r, :, :images[src_k].shape[1], :images[src_k].shape[2]] = images[src_k]
-        src = source_rows(pad)[inv]                                  # [chunk, Hm, C Wm]
+            pad[r, :, : images[src_k].shape[1], : images[src_k].shape[2]] = images[src_k]
+        src = source_rows(pad)[inv]  # [chunk, Hm, C Wm]
         box = [t.to(dev)[sel] for t in (i, j, h, w)]
         out[sel] = resized_crop(src, *box, size, C, flip=flip.to(dev)[sel])
     return out
+
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """[n, 3, h, w] -> luminance [n, 1, h, w]."""
@@ -234,11 +265,13 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 def rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Add shift [n] (in turns) to the HSV hue of x [n, 3, h, w] in [0, 1], keeping saturation and value."""
-    v, arg = x.max(1)                                        # the first channel on ties: red, then green
+    v, arg = x.max(1)  # the first channel on ties: red, then green
     chroma = v - x.min(1).values
     r, g, b = x.unbind(1)
     d = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    sector = torch.where(arg == 0, ((g - b) / d) % 6, torch.where(arg == 1, (b - r) / d + 2, (r - g) / d + 4))
+    sector = torch.where(
+        arg == 0, ((g - b) / d) % 6, torch.where(arg == 1, (b - r) / d + 2, (r - g) / d + 4)
+    )
     hue = torch.where(chroma > 0, sector / 6, torch.zeros_like(sector))
     hue = (hue + shift.view(-1, 1, 1)) % 1.0
     # HSV -> RGB: channel n in (5, 3, 1) is v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6
@@ -252,13 +285,13 @@ def jitter_factors(u: torch.Tensor, strength: tuple) -> torch.Tensor:
     b, c, s, h = strength
     lo = torch.tensor([1 - b, 1 - c, 1 - s, -h], device=u.device)
     hi = torch.tensor([1 + b, 1 + c, 1 + s, h], device=u.device)
-    return lo + (hi - lo) * u[:, _FACT:_FACT + 4]
+    return lo + (hi - lo) * u[:, _FACT : _FACT + 4]
 
 
 def jitter_order(u: torch.Tensor) -> torch.Tensor:
     """[n, 4]: the operation (0 brightness, 1 contrast, 2 saturation, 3 hue) at each of the four positions, a
     uniform random permutation per row."""
-    return u[:, _ORDER:_ORDER + 4].argsort(1)
+    return u[:, _ORDER : _ORDER + 4].argsort(1)
 
 
 def color_jitter(x: torch.Tensor, u: torch.Tensor, strength: tuple, p: float) -> torch.Tensor:
@@ -269,12 +302,14 @@ def color_jitter(x: torch.Tensor, u: torch.Tensor, strength: tuple, p: float) ->
     on = u[:, _JIT] < p
     fac, order = jitter_factors(u, strength), jitter_order(u)
     for pos in range(4):
-        op = torch.where(on, order[:, pos], -1)                                    # -1: nothing at this position
-        f = torch.where((op >= 0) & (op < 3), fac.gather(1, op.clamp(0, 2)[:, None])[:, 0], 1.0).view(-1, 1, 1, 1)
+        op = torch.where(on, order[:, pos], -1)  # -1: nothing at this position
+        f = torch.where(
+            (op >= 0) & (op < 3), fac.gather(1, op.clamp(0, 2)[:, None])[:, 0], 1.0
+        ).view(-1, 1, 1, 1)
         lum = grayscale(x)
         sat, con = (op == 2).to(x.dtype).view(-1, 1, 1, 1), (op == 1).to(x.dtype).view(-1, 1, 1, 1)
-        y = sat * lum + con * lum.mean((1, 2, 3), keepdim=True)                     # brightness: y = 0
-        x = x.mul_(f).add_((1 - f) * y).clamp_(0, 1)                                 # y has one channel
+        y = sat * lum + con * lum.mean((1, 2, 3), keepdim=True)  # brightness: y = 0
+        x = x.mul_(f).add_((1 - f) * y).clamp_(0, 1)  # y has one channel
         hue = op == 3
         if hue.any():
             x[hue] = rotate_hue(x[hue], fac[hue, 3])
@@ -305,9 +340,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, passes: int = 3) -> torc
     in integers, this in float32: a sum within float32 rounding of a half may round the other way
     (one grey level). One depthwise convolution per pass, one kernel per image."""
     n, C, h, w = x.shape
-    r = box_radius(sigma, passes)                                             # float32, as PIL
+    r = box_radius(sigma, passes)  # float32, as PIL
     lo = r.floor().long()
-    R = int(lo.max()) + 1                                                     # taps each side
+    R = int(lo.max()) + 1  # taps each side
     # UINT32(2^24 / (2r + 1)), float32
     ww = torch.floor(torch.tensor(float(1 << 24)) / (2 * r + 1)).long()
     fw = ((1 << 24) - (2 * lo + 1) * ww) // 2

@@ -5,6 +5,7 @@ device.
 Every item is (dataset index, online augmentation set, item seed); the seed is a function of (--seed,
 epoch, index), so crops depend neither on workers, ranks nor where a run resumed. The roles of the two
 augmentation sets swap every optimiser step (even step: online = A). `cfg` is a config.Config."""
+
 from __future__ import annotations
 
 import signal
@@ -12,8 +13,8 @@ import signal
 import torch
 import torch.distributed as dist
 
-from smog_train import data
 import smog
+from smog_train import data
 from smog_train.config import UsageError, error_line
 
 
@@ -32,7 +33,11 @@ def build_data(cfg, rank: int) -> tuple:
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0]) from None
     w = max(0, cfg.workers)
-    return train_raw, data.eval_set(train_raw, cfg.image_size, workers=w), data.eval_set(test, cfg.image_size, workers=w)
+    return (
+        train_raw,
+        data.eval_set(train_raw, cfg.image_size, workers=w),
+        data.eval_set(test, cfg.image_size, workers=w),
+    )
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -46,7 +51,14 @@ class StepBatches(torch.utils.data.Sampler):
     exact position, so a resumed run, on any number of ranks, sees the same global batches."""
 
     def __init__(self, n: int, rank: int, world: int, micro: int, accum: int, seed: int):
-        self.n, self.rank, self.world, self.micro, self.accum, self.seed = n, rank, world, micro, accum, seed
+        self.n, self.rank, self.world, self.micro, self.accum, self.seed = (
+            n,
+            rank,
+            world,
+            micro,
+            accum,
+            seed,
+        )
         self.steps = n // (micro * accum * world)
         self.epoch, self.start = 0, 0
 
@@ -59,13 +71,15 @@ class StepBatches(torch.utils.data.Sampler):
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(self.n, generator=gen).tolist()
-        part = self.micro * self.world                           # one micro-batch, all ranks
+        part = self.micro * self.world  # one micro-batch, all ranks
         for s in range(self.start, self.steps):
             online = "A" if s % 2 == 0 else "B"
             for a in range(self.accum):
                 lo = (s * self.accum + a) * part + self.rank * self.micro
-                yield [(i, online, item_seed(self.seed, self.epoch, i))
-                       for i in perm[lo:lo + self.micro]]
+                yield [
+                    (i, online, item_seed(self.seed, self.epoch, i))
+                    for i in perm[lo : lo + self.micro]
+                ]
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -80,35 +94,48 @@ def batch_geometry(cfg, n: int, world: int) -> tuple:
     fits = [w for w in range(1, per + 1) if per % w == 0 and per // w >= 2]
     fits = ", ".join(map(str, fits[:12])) + (", ..." if len(fits) > 12 else "")
     if cfg.batch_size % (world * cfg.accum):
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by world size {world} x "
-                         f"--accum {cfg.accum}; run on a number of processes that divides it "
-                         f"({fits or 'none'}; a resumed run keeps its --batch-size and --accum)")
+        raise UsageError(
+            f"--batch-size {cfg.batch_size} is not divisible by world size {world} x "
+            f"--accum {cfg.accum}; run on a number of processes that divides it "
+            f"({fits or 'none'}; a resumed run keeps its --batch-size and --accum)"
+        )
     micro = cfg.batch_size // (world * cfg.accum)
     if micro < 2:
-        raise UsageError(f"micro-batch per rank is {micro} (batch {cfg.batch_size} / world "
-                         f"{world} / accum {cfg.accum}); BatchNorm needs at least 2: run on fewer "
-                         f"processes ({fits or 'none'})")
+        raise UsageError(
+            f"micro-batch per rank is {micro} (batch {cfg.batch_size} / world "
+            f"{world} / accum {cfg.accum}); BatchNorm needs at least 2: run on fewer "
+            f"processes ({fits or 'none'})"
+        )
     spe = n // cfg.batch_size
     if spe < 1:
-        raise UsageError(f"global batch {cfg.batch_size} is larger than the dataset ({n} images); "
-                         f"use a smaller --batch-size")
+        raise UsageError(
+            f"global batch {cfg.batch_size} is larger than the dataset ({n} images); "
+            f"use a smaller --batch-size"
+        )
     if cfg.n_groups > n:
-        raise UsageError(f"--n-groups {cfg.n_groups} is more than the {n} samples in the memory "
-                         f"bank; use fewer groups")
+        raise UsageError(
+            f"--n-groups {cfg.n_groups} is more than the {n} samples in the memory "
+            f"bank; use fewer groups"
+        )
     return micro, spe
 
 
 def _worker_init(_):
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the training process's to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
 
 
 def loader(ds, batch_sampler, cfg, device, *, persistent: bool = False):
-    return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, num_workers=cfg.workers,
-                                       pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
-                                       persistent_workers=persistent and cfg.workers > 0,
-                                       collate_fn=getattr(ds, "collate", None),
-                                       generator=torch.Generator())  # never draws from the global RNG
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=batch_sampler,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init,
+        persistent_workers=persistent and cfg.workers > 0,
+        collate_fn=getattr(ds, "collate", None),
+        generator=torch.Generator(),
+    )  # never draws from the global RNG
 
 
 def reraise_data_error(e: Exception):
@@ -117,7 +144,9 @@ def reraise_data_error(e: Exception):
 
 
 def to_device(x: torch.Tensor, device, cfg) -> torch.Tensor:
-    x = data.normalize(x.to(device, non_blocking=True))     # uint8 crops are normalised here, per batch
+    x = data.normalize(
+        x.to(device, non_blocking=True)
+    )  # uint8 crops are normalised here, per batch
     if cfg.channels_last and cfg.arch != "swin_t":
         x = x.contiguous(memory_format=torch.channels_last)
     return x

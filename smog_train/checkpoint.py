@@ -19,6 +19,7 @@ train.py prints it as one line and exits with code 2.
 
 The test-only faults that kill a run at chosen points are in smog_train/faults.py.
 """
+
 from __future__ import annotations
 
 import errno
@@ -39,13 +40,15 @@ import smog
 from smog_train.config import UsageError
 
 FORMAT = "smog-train-v3"  # v3: no per-rank state (no RNG states), resumable on another world size
-PREV = "checkpoint.prev.pth"   # the previous checkpoint, kept beside checkpoint.pth (rotation)
+PREV = "checkpoint.prev.pth"  # the previous checkpoint, kept beside checkpoint.pth (rotation)
 CORRUPT = "checkpoint.corrupt.pth"  # a checkpoint.pth that failed verification, set aside on resume
 # Every file save_atomic writes ends with this trailer: DIGEST_MAGIC, the SHA-256 (hex) of all the
 # bytes before the trailer, a newline. torch.load ignores bytes after the zip archive.
 DIGEST_MAGIC = b"SMOG-SHA256:"
 TRAILER_LEN = len(DIGEST_MAGIC) + 64 + 1
-INTEGRITY = "sha256-trailer"   # train.py checkpoints say so: a missing trailer is then a corruption too
+INTEGRITY = (
+    "sha256-trailer"  # train.py checkpoints say so: a missing trailer is then a corruption too
+)
 
 
 class StorageError(OSError):
@@ -60,10 +63,14 @@ class DigestError(ValueError):
     """A checkpoint whose bytes do not match the SHA-256 digest written with it (or that lost it)."""
 
 
-STORAGE_CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                  errno.EROFS: "read-only file system",
-                  errno.EFBIG: "file too large (the file-size limit, ulimit -f)",
-                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+STORAGE_CAUSES = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large (the file-size limit, ulimit -f)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
 
 
 def storage_error(path: str, e: OSError, fix: str = "") -> OSError:
@@ -71,8 +78,11 @@ def storage_error(path: str, e: OSError, fix: str = "") -> OSError:
     path, cause and errno name, then `fix`), else `e` itself."""
     if not isinstance(e, OSError) or e.errno not in STORAGE_CAUSES or isinstance(e, StorageError):
         return e
-    return StorageError(e.errno, f"cannot write {path!r}: {STORAGE_CAUSES[e.errno]} "
-                                 f"[{errno.errorcode[e.errno]}]" + (f"; {fix}" if fix else ""))
+    return StorageError(
+        e.errno,
+        f"cannot write {path!r}: {STORAGE_CAUSES[e.errno]} "
+        f"[{errno.errorcode[e.errno]}]" + (f"; {fix}" if fix else ""),
+    )
 
 
 def check_writable(out_dir: str) -> None:
@@ -84,21 +94,29 @@ def check_writable(out_dir: str) -> None:
     while not os.path.exists(d):
         d = os.path.dirname(d)
     if not os.path.isdir(d):
-        raise UsageError(f"cannot create --out-dir {out_dir!r}: {d!r} is a file, not a folder; "
-                         f"choose another --out-dir")
-    if d == os.path.abspath(out_dir):      # it exists: ask, without touching it
+        raise UsageError(
+            f"cannot create --out-dir {out_dir!r}: {d!r} is a file, not a folder; "
+            f"choose another --out-dir"
+        )
+    if d == os.path.abspath(out_dir):  # it exists: ask, without touching it
         if not os.access(d, os.W_OK | os.X_OK):
             ck = os.path.join(d, "checkpoint.pth")
-            keep = (f"; to continue its run elsewhere pass --resume {ck} --out-dir NEW"
-                    if os.path.exists(ck) else "")
-            raise UsageError(f"cannot write to --out-dir {out_dir!r} (not writable); make it "
-                             f"writable and rerun, or choose another --out-dir{keep}")
+            keep = (
+                f"; to continue its run elsewhere pass --resume {ck} --out-dir NEW"
+                if os.path.exists(ck)
+                else ""
+            )
+            raise UsageError(
+                f"cannot write to --out-dir {out_dir!r} (not writable); make it "
+                f"writable and rerun, or choose another --out-dir{keep}"
+            )
         return
-    try:                                   # it would be created here: try it (/proc says no only then)
+    try:  # it would be created here: try it (/proc says no only then)
         os.rmdir(tempfile.mkdtemp(prefix=".smog-probe-", dir=d))
     except OSError as e:
-        raise UsageError(f"cannot write to --out-dir {out_dir!r} ({d!r}: {e.strerror}); choose "
-                         f"another --out-dir") from None
+        raise UsageError(
+            f"cannot write to --out-dir {out_dir!r} ({d!r}: {e.strerror}); choose another --out-dir"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +171,7 @@ def save_atomic(obj, path: str, keep_previous: str = "") -> None:
             except OSError as e:
                 if e.errno in STORAGE_CAUSES and e.errno not in (errno.EPERM,):
                     raise
-                os.replace(path, keep_previous)   # no hard links here: `path` is absent a moment
+                os.replace(path, keep_previous)  # no hard links here: `path` is absent a moment
         os.replace(tmp, path)
         fd = os.open(d, os.O_RDONLY)
         try:
@@ -171,7 +189,9 @@ def save_atomic(obj, path: str, keep_previous: str = "") -> None:
 def write_text_atomic(text: str, path: str) -> None:
     """A small text file (config.json) complete or absent, never empty: temporary file, rename;
     StorageError as save_atomic."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    tmp = os.path.join(
+        os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}"
+    )
     try:
         with open(tmp, "w") as fh:
             fh.write(text)
@@ -204,17 +224,24 @@ def verify_digest(path: str) -> bool:
                 break
             sha.update(b)
             left -= len(b)
-    if sha.hexdigest().encode() != t[len(DIGEST_MAGIC):-1]:
-        raise DigestError(f"checkpoint {path!r} fails verification: its SHA-256 does not match the "
-                          f"digest written with it (the file changed after it was written: disk, copy "
-                          f"or memory corruption)")
+    if sha.hexdigest().encode() != t[len(DIGEST_MAGIC) : -1]:
+        raise DigestError(
+            f"checkpoint {path!r} fails verification: its SHA-256 does not match the "
+            f"digest written with it (the file changed after it was written: disk, copy "
+            f"or memory corruption)"
+        )
     return True
 
 
 def nonfinite_tensors(sd: dict) -> list:
     """Names of the floating-point tensors of a state_dict holding a NaN or an infinity."""
-    return [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-            and not bool(torch.isfinite(v).all())]
+    return [
+        k
+        for k, v in sd.items()
+        if isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
+    ]
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -223,23 +250,31 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     arbitrary pickled objects, raises ValueError with a one-line reason (nothing from the file is
     executed, nothing of a file that fails verification is even unpickled)."""
     if os.path.isdir(path):
-        raise ValueError(f"checkpoint {path!r} is a folder; pass the path of a .pth file in it (e.g. "
-                         f"{os.path.join(path, 'checkpoint.pth')!r})")
+        raise ValueError(
+            f"checkpoint {path!r} is a folder; pass the path of a .pth file in it (e.g. "
+            f"{os.path.join(path, 'checkpoint.pth')!r})"
+        )
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist; pass the path of a .pth file written by train.py "
-                         f"or by `python -m smog_train.export`")
+        raise ValueError(
+            f"checkpoint {path!r} does not exist; pass the path of a .pth file written by train.py "
+            f"or by `python -m smog_train.export`"
+        )
     digested = verify_digest(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError for truncated/non-zip files, ...
-        raise ValueError(f"cannot load {path!r} as a weights-only checkpoint ({_first_sentence(e)}); "
-                         f"it is not a checkpoint of this project, is truncated, or holds objects that "
-                         f"are refused for safety") from None
+        raise ValueError(
+            f"cannot load {path!r} as a weights-only checkpoint ({_first_sentence(e)}); "
+            f"it is not a checkpoint of this project, is truncated, or holds objects that "
+            f"are refused for safety"
+        ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dict")
     if not digested and obj.get("integrity") == INTEGRITY:
-        raise DigestError(f"checkpoint {path!r} fails verification: its digest trailer is missing or "
-                          f"damaged (the file is truncated, or its end changed after it was written)")
+        raise DigestError(
+            f"checkpoint {path!r} fails verification: its digest trailer is missing or "
+            f"damaged (the file is truncated, or its end changed after it was written)"
+        )
     return obj
 
 
@@ -258,11 +293,10 @@ def _first_sentence(e: Exception) -> str:
 
 def _cut(text: str) -> str:
     if ". " in text:
-        text = text[:text.index(". ") + 1]
+        text = text[: text.index(". ") + 1]
     if len(text) > 160:
         text = text[:160].rsplit(" ", 1)[0] + " ..."
     return text.rstrip(".")
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,24 +316,36 @@ def check_resume(ck: dict, cfg, runtime_fields: set, path: str) -> None:
     them and the run's own config.json. The world size may differ (train.py's batch_geometry has
     checked that this one divides the global batch)."""
     if str(ck.get("format", "")).startswith("smog-train-") and ck.get("format") != FORMAT:
-        raise UsageError(f"cannot resume {path!r}: it was written by an older train.py (format {ck['format']!r}, "
-                         f"this one writes {FORMAT!r}: another recipe or state layout); use a new "
-                         f"--out-dir")
+        raise UsageError(
+            f"cannot resume {path!r}: it was written by an older train.py (format {ck['format']!r}, "
+            f"this one writes {FORMAT!r}: another recipe or state layout); use a new "
+            f"--out-dir"
+        )
     if ck.get("format") != FORMAT:
-        raise UsageError(f"{path!r} is not a train.py checkpoint (format {ck.get('format')!r}, expected {FORMAT!r})")
+        raise UsageError(
+            f"{path!r} is not a train.py checkpoint (format {ck.get('format')!r}, expected {FORMAT!r})"
+        )
     old = ck.get("config", {})
     names = [f.name for f in fields(cfg) if f.name not in runtime_fields]
     missing = [n for n in names if n not in old]
-    if missing:    # fields added since: the old run made them as they were then, not necessarily as now
-        raise UsageError(f"cannot resume {path!r}: its config has no field {', '.join(map(repr, missing))} "
-                         f"(written by an older train.py); use a new --out-dir")
+    if (
+        missing
+    ):  # fields added since: the old run made them as they were then, not necessarily as now
+        raise UsageError(
+            f"cannot resume {path!r}: its config has no field {', '.join(map(repr, missing))} "
+            f"(written by an older train.py); use a new --out-dir"
+        )
     changed = [n for n in names if old[n] != getattr(cfg, n)]
     if changed:
-        diffs = ", ".join(f"{n!r} is {old[n]!r} in the checkpoint but {getattr(cfg, n)!r} now" for n in changed)
+        diffs = ", ".join(
+            f"{n!r} is {old[n]!r} in the checkpoint but {getattr(cfg, n)!r} now" for n in changed
+        )
         own = os.path.join(os.path.dirname(path) or ".", "config.json")
         own = f" (or --config {own}, the run's own config)" if os.path.isfile(own) else ""
-        raise UsageError(f"cannot resume {path!r}: config field{'s' if len(changed) > 1 else ''} {diffs}; "
-                         f"pass {' '.join(_flag(n, old[n]) for n in changed)}{own} or use a new --out-dir")
+        raise UsageError(
+            f"cannot resume {path!r}: config field{'s' if len(changed) > 1 else ''} {diffs}; "
+            f"pass {' '.join(_flag(n, old[n]) for n in changed)}{own} or use a new --out-dir"
+        )
 
 
 def _flag(name: str, value) -> str:
@@ -310,7 +356,9 @@ def _flag(name: str, value) -> str:
     return f"--{flag} {value}"
 
 
-def prepare_out_dir(out_dir: str, config_json: str, resumed: bool, same_dir: bool, log_offset: int) -> None:
+def prepare_out_dir(
+    out_dir: str, config_json: str, resumed: bool, same_dir: bool, log_offset: int
+) -> None:
     """Rank 0, once everything is validated: remove the temporary files of killed checkpoint writes and a
     previous run's results, write config.json (atomically: never empty), truncate log.jsonl to the
     checkpoint (or empty it). StorageError (one line) if the disk refuses."""
@@ -322,7 +370,9 @@ def prepare_out_dir(out_dir: str, config_json: str, resumed: bool, same_dir: boo
                 os.remove(os.path.join(out_dir, f))
         write_text_atomic(config_json, os.path.join(out_dir, "config.json"))
         if not resumed and os.path.exists(os.path.join(out_dir, "demo_results.json")):
-            os.remove(os.path.join(out_dir, "demo_results.json"))  # a previous run's, not this one's
+            os.remove(
+                os.path.join(out_dir, "demo_results.json")
+            )  # a previous run's, not this one's
         log_path = os.path.join(out_dir, "log.jsonl")
         if os.path.exists(log_path):
             if resumed and same_dir and os.path.getsize(log_path) >= log_offset:
@@ -359,14 +409,20 @@ class on_signals:
             raise Interrupted(signum)
         if signum == signal.SIGINT:
             if self.int:
-                print("second Ctrl-C: exiting now, without a checkpoint", file=sys.stderr, flush=True)
+                print(
+                    "second Ctrl-C: exiting now, without a checkpoint", file=sys.stderr, flush=True
+                )
                 if self.lock is not None:
                     self.lock.release()
                 sys.stdout.flush()
                 os._exit(130)
             self.int = True
-            print("Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to exit "
-                  "now without one)", file=sys.stderr, flush=True)
+            print(
+                "Ctrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to exit "
+                "now without one)",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             self.term = True
 
@@ -386,33 +442,36 @@ class on_signals:
 @dataclass
 class Run:
     """What the loop reads and a checkpoint holds: the built objects and the position in the run."""
-    cfg: object                          # config.Config
+
+    cfg: object  # config.Config
     rank: int
     world: int
     device: torch.device
     model: smog.SMoG
-    net: torch.nn.Module                 # train.StepModule, DDP-wrapped when world > 1
+    net: torch.nn.Module  # train.StepModule, DDP-wrapped when world > 1
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    bank: object                         # memory_bank.MemoryBank
-    sched: dict                          # per-step lr, beta, m (train.schedules)
-    spe: int                             # optimiser steps per epoch
+    bank: object  # memory_bank.MemoryBank
+    sched: dict  # per-step lr, beta, m (train.schedules)
+    spe: int  # optimiser steps per epoch
     autocast: object
-    cfg_dict: dict                       # config.json and the checkpoint's "config"
-    step: int = 0                        # optimiser steps done, over all epochs
+    cfg_dict: dict  # config.json and the checkpoint's "config"
+    step: int = 0  # optimiser steps done, over all epochs
     epoch: int = 0
     step_in_epoch: int = 0
-    knn: list = field(default_factory=list)      # [[epoch, kNN top-1 %], ...]
+    knn: list = field(default_factory=list)  # [[epoch, kNN top-1 %], ...]
     skipped_nonfinite: int = 0
-    n_save: int = 0                      # checkpoint writes by this process
-    log_offset: int = 0                  # length of log.jsonl at the resumed checkpoint
-    last_ck: Optional[str] = None        # "PATH (step S)": the newest complete checkpoint to restart from
-    peak_hit: object = 0.0               # collapse guard: best fraction of attainable groups hit this epoch
-    knn_feats: Optional[list] = None     # the last kNN monitor's (train, test) features, reused by the final eval
+    n_save: int = 0  # checkpoint writes by this process
+    log_offset: int = 0  # length of log.jsonl at the resumed checkpoint
+    last_ck: Optional[str] = None  # "PATH (step S)": the newest complete checkpoint to restart from
+    peak_hit: object = 0.0  # collapse guard: best fraction of attainable groups hit this epoch
+    knn_feats: Optional[list] = (
+        None  # the last kNN monitor's (train, test) features, reused by the final eval
+    )
     resumed_world: Optional[int] = None  # world size that wrote the resumed checkpoint
-    hooks: object = None                 # faults.Hooks: test-only fault points, no-ops in a real run
-    lock: object = None                  # runlock.RunLock of out_dir (rank 0)
-    set_aside: Optional[str] = None      # a checkpoint.pth that failed verification, renamed on start
+    hooks: object = None  # faults.Hooks: test-only fault points, no-ops in a real run
+    lock: object = None  # runlock.RunLock of out_dir (rank 0)
+    set_aside: Optional[str] = None  # a checkpoint.pth that failed verification, renamed on start
 
     @property
     def total_steps(self) -> int:
@@ -434,8 +493,9 @@ def _usable(path: str) -> tuple:
         return None, str(e)
     bad = nonfinite_tensors(ck.get("model") or {})
     if bad:
-        return None, (f"checkpoint {path!r} holds non-finite weights ({len(bad)} tensors, e.g. "
-                      f"{bad[0]!r})")
+        return None, (
+            f"checkpoint {path!r} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]!r})"
+        )
     return ck, None
 
 
@@ -454,17 +514,23 @@ def choose_checkpoint(run: Run) -> tuple:
     ck_path, prev = run.path("checkpoint.pth"), run.path(PREV)
     if cfg.resume:
         if not os.path.isfile(cfg.resume):
-            load(cfg.resume)                                   # the one-line "does not exist" etc.
+            load(cfg.resume)  # the one-line "does not exist" etc.
         ck, why = _usable(cfg.resume)
         if ck is None:
             alt = os.path.join(os.path.dirname(os.path.abspath(cfg.resume)), PREV)
             step = _step_of(alt) if os.path.abspath(alt) != os.path.abspath(cfg.resume) else ""
             other = f"pass --resume {alt} (the previous checkpoint, {step}) or " if step else ""
             raise UsageError(f"{why}; {other}start over in a new --out-dir")
-        same = os.path.dirname(os.path.abspath(cfg.resume)) == os.path.dirname(os.path.abspath(ck_path))
-        if same and os.path.abspath(cfg.resume) != os.path.abspath(ck_path) \
-                and os.path.exists(ck_path) and _usable(ck_path)[0] is None:
-            run.set_aside = ck_path          # a bad checkpoint.pth is not rotated into the kept one
+        same = os.path.dirname(os.path.abspath(cfg.resume)) == os.path.dirname(
+            os.path.abspath(ck_path)
+        )
+        if (
+            same
+            and os.path.abspath(cfg.resume) != os.path.abspath(ck_path)
+            and os.path.exists(ck_path)
+            and _usable(ck_path)[0] is None
+        ):
+            run.set_aside = ck_path  # a bad checkpoint.pth is not rotated into the kept one
         return cfg.resume, ck
     if not os.path.exists(ck_path) and not os.path.exists(prev):
         return "", None
@@ -477,15 +543,24 @@ def choose_checkpoint(run: Run) -> tuple:
         ck, why_prev = _usable(prev)
         if ck is not None:
             if run.rank == 0:
-                print(f"warning: {why}; resuming from the previous checkpoint {prev} (step "
-                      f"{ck['step']}) instead" + (f"; the bad file is kept as {run.path(CORRUPT)}"
-                                                  if os.path.exists(ck_path) else ""),
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: {why}; resuming from the previous checkpoint {prev} (step "
+                    f"{ck['step']}) instead"
+                    + (
+                        f"; the bad file is kept as {run.path(CORRUPT)}"
+                        if os.path.exists(ck_path)
+                        else ""
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
             run.set_aside = ck_path if os.path.exists(ck_path) else None
             return prev, ck
         why = f"{why}, and the previous checkpoint too ({why_prev})"
-    raise UsageError(f"{why}; no usable checkpoint to resume: restore {ck_path} from a backup, or "
-                     f"start over in a new --out-dir")
+    raise UsageError(
+        f"{why}; no usable checkpoint to resume: restore {ck_path} from a backup, or "
+        f"start over in a new --out-dir"
+    )
 
 
 def check_out_dir_for_resume(run: Run) -> None:
@@ -497,16 +572,20 @@ def check_out_dir_for_resume(run: Run) -> None:
     mine = {os.path.abspath(run.path(n)) for n in ("checkpoint.pth", PREV)}
     held = [n for n in ("checkpoint.pth", PREV) if os.path.exists(run.path(n))]
     if held and os.path.abspath(cfg.resume) not in mine:
-        raise UsageError(f"--out-dir {cfg.out_dir!r} holds another run ({held[0]}); resuming "
-                         f"{cfg.resume!r} there would overwrite it: pass an empty --out-dir with "
-                         f"--resume, or drop --resume to continue the run in {cfg.out_dir!r}")
+        raise UsageError(
+            f"--out-dir {cfg.out_dir!r} holds another run ({held[0]}); resuming "
+            f"{cfg.resume!r} there would overwrite it: pass an empty --out-dir with "
+            f"--resume, or drop --resume to continue the run in {cfg.out_dir!r}"
+        )
 
 
 def checkpoint_bytes(run: Run) -> int:
     """A lower bound of a checkpoint's size: the model's tensors, the optimiser's state (one buffer per
     parameter for SGD/LARS, two for AdamW) and the memory bank (fp32)."""
     model = sum(t.numel() * t.element_size() for t in run.model.state_dict().values())
-    params = sum(p.numel() * p.element_size() for g in run.optimizer.param_groups for p in g["params"])
+    params = sum(
+        p.numel() * p.element_size() for g in run.optimizer.param_groups for p in g["params"]
+    )
     per = 2 if isinstance(run.optimizer, torch.optim.AdamW) else 1
     return model + per * params + 4 * run.bank.n * run.bank.local.shape[-1] * 2
 
@@ -516,20 +595,27 @@ def check_space(run: Run) -> None:
     checkpoint -- free disk space and the file-size limit (ulimit -f). StorageError (one line)."""
     import resource
     import shutil
+
     need, d = checkpoint_bytes(run), os.path.abspath(run.cfg.out_dir)
     while not os.path.exists(d):
         d = os.path.dirname(d)
-    mb = lambda n: f"{n / 2**20:.1f} MiB"   # noqa: E731
+    mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
     free = shutil.disk_usage(d).free
     if free < need:
-        raise StorageError(errno.ENOSPC, f"cannot write checkpoints to --out-dir {run.cfg.out_dir!r}: "
-                                         f"{mb(free)} free, a checkpoint of this run needs about "
-                                         f"{mb(need)} [ENOSPC]; free space or choose another --out-dir")
+        raise StorageError(
+            errno.ENOSPC,
+            f"cannot write checkpoints to --out-dir {run.cfg.out_dir!r}: "
+            f"{mb(free)} free, a checkpoint of this run needs about "
+            f"{mb(need)} [ENOSPC]; free space or choose another --out-dir",
+        )
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and limit < need:
-        raise StorageError(errno.EFBIG, f"cannot write checkpoints to --out-dir {run.cfg.out_dir!r}: "
-                                        f"the file-size limit (ulimit -f) is {mb(limit)}, a checkpoint "
-                                        f"of this run needs about {mb(need)} [EFBIG]; raise the limit")
+        raise StorageError(
+            errno.EFBIG,
+            f"cannot write checkpoints to --out-dir {run.cfg.out_dir!r}: "
+            f"the file-size limit (ulimit -f) is {mb(limit)}, a checkpoint "
+            f"of this run needs about {mb(need)} [EFBIG]; raise the limit",
+        )
 
 
 def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> bool:
@@ -552,12 +638,16 @@ def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> bool:
         run.optimizer.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
             run.scaler.load_state_dict(ck["scaler"])
-        run.bank.load(ck["bank"].to(run.device))                    # re-sharded for this world size
+        run.bank.load(ck["bank"].to(run.device))  # re-sharded for this world size
         for k in ("step", "epoch", "step_in_epoch", "knn", "skipped_nonfinite", "log_offset"):
             setattr(run, k, ck[k])
-        run.peak_hit = ck.get("peak_hit", 0.0)  # collapse guard: best group hit so far in the resumed epoch
+        run.peak_hit = ck.get(
+            "peak_hit", 0.0
+        )  # collapse guard: best group hit so far in the resumed epoch
         run.resumed_world, run.last_ck = ck["world_size"], f"{resume} (step {ck['step']})"
-        same_dir = os.path.dirname(os.path.abspath(resume)) == os.path.dirname(os.path.abspath(ck_path))
+        same_dir = os.path.dirname(os.path.abspath(resume)) == os.path.dirname(
+            os.path.abspath(ck_path)
+        )
         del ck
     else:
         check_writable(cfg.out_dir)
@@ -566,7 +656,7 @@ def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> bool:
         t0 = time.time()
         if run.rank == 0:
             print(f"filling the memory bank: {run.bank.n} images ...", flush=True)
-        run.hooks.filling()                                         # does nothing outside fault tests
+        run.hooks.filling()  # does nothing outside fault tests
         start()
         if run.rank == 0:
             print(f"memory bank filled in {time.time() - t0:.1f}s", flush=True)
@@ -574,15 +664,26 @@ def resume_or_start(run: Run, train_raw, runtime_fields: set, start) -> bool:
     if run.rank == 0:
         if run.lock is not None:
             run.lock.wrote = True
-        prepare_out_dir(cfg.out_dir, json.dumps(run.cfg_dict, indent=1), bool(resume), same_dir, run.log_offset)
+        prepare_out_dir(
+            cfg.out_dir, json.dumps(run.cfg_dict, indent=1), bool(resume), same_dir, run.log_offset
+        )
         if run.set_aside:
             os.replace(run.set_aside, run.path(CORRUPT))
     if resume and run.resumed_world != run.world:
-        log(run, {"type": "world_size_changed", "step": run.step, "from": run.resumed_world,
-                  "to": run.world})
+        log(
+            run,
+            {
+                "type": "world_size_changed",
+                "step": run.step,
+                "from": run.resumed_world,
+                "to": run.world,
+            },
+        )
     if cfg.bad_images == "skip" and hasattr(train_raw, "skip_log"):
         train_raw.skip_log = run.path("skipped_images.txt")
-        if getattr(train_raw, "_reported", None):  # met while filling the bank, before out_dir could be written
+        if getattr(
+            train_raw, "_reported", None
+        ):  # met while filling the bank, before out_dir could be written
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(train_raw.skip_log, "a") as fh:
                 fh.writelines(p + "\n" for p in sorted(train_raw._reported))
@@ -600,15 +701,26 @@ def save(run: Run, why: str) -> None:
     run.n_save += 1
     ck_path, log_path = run.path("checkpoint.pth"), run.path("log.jsonl")
     if run.rank == 0:
-        obj = {"format": FORMAT, "integrity": INTEGRITY, "model": run.model.state_dict(),
-               "optimizer": run.optimizer.state_dict(),
-               "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
-               "bank": bank_full,
-               "config": run.cfg_dict, "world_size": run.world, "step": run.step, "epoch": run.epoch,
-               "step_in_epoch": run.step_in_epoch, "steps_per_epoch": run.spe, "total_steps": run.total_steps,
-               "knn": run.knn, "skipped_nonfinite": run.skipped_nonfinite, "peak_hit": float(run.peak_hit),
-               "log_offset": os.path.getsize(log_path) if os.path.exists(log_path) else 0}
-        run.hooks.checkpoint_write(run.n_save, obj, ck_path)   # does nothing outside fault tests
+        obj = {
+            "format": FORMAT,
+            "integrity": INTEGRITY,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+            "bank": bank_full,
+            "config": run.cfg_dict,
+            "world_size": run.world,
+            "step": run.step,
+            "epoch": run.epoch,
+            "step_in_epoch": run.step_in_epoch,
+            "steps_per_epoch": run.spe,
+            "total_steps": run.total_steps,
+            "knn": run.knn,
+            "skipped_nonfinite": run.skipped_nonfinite,
+            "peak_hit": float(run.peak_hit),
+            "log_offset": os.path.getsize(log_path) if os.path.exists(log_path) else 0,
+        }
+        run.hooks.checkpoint_write(run.n_save, obj, ck_path)  # does nothing outside fault tests
         try:
             save_atomic(obj, ck_path, keep_previous=run.path(PREV))
         except StorageError as e:

@@ -4,6 +4,7 @@ deprecation warning on either side. Each switch is a module attribute set once a
 the installed torch offers; tests set it to run the other branch (tests/test_compat.py). The
 differentiable all-reduce's switch lives in smog.py (smog.FUNCTIONAL_ALL_REDUCE), which imports
 nothing of this package."""
+
 from __future__ import annotations
 
 import inspect
@@ -11,8 +12,10 @@ import inspect
 import torch.nn as nn
 
 # DistributedDataParallel(forward_sync_buffers=) instead of the deprecated broadcast_buffers=
-DDP_FORWARD_SYNC_BUFFERS = "forward_sync_buffers" in inspect.signature(
-    nn.parallel.DistributedDataParallel.__init__).parameters
+DDP_FORWARD_SYNC_BUFFERS = (
+    "forward_sync_buffers"
+    in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+)
 
 
 def ddp_buffer_sync(sync: bool) -> dict:

@@ -15,6 +15,7 @@ drawn 2-3 times at random positions, sizes, rotations and colours over random co
 background in luminance), while colour, position, scale, rotation and texture dominate the pixels, so
 a linear probe on raw pixels and one on a random encoder are both weak.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,16 +32,34 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 from smog_train import decode
-from smog_train.batch_augment import (_FLIP, N_UNIFORM, BatchAugment, crop_boxes_sized, recipe,
-                                     resized_crops, source_rows)
+from smog_train.batch_augment import (
+    _FLIP,
+    N_UNIFORM,
+    BatchAugment,
+    crop_boxes_sized,
+    recipe,
+    resized_crops,
+    source_rows,
+)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.228, 0.224, 0.225)
 
 SPECS = ("demo", "demo:N", "imagefolder:PATH", "cifar10", "cifar100", "stl10")
-DEMO_CLASSES = ("disk", "ring", "square", "frame", "triangle", "plus", "flower", "bar", "dumbbell", "crescent")
+DEMO_CLASSES = (
+    "disk",
+    "ring",
+    "square",
+    "frame",
+    "triangle",
+    "plus",
+    "flower",
+    "bar",
+    "dumbbell",
+    "crescent",
+)
 DEMO_SIZE = 32
-DEMO_TRAIN = 8000                                          # "demo" = "demo:8000"; test split = train / 4
+DEMO_TRAIN = 8000  # "demo" = "demo:8000"; test split = train / 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,27 +71,34 @@ def _shape_mask(c: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     if c in (0, 1, 6, 9):
         r = torch.sqrt(u * u + v * v)
     if c in (2, 3):
-        m = torch.maximum(u.abs(), v.abs())                                            # square "radius"
-    if c == 0:                                                                         # disk
+        m = torch.maximum(u.abs(), v.abs())  # square "radius"
+    if c == 0:  # disk
         return r < 0.85
-    if c == 1:                                                                         # ring
+    if c == 1:  # ring
         return (r < 0.9) & (r > 0.5)
-    if c == 2:                                                                         # square
+    if c == 2:  # square
         return m < 0.7
-    if c == 3:                                                                         # frame
+    if c == 3:  # frame
         return (m < 0.8) & (m > 0.4)
-    if c == 4:                                                                         # triangle
-        return torch.stack([u * math.cos(a) + v * math.sin(a)
-                            for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]).amax(0) < 0.45
-    if c == 5:                                                                         # plus
+    if c == 4:  # triangle
+        return (
+            torch.stack(
+                [
+                    u * math.cos(a) + v * math.sin(a)
+                    for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)
+                ]
+            ).amax(0)
+            < 0.45
+        )
+    if c == 5:  # plus
         return ((u.abs() < 0.28) & (v.abs() < 0.9)) | ((v.abs() < 0.28) & (u.abs() < 0.9))
-    if c == 6:                                                                         # flower, 5 petals
+    if c == 6:  # flower, 5 petals
         return r < 0.55 + 0.35 * torch.cos(5 * torch.atan2(v, u))
-    if c == 7:                                                                         # bar
+    if c == 7:  # bar
         return (u.abs() < 0.95) & (v.abs() < 0.25)
-    if c == 8:                                                                         # dumbbell
+    if c == 8:  # dumbbell
         return (((u - 0.5) ** 2 + v * v) < 0.16) | (((u + 0.5) ** 2 + v * v) < 0.16)
-    return (r < 0.9) & (((u - 0.45) ** 2 + v * v) > 0.49)                              # crescent
+    return (r < 0.9) & (((u - 0.45) ** 2 + v * v) > 0.49)  # crescent
 
 
 def make_demo(n: int, seed: int, size: int = DEMO_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -85,29 +111,48 @@ def make_demo(n: int, seed: int, size: int = DEMO_SIZE) -> tuple[np.ndarray, np.
     jitter. The background's colours are a fresh random sample in every image, so its colour statistics
     say little about the image (no colour shortcut for self-supervision) while dominating the pixels."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))  # many small ops: more threads do not help; the bits do not depend on it
+    torch.set_num_threads(
+        min(threads, 2)
+    )  # many small ops: more threads do not help; the bits do not depend on it
     try:
         g = torch.Generator().manual_seed(seed)
-        ss, J, grid = 2 * size, 3, 12                             # render at 2x, then 2x2 average (anti-aliasing)
+        ss, J, grid = 2 * size, 3, 12  # render at 2x, then 2x2 average (anti-aliasing)
         lum = torch.tensor([0.299, 0.587, 0.114])
         label = (torch.arange(n) % len(DEMO_CLASSES))[torch.randperm(n, generator=g)]
-        rad = (4.5 + 3.5 * torch.rand(n, J, generator=g)) * 2    # radius of each copy in render pixels
-        bg = torch.rand(n, 3, grid, grid, generator=g)             # background colours, luminance set to 0.5 +- 0.12
-        bg = bg - (bg * lum.view(1, 3, 1, 1)).sum(1, keepdim=True) + 0.5 + 0.24 * (torch.rand(n, 1, grid, grid, generator=g) - 0.5)
+        rad = (
+            4.5 + 3.5 * torch.rand(n, J, generator=g)
+        ) * 2  # radius of each copy in render pixels
+        bg = torch.rand(
+            n, 3, grid, grid, generator=g
+        )  # background colours, luminance set to 0.5 +- 0.12
+        bg = (
+            bg
+            - (bg * lum.view(1, 3, 1, 1)).sum(1, keepdim=True)
+            + 0.5
+            + 0.24 * (torch.rand(n, 1, grid, grid, generator=g) - 0.5)
+        )
         dark = torch.rand(n, J, generator=g) < 0.5
-        level = torch.where(dark, 0.05 + 0.12 * torch.rand(n, J, generator=g), 0.83 + 0.12 * torch.rand(n, J, generator=g))
+        level = torch.where(
+            dark,
+            0.05 + 0.12 * torch.rand(n, J, generator=g),
+            0.83 + 0.12 * torch.rand(n, J, generator=g),
+        )
         hue = torch.rand(n, J, 3, generator=g) - 0.5
-        hue = hue - (hue * lum).sum(-1, keepdim=True)               # zero-luminance colour offset
-        p = {"label": label, "rad": rad, "bg": bg,                 # every random factor drawn up front
-             "present": torch.arange(J).expand(n, J) < torch.randint(2, J + 1, (n, 1), generator=g),
-             "cx": rad + (ss - 2 * rad) * torch.rand(n, J, generator=g),
-             "cy": rad + (ss - 2 * rad) * torch.rand(n, J, generator=g),
-             "ang": 2 * math.pi * torch.rand(n, J, generator=g),
-             "fg": (level[..., None] + 0.35 * hue).clamp(0, 1),      # (n, J, 3)
-             "noise": 0.03 * torch.randn(n, 3, size, size, generator=g)}
+        hue = hue - (hue * lum).sum(-1, keepdim=True)  # zero-luminance colour offset
+        p = {
+            "label": label,
+            "rad": rad,
+            "bg": bg,  # every random factor drawn up front
+            "present": torch.arange(J).expand(n, J) < torch.randint(2, J + 1, (n, 1), generator=g),
+            "cx": rad + (ss - 2 * rad) * torch.rand(n, J, generator=g),
+            "cy": rad + (ss - 2 * rad) * torch.rand(n, J, generator=g),
+            "ang": 2 * math.pi * torch.rand(n, J, generator=g),
+            "fg": (level[..., None] + 0.35 * hue).clamp(0, 1),  # (n, J, 3)
+            "noise": 0.03 * torch.randn(n, 3, size, size, generator=g),
+        }
         out = torch.empty(n, size, size, 3, dtype=torch.uint8)
-        for s in range(0, n, 256):                                 # chunks stay in cache
-            out[s:s + 256] = _render({k: v[s:s + 256] for k, v in p.items()}, ss)
+        for s in range(0, n, 256):  # chunks stay in cache
+            out[s : s + 256] = _render({k: v[s : s + 256] for k, v in p.items()}, ss)
     finally:
         torch.set_num_threads(threads)
     return out.numpy(), label.numpy()
@@ -116,12 +161,17 @@ def make_demo(n: int, seed: int, size: int = DEMO_SIZE) -> tuple[np.ndarray, np.
 def _render(p: dict, ss: int) -> torch.Tensor:
     """Parameters of n images (see make_demo) -> uint8 [n, ss/2, ss/2, 3]."""
     n, J = p["rad"].shape
-    v1 = lambda t: t.view(-1, 1, 1)                                                   # noqa: E731
-    ys, xs = torch.meshgrid(torch.arange(ss, dtype=torch.float32) + 0.5,
-                            torch.arange(ss, dtype=torch.float32) + 0.5, indexing="ij")
-    img = F.interpolate(p["bg"], size=(ss, ss), mode="bilinear", align_corners=False)  # (n, 3, ss, ss)
+    v1 = lambda t: t.view(-1, 1, 1)  # noqa: E731
+    ys, xs = torch.meshgrid(
+        torch.arange(ss, dtype=torch.float32) + 0.5,
+        torch.arange(ss, dtype=torch.float32) + 0.5,
+        indexing="ij",
+    )
+    img = F.interpolate(
+        p["bg"], size=(ss, ss), mode="bilinear", align_corners=False
+    )  # (n, 3, ss, ss)
     for j in range(J):
-        dx = (xs - v1(p["cx"][:, j])) / v1(p["rad"][:, j])    # the copy's local frame
+        dx = (xs - v1(p["cx"][:, j])) / v1(p["rad"][:, j])  # the copy's local frame
         dy = (ys - v1(p["cy"][:, j])) / v1(p["rad"][:, j])
         ca, sa = v1(p["ang"][:, j].cos()), v1(p["ang"][:, j].sin())
         u, v = ca * dx + sa * dy, -sa * dx + ca * dy
@@ -137,8 +187,15 @@ def _render(p: dict, ss: int) -> torch.Tensor:
 class ArrayDataset(torch.utils.data.Dataset):
     """uint8 images [N, H, W, 3] in memory -> (transform(PIL image), label)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes, transform: Optional[Callable] = None):
-        self.images, self.labels, self.classes, self.transform = images, labels, list(classes), transform
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray, classes, transform: Optional[Callable] = None
+    ):
+        self.images, self.labels, self.classes, self.transform = (
+            images,
+            labels,
+            list(classes),
+            transform,
+        )
 
     def __len__(self):
         return len(self.labels)
@@ -151,7 +208,9 @@ class ArrayDataset(torch.utils.data.Dataset):
 _DEMO_CACHE: dict = {}
 
 
-def demo_dataset(split: str, transform=None, *, n_train: int = DEMO_TRAIN, seed: int = 0) -> ArrayDataset:
+def demo_dataset(
+    split: str, transform=None, *, n_train: int = DEMO_TRAIN, seed: int = 0
+) -> ArrayDataset:
     """The built-in dataset: n_train train / n_train // 4 test images (at least 10), 32 px, 10 classes;
     the two splits use different seeds. Generated once per process and kept in memory."""
     n = n_train if split == "train" else max(10, n_train // 4)
@@ -181,22 +240,34 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     per process on stderr and appended to `skip_log` if set (train.py counts that file per epoch).
     """
 
-    def __init__(self, root: str, transform=None, bad_images: str = "fail", skip_log: Optional[str] = None):
-        from torchvision.datasets.folder import make_dataset, find_classes
+    def __init__(
+        self, root: str, transform=None, bad_images: str = "fail", skip_log: Optional[str] = None
+    ):
+        from torchvision.datasets.folder import find_classes, make_dataset
+
         if not os.path.isdir(root):
-            raise ValueError(f"image folder {root!r} does not exist; pass --data imagefolder:PATH with "
-                             f"PATH/train/<class>/*.jpg (and optionally PATH/val/<class>/*)")
+            raise ValueError(
+                f"image folder {root!r} does not exist; pass --data imagefolder:PATH with "
+                f"PATH/train/<class>/*.jpg (and optionally PATH/val/<class>/*)"
+            )
         try:
             self.classes, self.class_to_idx = find_classes(root)
             self.samples = make_dataset(root, self.class_to_idx, extensions=IMG_EXTENSIONS)
         except FileNotFoundError as e:
-            raise ValueError(f"no images in {root!r} ({str(e).splitlines()[0]}); expected "
-                             f"{root}/<class>/<image> with extensions {', '.join(IMG_EXTENSIONS)}") from None
+            raise ValueError(
+                f"no images in {root!r} ({str(e).splitlines()[0]}); expected "
+                f"{root}/<class>/<image> with extensions {', '.join(IMG_EXTENSIONS)}"
+            ) from None
         if not self.samples:
             raise ValueError(f"no images in {root!r}; expected {root}/<class>/<image>")
         if bad_images not in ("fail", "skip"):
             raise ValueError(f"--bad-images must be 'fail' or 'skip', not {bad_images!r}")
-        self.root, self.transform, self.bad_images, self.skip_log = root, transform, bad_images, skip_log
+        self.root, self.transform, self.bad_images, self.skip_log = (
+            root,
+            transform,
+            bad_images,
+            skip_log,
+        )
         self.targets = [t for _, t in self.samples]
         self._reported: set = set()
 
@@ -207,13 +278,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise ValueError("empty file, 0 bytes")
-            with warnings.catch_warnings():     # PIL's bomb warning: such an image is refused below
+            with warnings.catch_warnings():  # PIL's bomb warning: such an image is refused below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(f)
-            w, h = img.size                     # from the header: a bomb is refused before decoding
+            w, h = img.size  # from the header: a bomb is refused before decoding
             if w * h > decode.MAX_PIXELS:
-                raise ValueError(f"{w} x {h} pixels, over the limit of {decode.MAX_PIXELS} "
-                                 f"(PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?")
+                raise ValueError(
+                    f"{w} x {h} pixels, over the limit of {decode.MAX_PIXELS} "
+                    f"(PIL.Image.MAX_IMAGE_PIXELS): a decompression bomb?"
+                )
             img.load()
             return img.convert("RGB")
 
@@ -225,11 +298,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except Exception as e:  # PIL.UnidentifiedImageError, OSError (truncated), ...
                 reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
                 if self.bad_images == "fail":
-                    raise BadImageError(f"cannot read image {path!r} ({reason}); delete or replace it, or pass "
-                                     f"--bad-images skip") from None
+                    raise BadImageError(
+                        f"cannot read image {path!r} ({reason}); delete or replace it, or pass "
+                        f"--bad-images skip"
+                    ) from None
                 if path not in self._reported:
                     self._reported.add(path)
-                    print(f"warning: skipping unreadable image {path!r} ({reason})", file=sys.stderr)
+                    print(
+                        f"warning: skipping unreadable image {path!r} ({reason})", file=sys.stderr
+                    )
                     if self.skip_log:
                         with open(self.skip_log, "a") as f:
                             f.write(path + "\n")
@@ -252,35 +329,52 @@ def skipped_images(out_dir: str) -> dict:
 
 def _torchvision(name: str, split: str, transform, root: str, download: bool):
     import torchvision.datasets as tvd
+
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[name]
     kw = {"split": split} if name == "stl10" else {"train": split == "train"}
     try:
         ds = cls(root, download=download, transform=transform, **kw)
     except RuntimeError as e:
         if download:
-            raise ValueError(f"{name}: download to {root!r} failed ({str(e).splitlines()[0]})") from None
-        raise ValueError(f"{name} not found under {root!r}; pass --download to fetch it (needs network), or "
-                         f"--data-root DIR pointing at an existing copy") from None
+            raise ValueError(
+                f"{name}: download to {root!r} failed ({str(e).splitlines()[0]})"
+            ) from None
+        raise ValueError(
+            f"{name} not found under {root!r}; pass --download to fetch it (needs network), or "
+            f"--data-root DIR pointing at an existing copy"
+        ) from None
     except OSError as e:  # network errors while downloading
-        raise ValueError(f"{name}: cannot download to {root!r} ({str(e).splitlines()[0][:120]}); fetch it "
-                         f"elsewhere and pass --data-root") from None
+        raise ValueError(
+            f"{name}: cannot download to {root!r} ({str(e).splitlines()[0][:120]}); fetch it "
+            f"elsewhere and pass --data-root"
+        ) from None
     return ds
 
 
-def build_dataset(spec: str, split: str, transform=None, *, root: str = "data", download: bool = False,
-                  bad_images: str = "fail", skip_log: Optional[str] = None) -> torch.utils.data.Dataset:
+def build_dataset(
+    spec: str,
+    split: str,
+    transform=None,
+    *,
+    root: str = "data",
+    download: bool = False,
+    bad_images: str = "fail",
+    skip_log: Optional[str] = None,
+) -> torch.utils.data.Dataset:
     """spec in demo | demo:N (N training images, for tests) | imagefolder:PATH | cifar10 | cifar100 | stl10;
     split in train | test.
     For imagefolder, train is PATH/train (or PATH itself if it has no train/), test is PATH/val."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     if spec == "demo" or spec.startswith("demo:"):
-        n = spec[len("demo:"):] or str(DEMO_TRAIN)
+        n = spec[len("demo:") :] or str(DEMO_TRAIN)
         if not n.isdigit() or int(n) < 10:
-            raise ValueError(f"--data demo:N needs an integer N >= 10 training images, got {spec!r}")
+            raise ValueError(
+                f"--data demo:N needs an integer N >= 10 training images, got {spec!r}"
+            )
         return demo_dataset(split, transform, n_train=int(n))
     if spec.startswith("imagefolder:"):
-        path = spec[len("imagefolder:"):]
+        path = spec[len("imagefolder:") :]
         if not path:
             raise ValueError("empty path in --data imagefolder:PATH")
         if split == "train":
@@ -289,7 +383,9 @@ def build_dataset(spec: str, split: str, transform=None, *, root: str = "data", 
         else:
             d = os.path.join(path, "val")
             if not os.path.isdir(d):
-                raise ValueError(f"no held-out split {d!r}; create PATH/val/<class>/* for evaluation")
+                raise ValueError(
+                    f"no held-out split {d!r}; create PATH/val/<class>/* for evaluation"
+                )
         return ImageFolderDataset(d, transform, bad_images=bad_images, skip_log=skip_log)
     if spec in ("cifar10", "cifar100", "stl10"):
         return _torchvision(spec, split, transform, root, download)
@@ -302,7 +398,7 @@ class InMemory(torch.utils.data.Dataset):
     images the PIL transform costs more than the network. Items are exactly the transformed dataset's."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y                                              # [N, 3, H, W] float32, [N]
+        self.x, self.y = x, y  # [N, 3, H, W] float32, [N]
 
     @classmethod
     def of(cls, ds, workers: int = 0) -> "InMemory":
@@ -333,8 +429,12 @@ def eval_set(raw, image_size: int, *, workers: int = 0, max_bytes: int = 1 << 30
     if raw is None:
         return None
     arrays = in_memory_arrays(raw)
-    if arrays is not None and image_size <= 96 and arrays[0].shape[-2:] == (image_size, image_size) \
-            and arrays[0].numel() * 4 <= max_bytes:
+    if (
+        arrays is not None
+        and image_size <= 96
+        and arrays[0].shape[-2:] == (image_size, image_size)
+        and arrays[0].numel() * 4 <= max_bytes
+    ):
         return InMemory(normalize(arrays[0]).contiguous(), arrays[1])
     c = copy.copy(raw)
     c.transform = eval_transform(image_size)
@@ -344,7 +444,7 @@ def eval_set(raw, image_size: int, *, workers: int = 0, max_bytes: int = 1 << 30
 def has_test_split(spec: str) -> bool:
     """Whether build_dataset(spec, 'test') can exist (imagefolder needs PATH/val)."""
     if spec.startswith("imagefolder:"):
-        return os.path.isdir(os.path.join(spec[len("imagefolder:"):], "val"))
+        return os.path.isdir(os.path.join(spec[len("imagefolder:") :], "val"))
     return True
 
 
@@ -369,20 +469,25 @@ def dataset_image_size(spec: str) -> int:
 
 def _normalize():
     import torchvision.transforms as T
+
     return [T.ToTensor(), T.Normalize(MEAN, STD)]
 
 
 def eval_transform(image_size: int):
     """Resize(size * 256/224) + CenterCrop(size) + normalise; small images (<= 96 px) are only resized."""
     import torchvision.transforms as T
+
     if image_size <= 96:
         return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), *_normalize()])
-    return T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), *_normalize()])
+    return T.Compose(
+        [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), *_normalize()]
+    )
 
 
 def train_linear_transform(image_size: int):
     """RandomResizedCrop + flip + normalise (linear-probe training)."""
     import torchvision.transforms as T
+
     return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *_normalize()])
 
 
@@ -399,7 +504,9 @@ class GaussianBlur:
     def __call__(self, img):
         if float(torch.rand(())) >= self.p:
             return img
-        return img.filter(ImageFilter.GaussianBlur(radius=self.lo + (self.hi - self.lo) * float(torch.rand(()))))
+        return img.filter(
+            ImageFilter.GaussianBlur(radius=self.lo + (self.hi - self.lo) * float(torch.rand(())))
+        )
 
 
 class Solarize:
@@ -431,16 +538,21 @@ class Augmentation:
 
     def __init__(self, kind: str, size: int, scale: tuple, *, blur_scale: float = 1.0):
         import torchvision.transforms as T
+
         r = recipe(kind)
-        ops = [T.RandomResizedCrop(size, scale=scale),  # bilinear, torchvision's default, as released
-               T.RandomHorizontalFlip(),
-               T.RandomApply([T.ColorJitter(*r.jitter)], p=r.jitter_p),
-               T.RandomGrayscale(p=r.gray_p)]
+        ops = [
+            T.RandomResizedCrop(size, scale=scale),  # bilinear, torchvision's default, as released
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(*r.jitter)], p=r.jitter_p),
+            T.RandomGrayscale(p=r.gray_p),
+        ]
         if r.blur_p > 0:
             ops.append(GaussianBlur(r.blur_p, r.sigma[0] * blur_scale, r.sigma[1] * blur_scale))
         if r.sol_p > 0:
             ops.append(Solarize(r.sol_p))
-        self.pil = T.Compose([*ops, T.PILToTensor()])        # uint8 [3, size, size]; data.normalize() per batch
+        self.pil = T.Compose(
+            [*ops, T.PILToTensor()]
+        )  # uint8 [3, size, size]; data.normalize() per batch
         self.batch = BatchAugment(kind, size, scale, blur_scale=blur_scale)
 
     def __call__(self, img) -> torch.Tensor:
@@ -453,12 +565,17 @@ def in_memory_arrays(ds) -> Optional[tuple]:
     if getattr(ds, "transform", None) is not None:
         return None
     if isinstance(ds, ArrayDataset):
-        return torch.from_numpy(ds.images).permute(0, 3, 1, 2), torch.as_tensor(ds.labels, dtype=torch.int64)
+        return torch.from_numpy(ds.images).permute(0, 3, 1, 2), torch.as_tensor(
+            ds.labels, dtype=torch.int64
+        )
     import torchvision.datasets as tvd
-    if isinstance(ds, tvd.STL10):                                  # stored [N, 3, H, W]
+
+    if isinstance(ds, tvd.STL10):  # stored [N, 3, H, W]
         return torch.from_numpy(ds.data), torch.as_tensor(ds.labels, dtype=torch.int64)
-    if isinstance(ds, tvd.CIFAR10):                                # CIFAR-100 too; stored [N, H, W, 3]
-        return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.as_tensor(ds.targets, dtype=torch.int64)
+    if isinstance(ds, tvd.CIFAR10):  # CIFAR-100 too; stored [N, H, W, 3]
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.as_tensor(
+            ds.targets, dtype=torch.int64
+        )
     return None
 
 
@@ -478,15 +595,29 @@ class MultiCropViews:
     come from its global crops; its local crops take part in its BatchNorm statistics, as released).
     Which set is online alternates every iteration, so the caller says which (see ViewsDataset)."""
 
-    def __init__(self, global_size: int, local_size: int, n_local: int, global_scale=(0.2, 1.0),
-                 local_scale=(0.05, 0.2), blur_scale: float = 1.0):
-        self.glob = {k: Augmentation(k, global_size, tuple(global_scale), blur_scale=blur_scale) for k in "AB"}
-        self.loc = {k: Augmentation(k, local_size, tuple(local_scale), blur_scale=blur_scale) for k in "AB"}
+    def __init__(
+        self,
+        global_size: int,
+        local_size: int,
+        n_local: int,
+        global_scale=(0.2, 1.0),
+        local_scale=(0.05, 0.2),
+        blur_scale: float = 1.0,
+    ):
+        self.glob = {
+            k: Augmentation(k, global_size, tuple(global_scale), blur_scale=blur_scale)
+            for k in "AB"
+        }
+        self.loc = {
+            k: Augmentation(k, local_size, tuple(local_scale), blur_scale=blur_scale) for k in "AB"
+        }
         self.n_local = n_local
 
     def crops(self, img, s: str) -> list:
         """2 global + n_local local crops of augmentation set `s`, global first."""
-        return [self.glob[s](img) for _ in range(2)] + [self.loc[s](img) for _ in range(self.n_local)]
+        return [self.glob[s](img) for _ in range(2)] + [
+            self.loc[s](img) for _ in range(self.n_local)
+        ]
 
     def __call__(self, img, online: str):
         """-> (online crops [2 + n_local] of set `online`, momentum crops [2 + n_local] of the other set)."""
@@ -498,30 +629,37 @@ class MultiCropViews:
         each item's seed and online set -> (online crops, momentum crops), lists of 2 + n_local
         uint8 tensors [n, 3, s, s]. An item's crops depend on its seed only."""
         m, n = 2 + self.n_local, len(seeds)
-        u = torch.stack([item_uniforms(s, 2 * m) for s in seeds])          # [n, 2m, N_UNIFORM], online crops first
+        u = torch.stack(
+            [item_uniforms(s, 2 * m) for s in seeds]
+        )  # [n, 2m, N_UNIFORM], online crops first
         is_a = torch.tensor([o == "A" for o in online])
-        src = source_rows(images)                                           # shared by the 2m crops
-        same = bool((is_a == is_a[0]).all())                               # one online set for all (train.py)
-        slots = {}                                                          # (set or None, global?) -> crop slots
+        src = source_rows(images)  # shared by the 2m crops
+        same = bool((is_a == is_a[0]).all())  # one online set for all (train.py)
+        slots = {}  # (set or None, global?) -> crop slots
         for c in range(2 * m):
             k = ("A" if bool(is_a[0]) == (c < m) else "B") if same else None
             slots.setdefault((k, c % m < 2), []).append(c)
         crops = [None] * (2 * m)
-        for (k, glob), cs in slots.items():                                 # one call per set and crop size
+        for (k, glob), cs in slots.items():  # one call per set and crop size
             aug = self.glob if glob else self.loc
-            if k is None:                                                   # mixed online sets: slot by slot
+            if k is None:  # mixed online sets: slot by slot
                 for c in cs:
                     sel_a = is_a if c < m else ~is_a
-                    out = torch.empty((n, 3, aug["A"].batch.size, aug["A"].batch.size), dtype=torch.uint8)
+                    out = torch.empty(
+                        (n, 3, aug["A"].batch.size, aug["A"].batch.size), dtype=torch.uint8
+                    )
                     for kk, sel in (("A", sel_a), ("B", ~sel_a)):
                         out[sel] = aug[kk].batch(images[sel], u[sel, c], src[sel])
                     crops[c] = out
                 continue
             rep = len(cs)
-            out = aug[k].batch(images.repeat(rep, 1, 1, 1), u[:, cs].transpose(0, 1).reshape(rep * n, -1),
-                               src.repeat(rep, 1, 1))
+            out = aug[k].batch(
+                images.repeat(rep, 1, 1, 1),
+                u[:, cs].transpose(0, 1).reshape(rep * n, -1),
+                src.repeat(rep, 1, 1),
+            )
             for r, c in enumerate(cs):
-                crops[c] = out[r * n:(r + 1) * n]
+                crops[c] = out[r * n : (r + 1) * n]
         return crops[:m], crops[m:]
 
     def batch_sources(self, images: list, seeds: list, online: list) -> tuple:
@@ -532,7 +670,7 @@ class MultiCropViews:
         crops depend on its seed only."""
         dev = images[0].device
         m, n = 2 + self.n_local, len(seeds)
-        u = torch.stack([item_uniforms(s, 2 * m) for s in seeds]).to(dev)   # [n, 2m, N_UNIFORM]
+        u = torch.stack([item_uniforms(s, 2 * m) for s in seeds]).to(dev)  # [n, 2m, N_UNIFORM]
         is_a = torch.tensor([o == "A" for o in online], device=dev)
         H = torch.tensor([x.shape[-2] for x in images], device=dev)
         W = torch.tensor([x.shape[-1] for x in images], device=dev)
@@ -543,8 +681,8 @@ class MultiCropViews:
         for glob in (True, False):
             slots = [c for c in range(2 * m) if (c % m < 2) == glob]
             aug, r = (self.glob if glob else self.loc), len(slots)
-            geo = aug["A"].batch                    # sets A and B share size, scale and ratio
-            uu = u[:, slots].reshape(n * r, N_UNIFORM)          # row b r + t: item b, slot t
+            geo = aug["A"].batch  # sets A and B share size, scale and ratio
+            uu = u[:, slots].reshape(n * r, N_UNIFORM)  # row b r + t: item b, slot t
             k = torch.arange(n, device=dev).repeat_interleave(r)
             i, j, h, w = crop_boxes_sized(uu, H[k], W[k], geo.scale, geo.ratio)
             x = resized_crops(images, k, i, j, h, w, geo.size, uu[:, _FLIP] < 0.5)
@@ -601,8 +739,9 @@ class ViewsDataset(torch.utils.data.Dataset):
     made at once with tensor ops (MultiCropViews.batch; the DataLoader calls __getitems__); else crop by crop
     with PIL."""
 
-    def __init__(self, base, views: MultiCropViews, batched: bool = False,
-                 decode_on_device: bool = False):
+    def __init__(
+        self, base, views: MultiCropViews, batched: bool = False, decode_on_device: bool = False
+    ):
         self.base, self.views = base, views
         self.arrays = in_memory_arrays(base) if batched else None
         self.folder = batched and isinstance(base, ImageFolderDataset) and base.transform is None
@@ -685,7 +824,9 @@ class AugmentedDataset(torch.utils.data.Dataset):
 
     def __init__(self, base, transform, batched: bool = False):
         self.base, self.transform = base, transform
-        self.arrays = in_memory_arrays(base) if batched and isinstance(transform, Augmentation) else None
+        self.arrays = (
+            in_memory_arrays(base) if batched and isinstance(transform, Augmentation) else None
+        )
 
     def __len__(self):
         return len(self.base)
@@ -701,5 +842,7 @@ class AugmentedDataset(torch.utils.data.Dataset):
         if self.arrays is None:
             return [self[k] for k in keys]
         idx = [k[0] for k in keys]
-        x = self.transform.batch(self.arrays[0][idx], torch.cat([item_uniforms(k[-1], 1) for k in keys]))
+        x = self.transform.batch(
+            self.arrays[0][idx], torch.cat([item_uniforms(k[-1], 1) for k in keys])
+        )
         return [(x[b], int(self.arrays[1][i])) for b, i in enumerate(idx)]

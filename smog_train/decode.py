@@ -12,6 +12,7 @@ header). libjpeg's messages never reach the terminal: its stderr is captured aro
 anything else it held is passed on. EXIF orientation is not applied, as on the PIL path
 (torchvision's ImageFolder loader ignores it too).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS   # decompression-bomb limit of every decoder, from the header
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # decompression-bomb limit of every decoder, from the header
 _FAILED = (RuntimeError, ValueError, UserWarning)
 _NOISE = b"Corrupt JPEG data"
 
@@ -51,7 +52,7 @@ def _frame_header(blob: torch.Tensor) -> Optional[bytes]:
     while p + 10 <= len(b) and b[p] == 0xFF:
         marker, length = b[p + 1], (b[p + 2] << 8) | b[p + 3]
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return b[p:p + 10]
+            return b[p : p + 10]
         p += 2 + length
     return None
 
@@ -72,7 +73,7 @@ class _libjpeg_messages:
     """Context: file descriptor 2 goes to a temporary file while libjpeg decodes; `.noise` says whether
     it printed "Corrupt JPEG data"; whatever else arrived there meanwhile is written on to stderr."""
 
-    _file, _pid = None, None             # one file per process (a forked worker makes its own)
+    _file, _pid = None, None  # one file per process (a forked worker makes its own)
 
     def __enter__(self):
         if _libjpeg_messages._pid != os.getpid():
@@ -98,6 +99,7 @@ class _libjpeg_messages:
 
 def _decode_jpegs(blobs: list, device: torch.device) -> list:
     from torchvision.io import ImageReadMode, decode_jpeg
+
     with warnings.catch_warnings(), _libjpeg_messages() as msgs:
         warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29: see TorchCodec
         warnings.simplefilter("error", UserWarning)  # a decoder warning (corrupt data): a failure
@@ -105,7 +107,7 @@ def _decode_jpegs(blobs: list, device: torch.device) -> list:
             out = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
         else:
             out = [decode_jpeg(b, mode=ImageReadMode.RGB) for b in blobs]
-    if msgs.noise:        # libjpeg recovered from corrupt data: the file is corrupt (-> PIL path)
+    if msgs.noise:  # libjpeg recovered from corrupt data: the file is corrupt (-> PIL path)
         raise ValueError("Corrupt JPEG data")
     return out
 

@@ -30,6 +30,7 @@ the value it is called with:
   SMOG_TEST_DIE_ONCE=PATH  a point acts only if PATH does not exist, and creates it first (so a torchrun
                            --max-restarts restart, which inherits the environment, runs through).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,11 +45,17 @@ import torch.distributed as dist
 
 import smog
 
-VARIABLES = {"step_start": "SMOG_TEST_SIGTERM_AT_STEP", "loss": "SMOG_TEST_NAN_AT_STEP",
-             "after_backward": "SMOG_TEST_DIE_AT_STEP", "regrouped": "SMOG_TEST_DIE_IN_REGROUP",
-             "checkpoint_write": "SMOG_TEST_DIE_IN_SAVE", "batch": "SMOG_TEST_RECORD_BATCHES",
-             "sigint": "SMOG_TEST_SIGINT_AT_STEP", "stop": "SMOG_TEST_STOP_AT_STEP",
-             "filling": "SMOG_TEST_SIGTERM_IN_FILL"}
+VARIABLES = {
+    "step_start": "SMOG_TEST_SIGTERM_AT_STEP",
+    "loss": "SMOG_TEST_NAN_AT_STEP",
+    "after_backward": "SMOG_TEST_DIE_AT_STEP",
+    "regrouped": "SMOG_TEST_DIE_IN_REGROUP",
+    "checkpoint_write": "SMOG_TEST_DIE_IN_SAVE",
+    "batch": "SMOG_TEST_RECORD_BATCHES",
+    "sigint": "SMOG_TEST_SIGINT_AT_STEP",
+    "stop": "SMOG_TEST_STOP_AT_STEP",
+    "filling": "SMOG_TEST_SIGTERM_IN_FILL",
+}
 
 
 class Hooks:
@@ -130,7 +137,6 @@ class FaultHooks(Hooks):
             os.fsync(f.fileno())
         _die(f"in checkpoint write {n_save}")
 
-
     def batch(self, step: int, rank: int, micro_batches: list, idx: list) -> None:
         d = os.environ.get(VARIABLES["batch"])
         if not d:
@@ -138,9 +144,15 @@ class FaultHooks(Hooks):
         rec = {"step": step, "micro": []}
         for (online, momentum), i in zip(micro_batches, idx):
             crops = [c.detach().cpu().contiguous() for c in [*online, *momentum]]
-            rec["micro"].append({"idx": i.tolist(), "crops": [
-                hashlib.sha1(b"".join(c[b].numpy().tobytes() for c in crops)).hexdigest()
-                for b in range(len(i))]})
+            rec["micro"].append(
+                {
+                    "idx": i.tolist(),
+                    "crops": [
+                        hashlib.sha1(b"".join(c[b].numpy().tobytes() for c in crops)).hexdigest()
+                        for b in range(len(i))
+                    ],
+                }
+            )
         with open(os.path.join(d, f"batches-rank{rank}.jsonl"), "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 

@@ -1,6 +1,7 @@
 """One process of a run: the process group under torchrun, the device, and how this machine's cores are
 split over ranks, data workers and torch threads. Plain `python` (RANK unset): one process, no process
 group (smog's collectives are then no-ops); under torchrun NCCL on GPUs, gloo on CPU."""
+
 from __future__ import annotations
 
 import datetime
@@ -21,13 +22,21 @@ def init_process_group(backend: str, timeout_min: float = 10.0) -> None:
     torchrun keeps its agent's TCPStore across --max-restarts attempts, and the process group's keys
     (gloo's peer addresses) are not prefixed by attempt: a restarted rank could read the
     dead attempt's addresses and fail with "Gloo connectFullMesh failed ... Connection refused"."""
-    timeout = datetime.timedelta(minutes=timeout_min)     # every collective's limit (--dist-timeout)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+    timeout = datetime.timedelta(minutes=timeout_min)  # every collective's limit (--dist-timeout)
+    if (
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        or "TORCHELASTIC_RESTART_COUNT" not in os.environ
+    ):
         dist.init_process_group(backend, timeout=timeout)
         return
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                         timeout=dist.default_pg_timeout)
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=dist.default_pg_timeout,
+    )
     store = dist.PrefixStore(f"smog/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
@@ -39,9 +48,12 @@ def keep_freed_memory() -> None:
     a no-op."""
     try:
         import ctypes
+
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)   # M_MMAP_THRESHOLD: allocations below 1 GiB come from the heap
-        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD: do not return the heap's top to the OS eagerly
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: allocations below 1 GiB come from the heap
+        libc.mallopt(
+            -1, 1 << 30
+        )  # M_TRIM_THRESHOLD: do not return the heap's top to the OS eagerly
     except (OSError, AttributeError):
         pass
 
@@ -78,7 +90,9 @@ def setup(cfg) -> tuple:
         keep_freed_memory()  # before the data workers fork, so they inherit it
     if cfg.workers < 0:
         cfg.workers = min(10, cores - 1)
-    torch.set_num_threads(cfg.threads or max(1, cores - cfg.workers))  # workers + threads = cores: no oversubscription
+    torch.set_num_threads(
+        cfg.threads or max(1, cores - cfg.workers)
+    )  # workers + threads = cores: no oversubscription
     return rank, world, device
 
 
@@ -91,22 +105,31 @@ def is_timeout(e: BaseException) -> bool:
 def is_peer_lost(e: BaseException) -> bool:
     """A collective that failed because another rank's process ended (gloo: "Connection closed by
     peer"; NCCL: "remote process exited")."""
-    return bool(re.search(r"closed by peer|reset by peer|remote (worker|process)|Broken pipe", str(e),
-                          re.IGNORECASE))
+    return bool(
+        re.search(
+            r"closed by peer|reset by peer|remote (worker|process)|Broken pipe",
+            str(e),
+            re.IGNORECASE,
+        )
+    )
 
 
 def peer_lost_line(e: BaseException) -> str:
     rank = dist.get_rank() if smog.dist_ready() else 0
     first = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split())).split(". ")[0][:120]
-    return (f"rank {rank}: another rank ended during a collective ({first}); its own error line says "
-            f"why; rerun the same command to resume from the last checkpoint")
+    return (
+        f"rank {rank}: another rank ended during a collective ({first}); its own error line says "
+        f"why; rerun the same command to resume from the last checkpoint"
+    )
 
 
 def timeout_line(minutes: float) -> str:
     rank = dist.get_rank() if smog.dist_ready() else 0
-    return (f"rank {rank}: a collective did not complete within --dist-timeout {minutes:g} min: another "
-            f"rank is stopped, hung or dead; the job stops; rerun the same command to resume from the "
-            f"last checkpoint (raise --dist-timeout if a rank is legitimately slow)")
+    return (
+        f"rank {rank}: a collective did not complete within --dist-timeout {minutes:g} min: another "
+        f"rank is stopped, hung or dead; the job stops; rerun the same command to resume from the "
+        f"last checkpoint (raise --dist-timeout if a rank is legitimately slow)"
+    )
 
 
 def rank0_print(*a):
@@ -117,10 +140,18 @@ def rank0_print(*a):
 def git_revision() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return rev + ("-dirty" if rev and dirty else "")
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -134,21 +165,33 @@ def announce(run, micro: int, amp, resumed: bool, has_test: bool) -> None:
     width = max(len(i) for i in items) + 2
     cols = max(1, 100 // width)
     rows = -(-len(items) // cols)
-    table = "\n".join("".join(items[r + c * rows].ljust(width) for c in range(cols)
-                              if r + c * rows < len(items)).rstrip() for r in range(rows))
+    table = "\n".join(
+        "".join(
+            items[r + c * rows].ljust(width) for c in range(cols) if r + c * rows < len(items)
+        ).rstrip()
+        for r in range(rows)
+    )
     changed = resumed and run.resumed_world != run.world
     was = f" (was {run.resumed_world})" if changed else ""
-    rank0_print(f"SMoG train.py  git {run.cfg_dict['git'] or '(none)'}  world {run.world}{was}  "
-                f"device {run.device}  precision {amp or torch.float32}\n{table}")
-    rank0_print(f"{run.bank.n} training images, {run.spe} steps/epoch of {cfg.batch_size} (micro-batch "
-                f"{micro} x accum {cfg.accum} x world {run.world}), {run.total_steps} steps"
-                + (f"; resuming at step {run.step}" if resumed else ""))
+    rank0_print(
+        f"SMoG train.py  git {run.cfg_dict['git'] or '(none)'}  world {run.world}{was}  "
+        f"device {run.device}  precision {amp or torch.float32}\n{table}"
+    )
+    rank0_print(
+        f"{run.bank.n} training images, {run.spe} steps/epoch of {cfg.batch_size} (micro-batch "
+        f"{micro} x accum {cfg.accum} x world {run.world}), {run.total_steps} steps"
+        + (f"; resuming at step {run.step}" if resumed else "")
+    )
     if changed:
-        rank0_print(f"world size changed from {run.resumed_world} to {run.world}: the checkpoint "
-                    f"was written by {run.resumed_world} process(es); same global batches, crops, "
-                    f"groups and schedules (README, resuming on another world size)")
+        rank0_print(
+            f"world size changed from {run.resumed_world} to {run.world}: the checkpoint "
+            f"was written by {run.resumed_world} process(es); same global batches, crops, "
+            f"groups and schedules (README, resuming on another world size)"
+        )
     if cfg.knn_every and not has_test:
-        rank0_print(f"note: {cfg.data} has no held-out split (PATH/val); the per-epoch kNN monitor is off")
+        rank0_print(
+            f"note: {cfg.data} has no held-out split (PATH/val); the per-epoch kNN monitor is off"
+        )
 
 
 def exit_process(rc: int) -> None:

@@ -5,6 +5,7 @@ that says "collective" must be called on every rank; results are exact: counts a
 over ranks, then divided. eval_linear.py is the command line around these and the frozen-backbone
 protocol; smog_train/evaluation.py the per-epoch kNN monitor and the demo table of train.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 
 import smog
 from smog_train.launch import all_gather_rows
-
 
 # ----------------------------------------------------------------------------------------------
 # ranks: without a process group this is rank 0 of 1, and every collective is a no-op
@@ -43,12 +43,15 @@ def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
 # features
 
 
-def shard_loader(ds, batch_size: int, *, workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def shard_loader(
+    ds, batch_size: int, *, workers: int = 0, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
     """Loader over this rank's contiguous shard of `ds`, in order, without padding; gathering the
     shards in rank order (extract_features) gives the features of `ds` in dataset order."""
     idx = list(range(len(ds)))[_my_slice(len(ds))]
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=idx, num_workers=workers,
-                                       pin_memory=pin_memory)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, sampler=idx, num_workers=workers, pin_memory=pin_memory
+    )
 
 
 @torch.no_grad()
@@ -58,7 +61,7 @@ def _extract_local(backbone: nn.Module, loader, device) -> tuple:
     feats, labels = [], []
     try:
         for x, y in loader:
-            feats.append(backbone(x.to(device, non_blocking=True)).float().flatten(1))   # (b, F)
+            feats.append(backbone(x.to(device, non_blocking=True)).float().flatten(1))  # (b, F)
             labels.append(torch.as_tensor(y).to(device=device, dtype=torch.long))
     finally:
         for m, mode in modes:  # every module's own mode back, not just the root's
@@ -93,13 +96,19 @@ def extract_features(backbone: nn.Module, loader, device) -> tuple:
 def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks: Sequence[int] = (1, 5)) -> torch.Tensor:
     """[len(ks)] float64 counts of rows whose label is among the top-k logits (k capped at #classes)."""
     kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices if len(logits) else logits.new_zeros(0, kmax, dtype=torch.long)
-    hit = top == y[:, None]                                                   # (n, kmax)
-    return torch.stack([hit[:, :min(k, kmax)].any(1).sum() for k in ks]).double().cpu()
+    top = (
+        logits.topk(kmax, dim=1).indices
+        if len(logits)
+        else logits.new_zeros(0, kmax, dtype=torch.long)
+    )
+    hit = top == y[:, None]  # (n, kmax)
+    return torch.stack([hit[:, : min(k, kmax)].any(1).sum() for k in ks]).double().cpu()
 
 
 @torch.no_grad()
-def _linear_accuracy(head: nn.Linear, test_f: torch.Tensor, test_y: torch.Tensor, chunk: int = 4096) -> tuple:
+def _linear_accuracy(
+    head: nn.Linear, test_f: torch.Tensor, test_y: torch.Tensor, chunk: int = 4096
+) -> tuple:
     """(top1 %, top5 %) of `head` on the test features; each rank scores its own slice, counts summed."""
     sl = _my_slice(len(test_f))
     counts = torch.zeros(3, dtype=torch.float64)
@@ -110,8 +119,15 @@ def _linear_accuracy(head: nn.Linear, test_f: torch.Tensor, test_y: torch.Tensor
     return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1)
 
 
-def knn_eval(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-             n_classes: int, ks: Sequence[int] = (20,), T: float = 0.07) -> dict:
+def knn_eval(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    test_y: torch.Tensor,
+    n_classes: int,
+    ks: Sequence[int] = (20,),
+    T: float = 0.07,
+) -> dict:
     """Weighted kNN top-1 in percent, {k: float}, on L2-normalised features (knn_predict: votes
     exp(sim/T), DINO protocol). Needs every rank's full train features (extract_features gathers them);
     each rank classifies its own slice of the test rows and the correct counts are summed.
@@ -119,8 +135,11 @@ def knn_eval(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor,
     sl = _my_slice(len(test_f))
     preds = knn_predict(train_f, train_y.to(train_f.device), test_f[sl], n_classes, ks=ks, T=T)
     y = test_y[sl].to(train_f.device)
-    counts = torch.tensor([float((preds[k].to(y.device) == y).sum()) for k in ks] + [float(len(y))],
-                          dtype=torch.float64, device=train_f.device)
+    counts = torch.tensor(
+        [float((preds[k].to(y.device) == y).sum()) for k in ks] + [float(len(y))],
+        dtype=torch.float64,
+        device=train_f.device,
+    )
     *correct, n = _sum_over_ranks(counts).tolist()
     return {k: 100.0 * c / max(n, 1) for k, c in zip(ks, correct)}
 
@@ -167,8 +186,17 @@ def _step_threads(head: nn.Linear, device) -> _Threads:
     return _Threads(1 if small and torch.get_num_threads() > 1 else None)
 
 
-def fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], test_f: torch.Tensor, test_y: torch.Tensor, *,
-               epochs: int, lr: float, wd: float, log: Optional[Callable[[str], None]] = None) -> dict:
+def fit_linear(
+    head: nn.Linear,
+    batches: Callable[[int], Iterable],
+    test_f: torch.Tensor,
+    test_y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    wd: float,
+    log: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Train `head` with SGD (momentum 0.9, cosine per epoch) on the global batches (feats [B, F],
     labels [B]) yielded by batches(epoch); score the test features after every epoch.
     -> dict(top1, top5 (last epoch), best_top1, best_top5 (at the best top-1 epoch), best_epoch, top1_history).
@@ -183,7 +211,7 @@ def fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], test_f: torc
         for g in opt.param_groups:
             g["lr"] = cosine_lr(lr, epoch, epochs)
         head.train()
-        for f, y in batches(epoch):            # the backbone (augmented protocol) runs here, all threads
+        for f, y in batches(epoch):  # the backbone (augmented protocol) runs here, all threads
             if len(y) == 0:
                 continue
             with step_threads:
@@ -193,10 +221,12 @@ def fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], test_f: torc
                 opt.step()
             last_loss = loss.detach()
             nonfinite |= ~torch.isfinite(last_loss)
-        if nonfinite.item():                    # once per epoch: no host sync per step
-            raise FloatingPointError(f"linear evaluation: non-finite loss in epoch {epoch + 1}; the "
-                                     f"results would be chance level; check the checkpoint or lower "
-                                     f"--lr")
+        if nonfinite.item():  # once per epoch: no host sync per step
+            raise FloatingPointError(
+                f"linear evaluation: non-finite loss in epoch {epoch + 1}; the "
+                f"results would be chance level; check the checkpoint or lower "
+                f"--lr"
+            )
         head.eval()
         with step_threads:
             top1, top5 = _linear_accuracy(head, test_f, test_y)
@@ -204,30 +234,59 @@ def fit_linear(head: nn.Linear, batches: Callable[[int], Iterable], test_f: torc
         if top1 > best[0]:
             best = (top1, top5, epoch)
         if log is not None:
-            log(f"epoch {epoch + 1}/{epochs}  lr {cosine_lr(lr, epoch, epochs):.4g}  loss {float(last_loss):.4f}  "
-                f"top1 {top1:.2f}  top5 {top5:.2f}")
-    return dict(top1=top1, top5=top5, best_top1=best[0], best_top5=best[1], best_epoch=best[2] + 1,
-                top1_history=hist)
+            log(
+                f"epoch {epoch + 1}/{epochs}  lr {cosine_lr(lr, epoch, epochs):.4g}  loss {float(last_loss):.4f}  "
+                f"top1 {top1:.2f}  top5 {top5:.2f}"
+            )
+    return dict(
+        top1=top1,
+        top5=top5,
+        best_top1=best[0],
+        best_top5=best[1],
+        best_epoch=best[2] + 1,
+        top1_history=hist,
+    )
 
 
-def linear_probe_features(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, test_y: torch.Tensor,
-                          n_classes: int, *, epochs: int = 100, lr: float = 0.3, wd: float = 1e-6,
-                          batch_size: int = 256, seed: int = 0) -> dict:
+def linear_probe_features(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    test_y: torch.Tensor,
+    n_classes: int,
+    *,
+    epochs: int = 100,
+    lr: float = 0.3,
+    wd: float = 1e-6,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict:
     """Linear probe on cached features (no augmentation): the protocol's linear layer, optimiser and
     schedule on fixed [N, F] features. Percentages; keys as fit_linear. Every rank holds the gathered
     features and takes the same steps (deterministic, so the result does not depend on the world
     size); the test set is scored in per-rank slices. Collective under a process group."""
     head = new_linear(train_f.shape[1], n_classes, seed).to(train_f.device)
-    return fit_linear(head, cached_batches(train_f, train_y, batch_size, seed), test_f.float(),
-                      test_y.to(test_f.device), epochs=epochs, lr=lr, wd=wd)
+    return fit_linear(
+        head,
+        cached_batches(train_f, train_y, batch_size, seed),
+        test_f.float(),
+        test_y.to(test_f.device),
+        epochs=epochs,
+        lr=lr,
+        wd=wd,
+    )
 
 
-def cached_batches(train_f: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int) -> Callable[[int], Iterable]:
+def cached_batches(
+    train_f: torch.Tensor, train_y: torch.Tensor, batch_size: int, seed: int
+) -> Callable[[int], Iterable]:
     """-> batches(epoch): minibatches of a permutation seeded by (seed, epoch), the same on every rank."""
     train_f, train_y = train_f.float(), train_y.to(train_f.device)
 
     def batches(epoch):
-        perm = torch.randperm(len(train_f), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        perm = torch.randperm(
+            len(train_f), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+        )
         perm = perm.to(train_f.device)
         # one gather per epoch, then views: a gather per batch would cost more than the probe's steps
         yield from zip(train_f[perm].split(batch_size), train_y[perm].split(batch_size))
@@ -236,8 +295,15 @@ def cached_batches(train_f: torch.Tensor, train_y: torch.Tensor, batch_size: int
 
 
 @torch.no_grad()
-def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, n_classes: int,
-                ks: Sequence[int] = (20,), T: float = 0.07, chunk: int = 256) -> dict:
+def knn_predict(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    n_classes: int,
+    ks: Sequence[int] = (20,),
+    T: float = 0.07,
+    chunk: int = 256,
+) -> dict:
     """Weighted kNN (DINO protocol): cosine similarity, top-k neighbours, votes exp(sim/T).
     Features [N, D] / [M, D] are L2-normalised here; returns {k: predictions [M]}; k is capped at N.
     Test rows are processed in chunks of `chunk` so memory stays O(chunk * N)."""
@@ -245,7 +311,7 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
     kmax = min(max(ks), tr.shape[0])
     preds = {k: [] for k in ks}
     for te in F.normalize(test_f.float(), dim=1).split(max(1, chunk)):
-        sim, idx = (te @ tr.T).topk(kmax, dim=1)                              # (m, kmax)
+        sim, idx = (te @ tr.T).topk(kmax, dim=1)  # (m, kmax)
         w, lab = (sim / T).exp(), train_y[idx]
         for k in ks:
             kk = min(k, kmax)
@@ -253,4 +319,3 @@ def knn_predict(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tens
             votes.scatter_add_(1, lab[:, :kk], w[:, :kk])
             preds[k].append(votes.argmax(1))
     return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in preds.items()}
-

@@ -12,6 +12,7 @@ If the run ends having written nothing (bad input found after the lock was taken
 False) removes the out_dir it created, or puts back the folder's modification time: out_dir is left
 exactly as it was.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,11 +59,11 @@ def _alive(pid: int, start: Optional[str]) -> bool:
 class RunLock:
     def __init__(self):
         self.path: Optional[str] = None
-        self.created: list = []          # folders made to hold the lock (removed if nothing is written)
-        self.times = None                # (atime_ns, mtime_ns) of an existing out_dir
-        self.wrote = False               # set once the run writes into out_dir
+        self.created: list = []  # folders made to hold the lock (removed if nothing is written)
+        self.times = None  # (atime_ns, mtime_ns) of an existing out_dir
+        self.wrote = False  # set once the run writes into out_dir
         self.dir = ""
-        self.phase = "setup"             # where the run is, for the line of a signal before training
+        self.phase = "setup"  # where the run is, for the line of a signal before training
 
     def acquire(self, out_dir: str) -> Optional[str]:
         """Take the lock -> a line to print (a stale lock taken over) or None; UsageError if held."""
@@ -73,52 +74,66 @@ class RunLock:
             p = os.path.dirname(p)
         if missing:
             os.makedirs(d)
-            self.created = missing                       # deepest first
+            self.created = missing  # deepest first
         else:
             st = os.stat(d)
             self.times = (st.st_atime_ns, st.st_mtime_ns)
         path = os.path.join(d, NAME)
-        me = dict(pid=os.getpid(), host=socket.gethostname(), proc_start=_proc_start(os.getpid()),
-                  started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+        me = dict(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            proc_start=_proc_start(os.getpid()),
+            started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        )
         note = None
         for _ in range(3):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._read(path)
-                desc = (f"pid {holder.get('pid')} on {holder.get('host')}, started "
-                        f"{holder.get('started')}")
-                if not holder:                   # its writer died between creating and writing it
+                desc = (
+                    f"pid {holder.get('pid')} on {holder.get('host')}, started "
+                    f"{holder.get('started')}"
+                )
+                if not holder:  # its writer died between creating and writing it
                     desc = "an empty or unreadable lock"
                     holder = dict(host=me["host"], pid=-1) if _age(path) > 60 else dict(host="?")
                 if holder.get("host") != me["host"]:
                     self.release(wrote=False)
-                    raise UsageError(f"--out-dir {out_dir!r} is in use by another run ({desc}; "
-                                     f"{path} exists); wait for it to end, or choose another --out-dir "
-                                     f"(if that run is gone, delete {path})") from None
+                    raise UsageError(
+                        f"--out-dir {out_dir!r} is in use by another run ({desc}; "
+                        f"{path} exists); wait for it to end, or choose another --out-dir "
+                        f"(if that run is gone, delete {path})"
+                    ) from None
                 if _alive(int(holder.get("pid", -1)), holder.get("proc_start")):
                     self.release(wrote=False)
-                    raise UsageError(f"--out-dir {out_dir!r} is in use by another run ({desc}); wait "
-                                     f"for it to end or stop it, or choose another --out-dir") from None
-                if self._read(path) in (holder, {}):     # still the same stale lock: take it over
+                    raise UsageError(
+                        f"--out-dir {out_dir!r} is in use by another run ({desc}); wait "
+                        f"for it to end or stop it, or choose another --out-dir"
+                    ) from None
+                if self._read(path) in (holder, {}):  # still the same stale lock: take it over
                     try:
                         os.remove(path)
                     except FileNotFoundError:
                         pass
-                note = (f"warning: taking over the lock of --out-dir {out_dir!r}: its run ({desc}) "
-                        f"is gone")
+                note = (
+                    f"warning: taking over the lock of --out-dir {out_dir!r}: its run ({desc}) "
+                    f"is gone"
+                )
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(me) + "\n")
             self.path = path
             return note
         self.release(wrote=False)
-        raise UsageError(f"--out-dir {out_dir!r}: cannot take {path} (other runs keep taking it); "
-                         f"choose another --out-dir")
+        raise UsageError(
+            f"--out-dir {out_dir!r}: cannot take {path} (other runs keep taking it); "
+            f"choose another --out-dir"
+        )
 
     @staticmethod
     def _read(path: str) -> dict:
-        for _ in range(20):          # a holder writes its line just after creating the file
+        for _ in range(20):  # a holder writes its line just after creating the file
             try:
                 with open(path) as f:
                     text = f.read()

@@ -12,6 +12,7 @@ statistics.
 Running statistics are updated with the global mean and unbiased variance, identically on every
 rank. In eval mode, and in a single process, it is the plain BatchNorm.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,17 +42,19 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean_r = xf.mean(dims)
         m2_r = (xf - mean_r.view(shape)).square().sum(dims)
         row = torch.cat([mean_r, m2_r, xf.new_full((1,), float(n_r))])
-        rows = smog.differentiable_all_reduce(F.pad(row[None], (0, 0, rank, world - 1 - rank)))  # (W, 2C+1)
-        n = rows[:, 2 * C:]                                                         # (W, 1)
+        rows = smog.differentiable_all_reduce(
+            F.pad(row[None], (0, 0, rank, world - 1 - rank))
+        )  # (W, 2C+1)
+        n = rows[:, 2 * C :]  # (W, 1)
         total = n.sum()
         mean = (rows[:, :C] * n).sum(0) / total
-        m2 = (rows[:, C:2 * C] + n * (rows[:, :C] - mean).square()).sum(0)
+        m2 = (rows[:, C : 2 * C] + n * (rows[:, :C] - mean).square()).sum(0)
         var = m2 / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 f = self.momentum
-                if f is None:                                    # cumulative moving average
+                if f is None:  # cumulative moving average
                     f = 1.0 / float(self.num_batches_tracked)
                 self.running_mean.mul_(1 - f).add_(mean.to(self.running_mean.dtype), alpha=f)
                 unbiased = m2 / (total - 1).clamp_min(1)
@@ -68,8 +71,13 @@ def convert(module: nn.Module) -> nn.Module:
     out = module
     bn = nn.modules.batchnorm._BatchNorm
     if isinstance(module, bn) and not isinstance(module, CPUSyncBatchNorm):
-        out = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
+        out = CPUSyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         if module.affine:
             with torch.no_grad():
                 out.weight, out.bias = module.weight, module.bias

@@ -15,6 +15,7 @@
 - `@pytest.mark.unless_declared("replicated_kmeans")`: a test that does not apply when the
   implementation declares that (SPEC_DECLARES, harness.DECLARABLE); skipped as "n/a (declared ...)".
 """
+
 from __future__ import annotations
 
 import json
@@ -24,26 +25,58 @@ import re
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from spec.harness import ALL_MUTANTS, ASSERTS, NA_DECLARED, Impl, cited_ids, declarations, impl_name, \
-    invariant_ids, invariant_kinds, load_namespace
+from spec.harness import (
+    ALL_MUTANTS,
+    ASSERTS,
+    NA_DECLARED,
+    Impl,
+    cited_ids,
+    declarations,
+    impl_name,
+    invariant_ids,
+    invariant_kinds,
+    load_namespace,
+)
 
 _quiet = [HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large]
-settings.register_profile("ci", max_examples=12, derandomize=True, deadline=None, database=None,
-                          print_blob=False, suppress_health_check=_quiet)
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=False,
+    suppress_health_check=_quiet,
+)
 settings.register_profile("thorough", max_examples=400, deadline=None, suppress_health_check=_quiet)
-_no_shrink = [Phase.explicit, Phase.reuse, Phase.generate]   # a verdict needs a failure, not the smallest one
+_no_shrink = [
+    Phase.explicit,
+    Phase.reuse,
+    Phase.generate,
+]  # a verdict needs a failure, not the smallest one
 settings.register_profile("kill", parent=settings.get_profile("ci"), phases=_no_shrink)
 settings.register_profile("verdict-ci", parent=settings.get_profile("ci"), phases=_no_shrink)
-settings.register_profile("verdict-thorough", parent=settings.get_profile("thorough"), phases=_no_shrink)
+settings.register_profile(
+    "verdict-thorough", parent=settings.get_profile("thorough"), phases=_no_shrink
+)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "invariant(*ids): the spec/*.md invariants this test checks")
-    config.addinivalue_line("markers", "optional(mode): a test of an optional mode of the protocol (group_grad)")
-    config.addinivalue_line("markers", "unless_declared(name): n/a when the implementation declares `name`")
-    config.addinivalue_line("markers", "gradient: a gradient claim (needs autograd; the value claims are tests of their own)")
+    config.addinivalue_line(
+        "markers", "optional(mode): a test of an optional mode of the protocol (group_grad)"
+    )
+    config.addinivalue_line(
+        "markers", "unless_declared(name): n/a when the implementation declares `name`"
+    )
+    config.addinivalue_line(
+        "markers",
+        "gradient: a gradient claim (needs autograd; the value claims are tests of their own)",
+    )
     config.addinivalue_line("markers", "mathematics: tests of invariants on what SMoG computes")
-    config.addinivalue_line("markers", "contract: tests of invariants on the protocol's conventions")
+    config.addinivalue_line(
+        "markers", "contract: tests of invariants on the protocol's conventions"
+    )
     for i, doc in invariant_ids().items():
         config.addinivalue_line("markers", f"{i}: tests of invariant ({i}) of spec/{doc}")
     if not config.getoption("hypothesis_profile", None):
@@ -52,8 +85,10 @@ def pytest_configure(config):
 
 # -- the implementation under test ------------------------------------------------------------------
 
+
 def _mutant_names():
     from spec.mutants import MUTANTS
+
     return list(MUTANTS)
 
 
@@ -71,9 +106,10 @@ def impl(request):
 
 # -- per-implementation expected failures -----------------------------------------------------------
 
+
 def pytest_collection_modifyitems(config, items):
     kinds = invariant_kinds()
-    for item in items:   # each cited id, and its kind, as a marker of its own, for -m selection
+    for item in items:  # each cited id, and its kind, as a marker of its own, for -m selection
         for i in sorted(cited_ids(item)):
             item.add_marker(getattr(pytest.mark, i))
         for kind in sorted({kinds[i] for i in cited_ids(item) if i in kinds}):
@@ -87,20 +123,28 @@ def pytest_collection_modifyitems(config, items):
         entries = {line.split("#")[0].strip() for line in f} - {""}
     for item in items:
         ids = cited_ids(item)
-        hit = sorted(e for e in entries if e in ids or e == item.originalname or
-                     (re.search(r"::|\[|\.py", e) and e in item.nodeid))   # see spec/README.md, the xfail file
+        hit = sorted(
+            e
+            for e in entries
+            if e in ids
+            or e == item.originalname
+            or (re.search(r"::|\[|\.py", e) and e in item.nodeid)
+        )  # see spec/README.md, the xfail file
         if hit:
-            item.add_marker(pytest.mark.xfail(reason=f"listed in {path}: {', '.join(hit)}", strict=False))
+            item.add_marker(
+                pytest.mark.xfail(reason=f"listed in {path}: {', '.join(hit)}", strict=False)
+            )
 
 
 # -- mutation check bookkeeping (SMOG_IMPL=spec.mutants:*) ------------------------------------------
 
-_killed: dict = {}   # mutant -> its first assertion failure
-_hit: dict = {}      # mutant -> the invariant ids cited by every test it failed with an assertion
+_killed: dict = {}  # mutant -> its first assertion failure
+_hit: dict = {}  # mutant -> the invariant ids cited by every test it failed with an assertion
 
 
 def _expected(name) -> set:
     from spec.mutants import MUTANTS
+
     return {s.strip() for s in MUTANTS[name][1].split(",")}
 
 
@@ -151,7 +195,11 @@ def pytest_runtest_setup(item):
                 words = _declarations()[what]
                 pytest.skip(f"{NA_DECLARED}{what}){': ' + words if words else ''}")
     name = _mutant_of(item)
-    if name is not None and name in _killed and not cited_ids(item) & (_expected(name) - _hit.get(name, set())):
+    if (
+        name is not None
+        and name in _killed
+        and not cited_ids(item) & (_expected(name) - _hit.get(name, set()))
+    ):
         pytest.skip(f"mutant {name} already killed by {_killed[name]['test']}")
 
 
@@ -166,13 +214,19 @@ def pytest_runtest_makereport(item, call):
     if reason not in ASSERTS:
         return
     _hit.setdefault(name, set()).update(cited_ids(item))
-    _killed.setdefault(name, {"test": item.nodeid.split("[")[0], "when": rep.when, "reason": reason})
+    _killed.setdefault(
+        name, {"test": item.nodeid.split("[")[0], "when": rep.when, "reason": reason}
+    )
 
 
 def pytest_sessionfinish(session):
     out = os.environ.get("SMOG_MUTANT_REPORT")
     if out and impl_name() == ALL_MUTANTS:
-        report = {name: None if name not in _killed else {**_killed[name], "invariants": sorted(_hit[name])}
-                  for name in _mutant_names()}
+        report = {
+            name: None
+            if name not in _killed
+            else {**_killed[name], "invariants": sorted(_hit[name])}
+            for name in _mutant_names()
+        }
         with open(out, "w") as f:
             json.dump(report, f, indent=1)

@@ -4,6 +4,7 @@ Nothing in here is SMoG: the references below are the equations of spec/*.md wri
 vectorised float64 torch, so a test compares the implementation with the *equation*, not with the
 oracle (the oracle is just another implementation under test).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,35 +20,79 @@ import torch
 IMPL_ENV = "SMOG_IMPL"
 DEFAULT_IMPL = "smog"
 ALL_MUTANTS = "spec.mutants:*"
-PROTOCOL = ("assign_groups", "update_groups", "group_logits", "smog_loss", "smog_step", "smog_multihead_step",
-            "spherical_kmeans", "momentum_update_", "beta_schedule", "regroup")   # the functional core, see spec/README.md
+PROTOCOL = (
+    "assign_groups",
+    "update_groups",
+    "group_logits",
+    "smog_loss",
+    "smog_step",
+    "smog_multihead_step",
+    "spherical_kmeans",
+    "momentum_update_",
+    "beta_schedule",
+    "regroup",
+)  # the functional core, see spec/README.md
 
 
 # -- the invariants ----------------------------------------------------------------------------------
 
 SPEC_DIR = Path(__file__).resolve().parent
-DOCS = {"grouping.md": "G", "loss.md": "L", "kmeans.md": "K", "step.md": "S", "momentum.md": "M", "heads.md": "H",
-        "run.md": "R"}
-DEFINITION = re.compile(r"^#{2,4}\s+\(([A-Z]\d+)\)", re.M)      # "### (G2) The momentum update"
+DOCS = {
+    "grouping.md": "G",
+    "loss.md": "L",
+    "kmeans.md": "K",
+    "step.md": "S",
+    "momentum.md": "M",
+    "heads.md": "H",
+    "run.md": "R",
+}
+DEFINITION = re.compile(r"^#{2,4}\s+\(([A-Z]\d+)\)", re.M)  # "### (G2) The momentum update"
 
 # What each invariant's tests also exercise: when one of these fails too, this failure probably follows
 # from it (python -m spec marks it so). S2's loss, say, is computed with the groups of G2/G3.
 DEPENDS = {
-    "G3": ["G2"], "G5": ["G2"], "G6": ["G5"], "G7": ["G2"], "G8": ["G1", "G2"], "G9": ["G2"],
-    "G11": ["G1", "G2"], "G12": ["G1", "G2"],
-    "L2": ["L1"], "L3": ["L1"], "L4": ["L1"], "L5": ["S2"], "L6": ["G2", "G3", "L1", "S1"], "L7": ["L6", "G5"],
+    "G3": ["G2"],
+    "G5": ["G2"],
+    "G6": ["G5"],
+    "G7": ["G2"],
+    "G8": ["G1", "G2"],
+    "G9": ["G2"],
+    "G11": ["G1", "G2"],
+    "G12": ["G1", "G2"],
+    "L2": ["L1"],
+    "L3": ["L1"],
+    "L4": ["L1"],
+    "L5": ["S2"],
+    "L6": ["G2", "G3", "L1", "S1"],
+    "L7": ["L6", "G5"],
     "L8": ["L1"],
-    "K2": ["K1", "G1"], "K3": ["K1", "K2"], "K4": ["K3"], "K5": ["K3"], "K6": ["K1", "K3"], "K7": ["K1"],
+    "K2": ["K1", "G1"],
+    "K3": ["K1", "K2"],
+    "K4": ["K3"],
+    "K5": ["K3"],
+    "K6": ["K1", "K3"],
+    "K7": ["K1"],
     "K8": ["K1", "K3"],
-    "S1": ["G1"], "S2": ["S1", "S3", "L1", "L2"], "S3": ["G1", "G2", "G3"], "S4": ["S2", "S3"], "S5": ["S3"],
-    "S6": ["S2", "S3", "G5"], "S7": ["G10"],
-    "M2": ["M1"], "M4": ["M1"],
-    "H1": ["S2"], "H2": ["S3"], "H3": ["S1"], "H4": ["L5", "L6"], "H5": ["S1", "S2", "S3", "S7"],
-    "R2": ["K2", "K3"], "R4": ["R2", "K6"],
+    "S1": ["G1"],
+    "S2": ["S1", "S3", "L1", "L2"],
+    "S3": ["G1", "G2", "G3"],
+    "S4": ["S2", "S3"],
+    "S5": ["S3"],
+    "S6": ["S2", "S3", "G5"],
+    "S7": ["G10"],
+    "M2": ["M1"],
+    "M4": ["M1"],
+    "H1": ["S2"],
+    "H2": ["S3"],
+    "H3": ["S1"],
+    "H4": ["L5", "L6"],
+    "H5": ["S1", "S2", "S3", "S7"],
+    "R2": ["K2", "K3"],
+    "R4": ["R2", "K6"],
 }
 
 
-ASSERTS = {"AssertionError", "Failed"}   # a failure that is an assertion (a kill), not a crash
+ASSERTS = {"AssertionError", "Failed"}  # a failure that is an assertion (a kill), not a crash
 
 
 def invariant_ids() -> dict:
@@ -61,7 +106,9 @@ def invariant_ids() -> dict:
     return ids
 
 
-CONTRACT_SECTION = re.compile(r"^## Contract\b", re.M)   # ids defined below this heading are contract
+CONTRACT_SECTION = re.compile(
+    r"^## Contract\b", re.M
+)  # ids defined below this heading are contract
 
 
 def invariant_kinds() -> dict:
@@ -83,10 +130,10 @@ def invariant_kinds() -> dict:
 # "n/a (declared)"; the verdict lists every declaration.
 DECLARABLE = {
     "replicated_kmeans": "k-means over a memory bank replicated on every rank, so the tests that shard "
-                         "its rows over ranks do not apply",
+    "its rows over ranks do not apply",
     "own_random_draw": "the initial rows of k-means and of the regroup are drawn with the implementation's own "
-                       "generator (seeded from the one handed in), not torch.randperm: SMoG's draw (K1, R3), "
-                       "not the reference's bits, so the contract's tests of those bits do not apply",
+    "generator (seeded from the one handed in), not torch.randperm: SMoG's draw (K1, R3), "
+    "not the reference's bits, so the contract's tests of those bits do not apply",
 }
 
 
@@ -96,15 +143,19 @@ def declarations(ns) -> dict:
     got = dict(raw) if isinstance(raw, dict) else {name: "" for name in raw}
     unknown = sorted(set(got) - set(DECLARABLE))
     if unknown:
-        raise ValueError(f"SPEC_DECLARES names {unknown}; what can be declared: {sorted(DECLARABLE)}")
+        raise ValueError(
+            f"SPEC_DECLARES names {unknown}; what can be declared: {sorted(DECLARABLE)}"
+        )
     return got
 
 
-NOT_DEFINED = " is not defined in "               # the message of a missing protocol function
-NOT_IMPLEMENTED = " raised NotImplementedError"   # the message of a protocol function that says so
-NA_DECLARED = "n/a (declared "                    # the skip reason of a test a declaration makes moot
-OPTIONAL_NOT_IMPLEMENTED = "not implemented (optional "   # the skip reason of an optional mode left out
-NO_AUTOGRAD = "no autograd: "                     # the message of a gradient claim on a port without autograd
+NOT_DEFINED = " is not defined in "  # the message of a missing protocol function
+NOT_IMPLEMENTED = " raised NotImplementedError"  # the message of a protocol function that says so
+NA_DECLARED = "n/a (declared "  # the skip reason of a test a declaration makes moot
+OPTIONAL_NOT_IMPLEMENTED = (
+    "not implemented (optional "  # the skip reason of an optional mode left out
+)
+NO_AUTOGRAD = "no autograd: "  # the message of a gradient claim on a port without autograd
 
 
 def cited_ids(item) -> set:
@@ -130,7 +181,9 @@ class Impl:
     "not implemented"), except in a call that asks for an optional mode (group_grad=True): there it
     skips the test as "not implemented (optional group_grad=True)"."""
 
-    OPTIONAL = {"group_grad": True}   # keyword arguments that switch on an optional mode of the protocol
+    OPTIONAL = {
+        "group_grad": True
+    }  # keyword arguments that switch on an optional mode of the protocol
 
     def __init__(self, name: str):
         self.name = name
@@ -140,13 +193,18 @@ class Impl:
         if self._ns is None:
             try:
                 self._ns = load_namespace(self.name)
-            except Exception as e:  # an import error of the module under test fails each test, clearly
-                pytest.fail(f"cannot import the implementation under test {self.name!r} ({IMPL_ENV}): "
-                            f"{type(e).__name__}: {e}", pytrace=False)
+            except (
+                Exception
+            ) as e:  # an import error of the module under test fails each test, clearly
+                pytest.fail(
+                    f"cannot import the implementation under test {self.name!r} ({IMPL_ENV}): "
+                    f"{type(e).__name__}: {e}",
+                    pytrace=False,
+                )
         return self._ns
 
     def __getattr__(self, attr: str):
-        if attr not in PROTOCOL:   # python and hypothesis probe objects for other attributes
+        if attr not in PROTOCOL:  # python and hypothesis probe objects for other attributes
             raise AttributeError(attr)
         ns = self._load()
         try:
@@ -161,16 +219,26 @@ class Impl:
             except NotImplementedError as e:
                 modes = [f"{k}={v}" for k, v in Impl.OPTIONAL.items() if kwargs.get(k) == v]
                 if modes:
-                    pytest.skip(f"{OPTIONAL_NOT_IMPLEMENTED}{', '.join(modes)}): {attr} of {name} says: {e}")
+                    pytest.skip(
+                        f"{OPTIONAL_NOT_IMPLEMENTED}{', '.join(modes)}): {attr} of {name} says: {e}"
+                    )
                 if _wants_grad(args, kwargs):
-                    pytest.fail(f"{NO_AUTOGRAD}{attr} raised NotImplementedError in {name} for inputs that require "
-                                f"grad: {e}", pytrace=False)
+                    pytest.fail(
+                        f"{NO_AUTOGRAD}{attr} raised NotImplementedError in {name} for inputs that require "
+                        f"grad: {e}",
+                        pytrace=False,
+                    )
                 pytest.fail(f"{attr}{NOT_IMPLEMENTED} in {name}: {e}", pytrace=False)
-            except RuntimeError as e:   # Tensor.numpy() on an input that requires grad, in an adapter
+            except (
+                RuntimeError
+            ) as e:  # Tensor.numpy() on an input that requires grad, in an adapter
                 if "requires grad" in str(e) and _wants_grad(args, kwargs):
-                    pytest.fail(f"{NO_AUTOGRAD}{attr} of {name} cannot take inputs that require grad: {e}",
-                                pytrace=False)
+                    pytest.fail(
+                        f"{NO_AUTOGRAD}{attr} of {name} cannot take inputs that require grad: {e}",
+                        pytrace=False,
+                    )
                 raise
+
         call.__name__ = attr
         return call
 
@@ -191,15 +259,17 @@ def needs_graph(out, what: str):
     one (a port that computes values only) fails as "no autograd", which the verdict reads as the
     gradient claims not implemented, with that cause, instead of a wrong gradient."""
     if not (isinstance(out, torch.Tensor) and out.requires_grad):
-        pytest.fail(f"{NO_AUTOGRAD}{what} carries no graph although an input requires grad (its value may be "
-                    f"right; a port exposes its own derivatives through a gradient bridge, spec/README.md)",
-                    pytrace=False)
+        pytest.fail(
+            f"{NO_AUTOGRAD}{what} carries no graph although an input requires grad (its value may be "
+            f"right; a port exposes its own derivatives through a gradient bridge, spec/README.md)",
+            pytrace=False,
+        )
     return out
 
 
 # -- simulated data parallelism --------------------------------------------------------------------
 
-_rank = threading.local()   # inside a simulated rank's thread: .rank, .world, .exchange
+_rank = threading.local()  # inside a simulated rank's thread: .rank, .world, .exchange
 
 
 class _Done:
@@ -214,6 +284,7 @@ class _Done:
 
 def _combine(tensors, op):
     import torch.distributed as dist
+
     out = tensors[0].clone()
     for t in tensors[1:]:
         if op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
@@ -257,8 +328,18 @@ class SimulatedDistributed:
     other tests; only attribute look-ups at call time (`dist.all_reduce(...)`) see it, not a name
     bound before (`from torch.distributed import all_reduce` at import time)."""
 
-    NAMES = ("is_initialized", "get_world_size", "get_rank", "all_reduce", "all_gather", "all_gather_into_tensor",
-             "broadcast", "barrier", "all_gather_object", "broadcast_object_list")
+    NAMES = (
+        "is_initialized",
+        "get_world_size",
+        "get_rank",
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "broadcast",
+        "barrier",
+        "all_gather_object",
+        "broadcast_object_list",
+    )
     _lock = threading.Lock()
     _depth = 0
     _saved: dict = {}
@@ -266,10 +347,12 @@ class SimulatedDistributed:
     @staticmethod
     def _targets():
         import torch.distributed as dist
+
         out = [(dist, name) for name in SimulatedDistributed.NAMES]
         try:
             import torch.distributed.nn as dnn
             import torch.distributed.nn.functional as dnnf
+
             out += [(dnnf, "all_reduce"), (dnn, "all_reduce")]
         except Exception:  # noqa: BLE001 - a torch without torch.distributed.nn: nothing to replace there
             pass
@@ -278,19 +361,25 @@ class SimulatedDistributed:
     @staticmethod
     def _stand_in(module, name, real):
         import torch.distributed as dist
+
         differentiable = module is not dist
 
         def fn(*args, **kwargs):
             if not _in_rank():
                 return real(*args, **kwargs)
             return SimulatedDistributed._call(name, differentiable, *args, **kwargs)
-        fn.__name__, fn.__doc__ = name, f"the harness's simulated {module.__name__}.{name} (spec/harness.py)"
+
+        fn.__name__, fn.__doc__ = (
+            name,
+            f"the harness's simulated {module.__name__}.{name} (spec/harness.py)",
+        )
         fn.__wrapped_real__ = real
         return fn
 
     @staticmethod
     def _call(name, differentiable, *args, **kwargs):
         import torch.distributed as dist
+
         r, ex = _rank.rank, _rank.exchange
         done = _Done() if kwargs.get("async_op") else None
         if name == "is_initialized":
@@ -302,7 +391,9 @@ class SimulatedDistributed:
         if name == "barrier":
             ex(torch.zeros(()))
             return done
-        if name == "all_reduce" and differentiable:   # torch.distributed.nn.functional.all_reduce(t, op, group)
+        if (
+            name == "all_reduce" and differentiable
+        ):  # torch.distributed.nn.functional.all_reduce(t, op, group)
             t = args[0]
             op = kwargs.get("op", args[1] if len(args) > 1 else dist.ReduceOp.SUM)
             return _combine(ex(t), op)
@@ -320,7 +411,7 @@ class SimulatedDistributed:
             with torch.no_grad():
                 t.copy_(got[src])
             return done
-        if name == "all_gather":                     # all_gather(tensor_list, tensor, group, async_op)
+        if name == "all_gather":  # all_gather(tensor_list, tensor, group, async_op)
             outs = args[0] if args else kwargs["tensor_list"]
             t = args[1] if len(args) > 1 else kwargs["tensor"]
             got = ex(t.detach())
@@ -328,18 +419,18 @@ class SimulatedDistributed:
                 for o, g in zip(outs, got):
                     o.copy_(g)
             return done
-        if name == "all_gather_into_tensor":         # (output_tensor, input_tensor, group, async_op)
+        if name == "all_gather_into_tensor":  # (output_tensor, input_tensor, group, async_op)
             out = args[0] if args else kwargs["output_tensor"]
             t = args[1] if len(args) > 1 else kwargs["input_tensor"]
             got = ex(t.detach())
             with torch.no_grad():
-                out.copy_(torch.stack(got).reshape(out.shape))   # rank order along dim 0
+                out.copy_(torch.stack(got).reshape(out.shape))  # rank order along dim 0
             return done
-        if name == "all_gather_object":              # (object_list, obj, group)
+        if name == "all_gather_object":  # (object_list, obj, group)
             outs = args[0] if args else kwargs["object_list"]
             outs[:] = ex(args[1] if len(args) > 1 else kwargs["obj"])
             return None
-        if name == "broadcast_object_list":          # (object_list, src, group, device)
+        if name == "broadcast_object_list":  # (object_list, src, group, device)
             objs = args[0] if args else kwargs["object_list"]
             src = kwargs.get("src", args[1] if len(args) > 1 else 0)
             objs[:] = ex(list(objs))[src]
@@ -388,7 +479,7 @@ def run_ranks(world: int, fn, timeout: float = 10.0):
     errors: list = [None] * world
 
     def exchange(rank, t):
-        slots[rank] = t.clone() if isinstance(t, torch.Tensor) else t   # a copy that keeps t's graph
+        slots[rank] = t.clone() if isinstance(t, torch.Tensor) else t  # a copy that keeps t's graph
         barrier.wait()
         got = list(slots)
         barrier.wait()
@@ -424,8 +515,10 @@ def run_ranks(world: int, fn, timeout: float = 10.0):
     if real:
         raise real[0]
     if any(e is not None for e in errors):
-        raise AssertionError("collectives were called a different number of times on different ranks "
-                             "(a barrier broke)") from next(e for e in errors if e is not None)
+        raise AssertionError(
+            "collectives were called a different number of times on different ranks "
+            "(a barrier broke)"
+        ) from next(e for e in errors if e is not None)
     return results
 
 
@@ -434,6 +527,7 @@ def split_rows(x: torch.Tensor, sizes, dim: int = 0):
 
 
 # -- tolerances ------------------------------------------------------------------------------------
+
 
 def tol(dtype) -> dict:
     """Comparison tolerances for results computed in `dtype` against a float64 reference."""
@@ -448,7 +542,9 @@ def margin_threshold(dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-5
 
 
-LOWER = ((torch.float32, dict(atol=2e-5, rtol=1e-4)),)   # the precision a float64 comparison may guess
+LOWER = (
+    (torch.float32, dict(atol=2e-5, rtol=1e-4)),
+)  # the precision a float64 comparison may guess
 
 
 def close(a, b, dtype, scale: float = 1.0, msg: str = ""):
@@ -457,7 +553,9 @@ def close(a, b, dtype, scale: float = 1.0, msg: str = ""):
     tolerance, which dtype the implementation probably computed in."""
     t = tol(dtype)
     a, b = torch.as_tensor(a), torch.as_tensor(b)
-    if a.numel() == 1 and b.numel() == 1:   # a loss of shape [1] against a 0-dim one: values, not shapes (S8)
+    if (
+        a.numel() == 1 and b.numel() == 1
+    ):  # a loss of shape [1] against a 0-dim one: values, not shapes (S8)
         a, b = a.reshape(()), b.reshape(())
     try:
         torch.testing.assert_close(a.double(), b.double(), atol=t["atol"] * scale, rtol=t["rtol"])
@@ -468,10 +566,14 @@ def close(a, b, dtype, scale: float = 1.0, msg: str = ""):
             for low, lt in LOWER:
                 if torch.finfo(low).eps <= torch.finfo(dtype).eps:
                     continue
-                if torch.allclose(a.double(), b.double(), atol=lt["atol"] * scale, rtol=lt["rtol"], equal_nan=True):
+                if torch.allclose(
+                    a.double(), b.double(), atol=lt["atol"] * scale, rtol=lt["rtol"], equal_nan=True
+                ):
                     name = str(low).replace("torch.", "")
-                    guess = (f"; the difference is within {name}'s tolerance: the implementation probably computed "
-                             f"in {name} (the promotion rule: every computation runs in max(input dtype, float32))")
+                    guess = (
+                        f"; the difference is within {name}'s tolerance: the implementation probably computed "
+                        f"in {name} (the promotion rule: every computation runs in max(input dtype, float32))"
+                    )
                     break
         raise AssertionError(f"{msg + ': ' if msg else ''}{e} ({judged}{guess})") from None
 
@@ -483,11 +585,17 @@ def close_value(got, want, dtype, scale: float = 1.0, what: str = "value"):
 
 def close_grad(got, want, wrt: str, dtype, scale: float = 1.0, what: str = "the loss"):
     """A gradient claim, with a message that says so."""
-    close(got, want, dtype, scale=scale, msg=f"gradient of {what} w.r.t. {wrt} differs from that of the equation's "
-                                             f"float64 value")
+    close(
+        got,
+        want,
+        dtype,
+        scale=scale,
+        msg=f"gradient of {what} w.r.t. {wrt} differs from that of the equation's float64 value",
+    )
 
 
 # -- references: the equations of spec/*.md, vectorised, float64 ------------------------------------
+
 
 def ref_normalise(x: torch.Tensor) -> torch.Tensor:
     x = x.double()
@@ -498,9 +606,9 @@ def ref_assign(z: torch.Tensor, groups: torch.Tensor, renormalise: bool = False)
     """(G1) -> (assign [N] lowest index among the maxima, margin [N] best minus second best score, inf if K = 1).
     Scores against the groups as given, or (renormalise=True) against unit(c_k): the true cosine."""
     g = ref_normalise(groups) if renormalise else groups.double()
-    s = ref_normalise(z) @ g.T                                            # (N, K)
+    s = ref_normalise(z) @ g.T  # (N, K)
     best = s.max(dim=1, keepdim=True).values
-    assign = (s == best).to(torch.int8).argmax(dim=1)                     # first maximum
+    assign = (s == best).to(torch.int8).argmax(dim=1)  # first maximum
     if s.shape[1] == 1:
         margin = torch.full((s.shape[0],), math.inf, dtype=torch.float64)
     else:
@@ -524,8 +632,10 @@ def assignment_mismatch(got: torch.Tensor, z: torch.Tensor, groups: torch.Tensor
         if torch.equal(got[ok], ref[ok]):
             return None
         bad = (got != ref) & ok
-        seen.append(f"{'renormalised' if renormalise else 'raw'} groups: rows {bad.nonzero().flatten().tolist()[:8]} "
-                    f"assigned {got[bad].tolist()[:8]}, argmax {ref[bad].tolist()[:8]}")
+        seen.append(
+            f"{'renormalised' if renormalise else 'raw'} groups: rows {bad.nonzero().flatten().tolist()[:8]} "
+            f"assigned {got[bad].tolist()[:8]}, argmax {ref[bad].tolist()[:8]}"
+        )
     return "assignment is the argmax of neither reading of (G1): " + "; ".join(seen)
 
 
@@ -593,7 +703,7 @@ def kmeans_objective(x, centres) -> float:
 
 def ref_step_loss(p, new_groups, targets, tau):
     """(S2) mean over (c, j, b) of -log softmax(<p_cb/||p_cb||, c_k>/tau)_{t_jb}; differentiable in p."""
-    logp = torch.log_softmax(ref_normalise(p) @ new_groups.double().T / tau, dim=-1)   # (C, B, K)
+    logp = torch.log_softmax(ref_normalise(p) @ new_groups.double().T / tau, dim=-1)  # (C, B, K)
     C, J = p.shape[0], targets.shape[0]
     total = 0.0
     for c in range(C):

@@ -28,6 +28,7 @@ Not provided, so reported as "not implemented": `spherical_kmeans` (the example 
 bank with scikit-learn's Euclidean `KMeans`, which is not part of lightly), `beta_schedule` (the
 example keeps beta = 0.99 constant) and `smog_multihead_step` (the example trains one head).
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,7 +48,9 @@ def assign_groups(z, groups):
 
 def update_groups(groups, z, assign, beta, *, all_reduce=None):
     smog = _prototypes(groups, beta)
-    smog.assign_groups = lambda x: assign   # the caller's assignment instead of the one Lightly would compute
+    smog.assign_groups = lambda x: (
+        assign
+    )  # the caller's assignment instead of the one Lightly would compute
     return smog.get_updated_group_features(z)
 
 
@@ -64,8 +67,11 @@ def smog_step(groups, z_update, z_target, p, beta, tau, *, all_reduce=None, grou
     criterion = nn.CrossEntropyLoss()
     targets = torch.stack([smog.assign_groups(z_target[j]) for j in range(z_target.shape[0])])
     group_features = smog.get_updated_group_features(z_update)
-    losses = [criterion(smog(p[c], group_features, temperature=tau), targets[j])
-              for c in range(p.shape[0]) for j in range(z_target.shape[0])]
+    losses = [
+        criterion(smog(p[c], group_features, temperature=tau), targets[j])
+        for c in range(p.shape[0])
+        for j in range(z_target.shape[0])
+    ]
     smog.set_group_features(group_features)
     return torch.stack(losses).mean(), smog.group_features.detach(), targets
 

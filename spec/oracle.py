@@ -7,6 +7,7 @@ It is meant to be read next to the equations and to be slow; `smog.py` is the fa
 
 Run the suite against it with `SMOG_IMPL=spec.oracle pytest spec`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,10 +21,12 @@ def _sum_over_ranks(fn):
     if fn is not None:
         return fn
     if dist.is_available() and dist.is_initialized():
+
         def reduce(t):
             t = t.detach().clone()
             dist.all_reduce(t)
             return t
+
         return reduce
     return lambda t: t
 
@@ -33,10 +36,12 @@ def _rank0(fn):
     if fn is not None:
         return fn
     if dist.is_available() and dist.is_initialized():
+
         def bcast(t):
             t = t.detach().clone()
             dist.broadcast(t, src=0)
             return t
+
         return bcast
     return lambda t: t
 
@@ -65,6 +70,7 @@ def _argmax(scores):
 
 # -- grouping.md ---------------------------------------------------------------------------------
 
+
 def assign_groups(z, groups):
     """(G1) a_i = argmax_k <z_i / ||z_i||, c_k>, lowest index on ties. z [N, D], groups [K, D] -> [N]."""
     dt = _dtype(groups)
@@ -72,7 +78,9 @@ def assign_groups(z, groups):
     out = []
     for i in range(z.shape[0]):
         zi = normalise(z[i].detach().to(dt))
-        scores = (g * zi).sum(dim=1)   # <z^_i, c_k> for every k: each a sum over D, as dot() computes it
+        scores = (g * zi).sum(
+            dim=1
+        )  # <z^_i, c_k> for every k: each a sum over D, as dot() computes it
         out.append(_argmax(scores.tolist()))
     return torch.tensor(out, dtype=torch.long, device=z.device)
 
@@ -89,7 +97,7 @@ def update_groups(groups, z, assign, beta, *, all_reduce=None):
         k = int(assign[i])
         sums[k] = sums[k] + normalise(z[i].to(dt))
         counts[k] += 1.0
-    sums = reduce(torch.stack(sums))                                   # S_k over all ranks
+    sums = reduce(torch.stack(sums))  # S_k over all ranks
     counts = reduce(torch.tensor(counts, dtype=dt, device=groups.device))  # n_k over all ranks
     new = []
     for k in range(K):
@@ -102,6 +110,7 @@ def update_groups(groups, z, assign, beta, *, all_reduce=None):
 
 
 # -- loss.md -------------------------------------------------------------------------------------
+
 
 def group_logits(p, groups, tau):
     """(L1) l_ik = <p_i / ||p_i||, c_k> / tau. p [N, D], groups [K, D] -> [N, K]."""
@@ -133,6 +142,7 @@ def smog_loss(p, groups, targets, tau):
 
 # -- step.md -------------------------------------------------------------------------------------
 
+
 def smog_step(groups, z_update, z_target, p, beta, tau, *, all_reduce=None, group_grad=False):
     """One head's iteration. groups [K, D], z_update [B, D], z_target [J, B, D], p [C, B, D]
     -> (loss [], new_groups [K, D], targets [J, B]).
@@ -143,7 +153,9 @@ def smog_step(groups, z_update, z_target, p, beta, tau, *, all_reduce=None, grou
     J, C = z_target.shape[0], p.shape[0]
     targets = torch.stack([assign_groups(z_target[j], old) for j in range(J)])
     a = assign_groups(z_update, old)
-    new = update_groups(old, z_update if group_grad else z_update.detach(), a, beta, all_reduce=all_reduce)
+    new = update_groups(
+        old, z_update if group_grad else z_update.detach(), a, beta, all_reduce=all_reduce
+    )
     if not group_grad:
         new = new.detach()
     total = 0.0
@@ -155,16 +167,27 @@ def smog_step(groups, z_update, z_target, p, beta, tau, *, all_reduce=None, grou
 
 # -- heads.md -----------------------------------------------------------------------------------
 
+
 def smog_multihead_step(groups, z, z_target, p, beta, tau, *, all_reduce=None, group_grad=False):
     """All H heads of one iteration. groups [H, K, D], z [C, B, D] online projector embeddings,
     z_target [J, B, D], p [C, B, D] -> (loss [], new_groups [H, K, D], targets [H, J, B]).
     (H2) head h updates from z[h mod 2]; (H1) loss = mean over heads; (H5) each head is smog_step."""
     if z.shape[0] < 2:
-        raise ValueError("smog_multihead_step: head h updates from global crop h mod 2; pass at least 2 crops")
+        raise ValueError(
+            "smog_multihead_step: head h updates from global crop h mod 2; pass at least 2 crops"
+        )
     total, new, targets = 0.0, [], []
     for h in range(groups.shape[0]):
-        loss, g, t = smog_step(groups[h], z[h % 2], z_target, p, beta, tau, all_reduce=all_reduce,
-                               group_grad=group_grad)
+        loss, g, t = smog_step(
+            groups[h],
+            z[h % 2],
+            z_target,
+            p,
+            beta,
+            tau,
+            all_reduce=all_reduce,
+            group_grad=group_grad,
+        )
         total = total + loss
         new.append(g)
         targets.append(t)
@@ -172,6 +195,7 @@ def smog_multihead_step(groups, z, z_target, p, beta, tau, *, all_reduce=None, g
 
 
 # -- kmeans.md -----------------------------------------------------------------------------------
+
 
 def spherical_kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadcast=None):
     """(K1) init: rank 0 draws randperm(N_0, generator)[:k] of its normalised rows, broadcast;
@@ -187,7 +211,9 @@ def spherical_kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadca
         raise ValueError(f"spherical_kmeans: {n_total} rows in total, fewer than k={k}")
     n_rank0 = int(bcast(torch.tensor([float(N)], dtype=torch.float64)).item())
     if n_rank0 < k:
-        raise ValueError(f"spherical_kmeans: the initial centres come from rank 0, which holds {n_rank0} < k rows")
+        raise ValueError(
+            f"spherical_kmeans: the initial centres come from rank 0, which holds {n_rank0} < k rows"
+        )
     centres = torch.zeros(k, D, dtype=dt, device=x.device)
     if N >= k:  # only rank 0's draw survives the broadcast
         idx = torch.randperm(N, generator=generator)[:k]
@@ -209,39 +235,47 @@ def _lloyd(x, rows, centres, iters, reduce):
             counts[int(a[i])] += 1.0
         sums = reduce(torch.stack(sums))
         counts = reduce(torch.tensor(counts, dtype=dt))
-        centres = torch.stack([normalise(sums[j]) if float(counts[j]) > 0 else centres[j] for j in range(k)])
+        centres = torch.stack(
+            [normalise(sums[j]) if float(counts[j]) > 0 else centres[j] for j in range(k)]
+        )
     a = assign_groups(x, centres) if N else torch.zeros(0, dtype=torch.long)
     return centres, a
 
 
 # -- run.md --------------------------------------------------------------------------------------
 
+
 def initial_indices(n, n_heads, k, generator=None):
     """(R3, R5) for each head in turn, k distinct dataset indices: randperm(n, generator)[:k]."""
     return torch.stack([torch.randperm(n, generator=generator)[:k] for _ in range(n_heads)])
 
 
-def regroup(bank, index, n, n_heads, k, iters=10, *, generator=None, init_index=None, all_reduce=None):
+def regroup(
+    bank, index, n, n_heads, k, iters=10, *, generator=None, init_index=None, all_reduce=None
+):
     """(R1) head h clusters bank row h mod 2, (R2) from the normalised bank rows of the dataset indices
     init_index[h] (R3: drawn per head by `generator` when not given); (R4) each initial row comes from
     the rank that holds it, the others adding zeros, summed over ranks. -> groups [H, k, D]."""
     reduce = _sum_over_ranks(all_reduce)
     if init_index is None:
         init_index = initial_indices(n, n_heads, k, generator)
-    here = {int(i): r for r, i in enumerate(index)}           # dataset index -> this rank's row
+    here = {int(i): r for r, i in enumerate(index)}  # dataset index -> this rank's row
     heads = []
     for h in range(n_heads):
         x = bank[h % 2]
         dt = _dtype(x)
         rows = [normalise(x[r].to(dt)) for r in range(x.shape[0])]
-        start = [rows[here[int(i)]] if int(i) in here else torch.zeros(x.shape[1], dtype=dt)
-                 for i in init_index[h]]
+        start = [
+            rows[here[int(i)]] if int(i) in here else torch.zeros(x.shape[1], dtype=dt)
+            for i in init_index[h]
+        ]
         centres, _ = _lloyd(x, rows, reduce(torch.stack(start)), iters, reduce)
         heads.append(centres)
     return torch.stack(heads)
 
 
 # -- momentum.md ---------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def momentum_update_(target, online, m):
@@ -261,5 +295,14 @@ def beta_schedule(beta_start, beta_end, total_steps):
     return torch.tensor(out, dtype=torch.float64)
 
 
-__all__ = ["assign_groups", "update_groups", "group_logits", "smog_loss", "smog_step", "smog_multihead_step",
-           "spherical_kmeans", "momentum_update_", "beta_schedule"]
+__all__ = [
+    "assign_groups",
+    "update_groups",
+    "group_logits",
+    "smog_loss",
+    "smog_step",
+    "smog_multihead_step",
+    "spherical_kmeans",
+    "momentum_update_",
+    "beta_schedule",
+]

@@ -7,6 +7,7 @@ reproducible, and the kind is what shrinks. Kinds:
   dup     rows drawn with replacement from a few distinct rows (duplicate rows)
   scaled  Gaussian rows times 2**e, e in [-8, 8] (very different norms)
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,7 @@ KINDS = ("gauss", "int", "dup", "scaled")
 DTYPES = st.sampled_from([torch.float64, torch.float32])
 seeds = st.integers(0, 2**32 - 1)
 betas = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.99]), st.floats(0.0, 1.0))
-taus = st.one_of(st.sampled_from([0.1, 1.0, 10.0]), st.floats(0.01, 10.0))   # tau in (0, 10]
+taus = st.one_of(st.sampled_from([0.1, 1.0, 10.0]), st.floats(0.01, 10.0))  # tau in (0, 10]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -33,11 +34,13 @@ def build(kind: str, seed: int, n: int, d: int) -> torch.Tensor:
         base = torch.randn(max(1, (n + 1) // 2), d, generator=g, dtype=torch.float64)
         x = base[torch.randint(0, base.shape[0], (n,), generator=g)]
     elif kind == "scaled":
-        x = torch.randn(n, d, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-8, 9, (n, 1), generator=g)
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(
+            -8, 9, (n, 1), generator=g
+        )
     else:
         raise ValueError(kind)
     zero = (x == 0).all(dim=1)
-    x[zero, 0] = 1.0   # rows are never the zero vector (its direction is undefined)
+    x[zero, 0] = 1.0  # rows are never the zero vector (its direction is undefined)
     return x
 
 

@@ -1,4 +1,5 @@
 """grouping.md: assignment (G1, G8) and the synchronous momentum update (G2-G12); the returned types (G13, contract)."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,18 +7,38 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from spec.harness import assignment_mismatch, close, ref_assign, ref_normalise, ref_update, run_ranks, split_rows, \
-    unambiguous
-from spec.strategies import DTYPES, assignments, betas, matrices, positive_scales, seeds, shard_sizes, \
-    small, unit_rows
+from spec.harness import (
+    assignment_mismatch,
+    close,
+    ref_assign,
+    ref_normalise,
+    ref_update,
+    run_ranks,
+    split_rows,
+    unambiguous,
+)
+from spec.strategies import (
+    DTYPES,
+    assignments,
+    betas,
+    matrices,
+    positive_scales,
+    seeds,
+    shard_sizes,
+    small,
+    unit_rows,
+)
 
 invariant = pytest.mark.invariant
 
 
 def _problem(data, n_max=8, k_max=6, d_max=5):
     dtype = data.draw(DTYPES, "dtype")
-    n, k, d = data.draw(st.integers(1, n_max), "N"), data.draw(st.integers(1, k_max), "K"), \
-        data.draw(st.integers(1, d_max), "D")
+    n, k, d = (
+        data.draw(st.integers(1, n_max), "N"),
+        data.draw(st.integers(1, k_max), "K"),
+        data.draw(st.integers(1, d_max), "D"),
+    )
     z = data.draw(matrices(n, d, dtype), "z")
     g = data.draw(unit_rows(k, d, dtype), "groups")
     return dtype, z, g
@@ -47,7 +68,7 @@ def test_assign_ties_go_to_lowest_index(impl, n, k, d, seed, dtype):
     expected = []
     for i in range(n):
         scores = [int(sign[j]) * int(zi[i, axis[j]]) for j in range(k)]
-        expected.append(scores.index(max(scores)))   # first maximum
+        expected.append(scores.index(max(scores)))  # first maximum
     a = impl.assign_groups(zi.to(dtype), g)
     assert a.tolist() == expected, f"ties: assigned {a.tolist()}, the first maximum is {expected}"
 
@@ -56,13 +77,21 @@ def test_assign_ties_go_to_lowest_index(impl, n, k, d, seed, dtype):
 @given(data=st.data())
 def test_assign_and_update_invariant_to_positive_row_scaling(impl, data):
     dtype, z, g = _problem(data)
-    s = (data.draw(positive_scales(z.shape[0]), "scales") *    # [1e-3, 1e3] times 2^[-30, 30]: far from 1
-         data.draw(positive_scales(z.shape[0], powers_of_two=True), "powers")).to(dtype)
-    assume(torch.isfinite(z * s).all() and bool(((z * s).double().norm(dim=1) > 1e-10).all()))   # above eps of n()
+    s = (
+        data.draw(
+            positive_scales(z.shape[0]), "scales"
+        )  # [1e-3, 1e3] times 2^[-30, 30]: far from 1
+        * data.draw(positive_scales(z.shape[0], powers_of_two=True), "powers")
+    ).to(dtype)
+    assume(
+        torch.isfinite(z * s).all() and bool(((z * s).double().norm(dim=1) > 1e-10).all())
+    )  # above eps of n()
     ref, margin = ref_assign(z, g)
     ok = unambiguous(margin, dtype)
     scaled = impl.assign_groups(z * s, g).long()
-    assert torch.equal(scaled[ok], ref[ok]), f"assignment of rescaled rows {scaled.tolist()} != {ref.tolist()}"
+    assert torch.equal(scaled[ok], ref[ok]), (
+        f"assignment of rescaled rows {scaled.tolist()} != {ref.tolist()}"
+    )
     a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
     beta = data.draw(betas, "beta")
     _, smallest = ref_update(g, z, a, beta)
@@ -77,7 +106,9 @@ def test_update_equals_loop_over_groups(impl, data):
     a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
     beta = data.draw(betas, "beta")
     expected, smallest = ref_update(g, z, a, beta)
-    assume(smallest > 1e-2)   # a hit group whose pre-normalisation vector nearly cancels has no stable direction
+    assume(
+        smallest > 1e-2
+    )  # a hit group whose pre-normalisation vector nearly cancels has no stable direction
     new = impl.update_groups(g, z, a, beta)
     close(new, expected, dtype, msg=f"beta={beta} assign={a.tolist()}")
 
@@ -102,7 +133,9 @@ def test_groups_without_members_are_unchanged(impl, data):
     beta = data.draw(st.floats(0.0, 0.999), "beta")
     new = impl.update_groups(g, z, a, beta)
     empty = torch.bincount(a, minlength=g.shape[0]) == 0
-    assert torch.equal(new[empty], g[empty]), "a group without members changed (must be returned bit for bit)"
+    assert torch.equal(new[empty], g[empty]), (
+        "a group without members changed (must be returned bit for bit)"
+    )
 
 
 @invariant("G5")
@@ -113,8 +146,10 @@ def test_sharded_update_equals_update_on_concatenated_batch(impl, data):
     beta = data.draw(betas, "beta")
     sizes = data.draw(shard_sizes(z.shape[0]), "shards")
     zs, as_ = split_rows(z, sizes), split_rows(a, sizes)
-    out = run_ranks(len(sizes), lambda r, all_reduce, _: impl.update_groups(g, zs[r], as_[r], beta,
-                                                                            all_reduce=all_reduce))
+    out = run_ranks(
+        len(sizes),
+        lambda r, all_reduce, _: impl.update_groups(g, zs[r], as_[r], beta, all_reduce=all_reduce),
+    )
     for r in range(1, len(sizes)):
         assert torch.equal(out[r], out[0]), f"rank {r} holds different groups from rank 0"
     _, smallest = ref_update(g, z, a, beta)
@@ -130,7 +165,9 @@ def test_per_rank_means_are_not_averaged(impl):
     z0 = torch.tensor([[0.0, 5.0]], dtype=torch.float64)
     z1 = torch.tensor([[2.0, 0.0], [7.0, 0.0], [0.5, 0.0]], dtype=torch.float64)
     zs, as_ = [z0, z1], [torch.zeros(1, dtype=torch.long), torch.zeros(3, dtype=torch.long)]
-    out = run_ranks(2, lambda r, all_reduce, _: impl.update_groups(g, zs[r], as_[r], 0.0, all_reduce=all_reduce))
+    out = run_ranks(
+        2, lambda r, all_reduce, _: impl.update_groups(g, zs[r], as_[r], 0.0, all_reduce=all_reduce)
+    )
     right = ref_normalise(torch.tensor([[0.75, 0.25]]))
     wrong = ref_normalise(torch.tensor([[0.5, 0.5]]))
     assert (right - wrong).abs().max() > 0.1
@@ -152,10 +189,11 @@ def test_beta_zero_sets_hit_groups_to_normalised_mean(impl, data):
     dtype, z, g = _problem(data)
     a = data.draw(assignments(z.shape[0], g.shape[0]), "assign")
     hit = torch.bincount(a, minlength=g.shape[0]) > 0
-    means = torch.stack([ref_normalise(z)[a == k].mean(0) if hit[k] else g[k].double()
-                         for k in range(g.shape[0])])
+    means = torch.stack(
+        [ref_normalise(z)[a == k].mean(0) if hit[k] else g[k].double() for k in range(g.shape[0])]
+    )
     assume(means.norm(dim=1).min() > 1e-2)
-    other = data.draw(unit_rows(*g.shape, dtype), "other groups")   # the old value must not matter
+    other = data.draw(unit_rows(*g.shape, dtype), "other groups")  # the old value must not matter
     for groups in (g, other):
         new = impl.update_groups(groups, z, a, 0.0)
         close(new[hit], ref_normalise(means)[hit], dtype)
@@ -195,12 +233,15 @@ def _cone(n, d, seed, dtype):
     return x.to(dtype)
 
 
-LOW = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}   # half an ulp of 1, the rounding of a unit entry
+LOW = {
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}  # half an ulp of 1, the rounding of a unit entry
 
 
 def _low_precision_problem(dtype, seed):
     K, D, N = 3, 4, 4096
-    g = ref_normalise(_cone(K, D, seed, torch.float64)).to(dtype)   # unit up to bf16/fp16 rounding
+    g = ref_normalise(_cone(K, D, seed, torch.float64)).to(dtype)  # unit up to bf16/fp16 rounding
     z = _cone(N, D, seed + 1, dtype)
     return g, z
 
@@ -227,13 +268,22 @@ def test_low_precision_statistics_are_accumulated_in_fp32(impl, dtype, beta, see
     (exactly upcast) inputs, rounded once to the groups' dtype."""
     g, z = _low_precision_problem(dtype, seed)
     K, N = g.shape[0], z.shape[0]
-    a = torch.randint(0, K - 1, (N,), generator=torch.Generator().manual_seed(seed))   # group K-1 is empty
+    a = torch.randint(
+        0, K - 1, (N,), generator=torch.Generator().manual_seed(seed)
+    )  # group K-1 is empty
     new = impl.update_groups(g, z, a, beta)
     expected, _ = ref_update(g, z, a, beta)
-    torch.testing.assert_close(new.double(), expected, atol=LOW[dtype], rtol=0,
-                               msg=lambda m: f"G11 statistics of {N} {dtype} members (assignment given): {m} "
-                                             f"(judged against the float64 update: atol {LOW[dtype]:.3g}, the "
-                                             f"rounding of {dtype} groups, rtol 0)")
+    torch.testing.assert_close(
+        new.double(),
+        expected,
+        atol=LOW[dtype],
+        rtol=0,
+        msg=lambda m: (
+            f"G11 statistics of {N} {dtype} members (assignment given): {m} "
+            f"(judged against the float64 update: atol {LOW[dtype]:.3g}, the "
+            f"rounding of {dtype} groups, rtol 0)"
+        ),
+    )
     assert torch.equal(new[K - 1].to(g.dtype), g[K - 1]), "a group without members changed"
 
 
@@ -243,7 +293,9 @@ def test_zero_rows_join_group_0_and_count(impl, data):
     """A zero row scores exactly 0 against every group, so it joins group 0 (the tie rule), adds the
     zero vector n(0) = 0 to S_0 and 1 to n_0: it pulls group 0 towards its old value."""
     dtype, z, g = _problem(data)
-    where = torch.randint(0, 2, (z.shape[0],), generator=torch.Generator().manual_seed(data.draw(seeds, "zeros")))
+    where = torch.randint(
+        0, 2, (z.shape[0],), generator=torch.Generator().manual_seed(data.draw(seeds, "zeros"))
+    )
     z = torch.where(where.bool().unsqueeze(1), torch.zeros_like(z), z)
     a = impl.assign_groups(z, g).long()
     assert (a[where.bool()] == 0).all(), "a zero row did not join group 0"
@@ -262,13 +314,19 @@ def test_members_that_cancel(impl, data, beta):
     """Members v and -v of one group sum to exactly 0 (n(-v) = -n(v) bit for bit), so u_k = beta c_k:
     the group keeps its direction for beta > 0 and becomes the zero vector n(0) = 0 for beta = 0."""
     dtype, z, g = _problem(data)
-    k = int(torch.randint(0, g.shape[0], (1,), generator=torch.Generator().manual_seed(data.draw(seeds, "k"))))
+    k = int(
+        torch.randint(
+            0, g.shape[0], (1,), generator=torch.Generator().manual_seed(data.draw(seeds, "k"))
+        )
+    )
     v = z[:1]
     new = impl.update_groups(g, torch.cat([v, -v]), torch.tensor([k, k]), beta)
     if beta > 0:
         close(new[k], g[k], dtype)
     else:
-        assert not new[k].any(), f"beta = 0 and cancelling members: expected the zero vector, got {new[k].tolist()}"
+        assert not new[k].any(), (
+            f"beta = 0 and cancelling members: expected the zero vector, got {new[k].tolist()}"
+        )
     others = torch.arange(g.shape[0]) != k
     assert torch.equal(new[others], g[others])
 
@@ -287,8 +345,10 @@ def test_grouping_return_types(impl, dtype):
     z = torch.randn(6, 3, generator=gen, dtype=torch.float64).to(dtype)
     g = ref_normalise(torch.randn(4, 3, generator=gen, dtype=torch.float64)).to(dtype)
     a = impl.assign_groups(z, g)
-    assert a.dtype == torch.long and tuple(a.shape) == (6,), \
+    assert a.dtype == torch.long and tuple(a.shape) == (6,), (
         f"assign_groups returned {a.dtype} {tuple(a.shape)}; the protocol's is int64 (6,)"
+    )
     new = impl.update_groups(g, z, torch.tensor([0, 1, 1, 3, 0, 1]), 0.5)
-    assert new.dtype == dtype and new.shape == g.shape, \
+    assert new.dtype == dtype and new.shape == g.shape, (
         f"update_groups returned {new.dtype} {tuple(new.shape)} for {dtype} groups {tuple(g.shape)}"
+    )

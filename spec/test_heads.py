@@ -1,5 +1,6 @@
 """heads.md: one iteration of all heads, smog_multihead_step (H1-H5); the returned types and the
 error (H6, contract)."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,17 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from spec.harness import close, close_grad, close_value, needs_graph, ref_assign, ref_normalise, ref_step_loss, ref_update, unambiguous
+from spec.harness import (
+    close,
+    close_grad,
+    close_value,
+    needs_graph,
+    ref_assign,
+    ref_normalise,
+    ref_step_loss,
+    ref_update,
+    unambiguous,
+)
 from spec.strategies import DTYPES, betas, matrices, taus, unit_rows
 
 invariant, optional = pytest.mark.invariant, pytest.mark.optional
@@ -15,8 +26,16 @@ invariant, optional = pytest.mark.invariant, pytest.mark.optional
 
 def _problem(data, h_min=1):
     dtype = data.draw(DTYPES, "dtype")
-    H, C, J = data.draw(st.integers(h_min, 3), "H"), data.draw(st.integers(2, 3), "C"), data.draw(st.integers(1, 2), "J")
-    B, k, d = data.draw(st.integers(1, 5), "B"), data.draw(st.integers(1, 5), "K"), data.draw(st.integers(1, 4), "D")
+    H, C, J = (
+        data.draw(st.integers(h_min, 3), "H"),
+        data.draw(st.integers(2, 3), "C"),
+        data.draw(st.integers(1, 2), "J"),
+    )
+    B, k, d = (
+        data.draw(st.integers(1, 5), "B"),
+        data.draw(st.integers(1, 5), "K"),
+        data.draw(st.integers(1, 4), "D"),
+    )
     g = data.draw(unit_rows(H * k, d, dtype), "groups").view(H, k, d)
     z = data.draw(matrices(C * B, d, dtype), "z").view(C, B, d)
     zt = data.draw(matrices(J * B, d, dtype), "z_target").view(J, B, d)
@@ -42,7 +61,9 @@ def test_loss_is_the_mean_over_heads(impl, data):
     """The value claim; the gradient claim is the next test."""
     dtype, g, z, zt, p, beta, tau = _problem(data)
     loss, new, targets = impl.smog_multihead_step(g, z, zt, p, beta, tau)
-    ref = torch.stack([ref_step_loss(p, new[h], targets[h].long(), tau) for h in range(g.shape[0])]).mean()
+    ref = torch.stack(
+        [ref_step_loss(p, new[h], targets[h].long(), tau) for h in range(g.shape[0])]
+    ).mean()
     close_value(loss.reshape(()), ref, dtype, scale=1 / tau, what="the loss (the mean over heads)")
 
 
@@ -54,9 +75,11 @@ def test_loss_gradient_in_p_is_that_of_the_mean_over_heads(impl, data):
     p = p.clone().requires_grad_(True)
     loss, new, targets = impl.smog_multihead_step(g, z, zt, p, beta, tau)
     needs_graph(loss, "smog_multihead_step's loss")
-    ref = torch.stack([ref_step_loss(p, new[h].detach(), targets[h].long(), tau) for h in range(g.shape[0])]).mean()
-    got, = torch.autograd.grad(loss, p)
-    want, = torch.autograd.grad(ref, p)
+    ref = torch.stack(
+        [ref_step_loss(p, new[h].detach(), targets[h].long(), tau) for h in range(g.shape[0])]
+    ).mean()
+    (got,) = torch.autograd.grad(loss, p)
+    (want,) = torch.autograd.grad(ref, p)
     close_grad(got, want, "p", dtype, scale=1 / tau, what="smog_multihead_step's loss")
 
 
@@ -78,7 +101,9 @@ def test_targets_of_each_head_use_its_own_groups_before_the_update(impl, data):
         for j in range(zt.shape[0]):
             ref, margin = ref_assign(zt[j], g[h])
             ok = unambiguous(margin, dtype)
-            assert torch.equal(targets[h, j].long()[ok], ref[ok]), f"targets of head {h}, momentum crop {j}"
+            assert torch.equal(targets[h, j].long()[ok], ref[ok]), (
+                f"targets of head {h}, momentum crop {j}"
+            )
 
 
 def _check_no_gradient_into_groups(impl, data, group_grad):
@@ -92,7 +117,7 @@ def _check_no_gradient_into_groups(impl, data, group_grad):
     needs_graph(loss, "smog_multihead_step's loss")
     outs = [loss] + ([new.sum()] if new.requires_grad else [])
     for out in outs:
-        grad, = torch.autograd.grad(out, g, retain_graph=True, allow_unused=True)
+        (grad,) = torch.autograd.grad(out, g, retain_graph=True, allow_unused=True)
         assert grad is None or not grad.any(), "gradient reached the incoming groups"
 
 
@@ -123,13 +148,17 @@ def _check_independent_heads(impl, data, **kw):
     singles = [impl.smog_step(g[h], z[h % 2], zt, p, beta, tau, **kw) for h in range(g.shape[0])]
     close(loss, torch.stack([s[0] for s in singles]).mean(), dtype, scale=1 / tau)
     for h, (_, g_h, t_h) in enumerate(singles):
-        assert torch.equal(targets[h].long(), t_h.long()), f"head {h}: targets differ from smog_step's"
+        assert torch.equal(targets[h].long(), t_h.long()), (
+            f"head {h}: targets differ from smog_step's"
+        )
         close(new[h], g_h, dtype, msg=f"head {h}: new groups differ from smog_step's")
-    if g.shape[0] > 1:   # another head's groups change nothing in head 0
+    if g.shape[0] > 1:  # another head's groups change nothing in head 0
         other = g.clone()
         other[1:] = other[1:].flip(-1)
         _, new2, targets2 = impl.smog_multihead_step(other, z, zt, p, beta, tau, **kw)
-        assert torch.equal(new2[0], new[0]) and torch.equal(targets2[0], targets[0]), "head 0 saw another head"
+        assert torch.equal(new2[0], new[0]) and torch.equal(targets2[0], targets[0]), (
+            "head 0 saw another head"
+        )
 
 
 @invariant("H5")
@@ -156,10 +185,13 @@ def test_fewer_than_two_online_crops_is_an_error(impl):
         impl.smog_multihead_step(g, x, x, x, 0.5, 0.1)
     except Exception:  # noqa: BLE001 - any error will do here; NotImplementedError never gets here (Impl)
         return
-    raise AssertionError("smog_multihead_step returned with one online crop; head 1 has no crop 1 to update from")
+    raise AssertionError(
+        "smog_multihead_step returned with one online crop; head 1 has no crop 1 to update from"
+    )
 
 
 # -- contract: the protocol's conventions ------------------------------------------------------------
+
 
 @invariant("H6")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -167,13 +199,18 @@ def test_multihead_return_types(impl, dtype):
     """(a 0-dim loss, new groups of the dtype and shape of `groups` [H, K, D], int64 targets [H, J, B])."""
     gen = torch.Generator().manual_seed(6)
     g = ref_normalise(torch.randn(3, 4, 3, generator=gen, dtype=torch.float64)).to(dtype)
-    z, zt, p = (torch.randn(*s, 5, 3, generator=gen, dtype=torch.float64).to(dtype) for s in ((2,), (2,), (2,)))
+    z, zt, p = (
+        torch.randn(*s, 5, 3, generator=gen, dtype=torch.float64).to(dtype)
+        for s in ((2,), (2,), (2,))
+    )
     loss, new, targets = impl.smog_multihead_step(g, z, zt, p, 0.9, 0.1)
     assert loss.dim() == 0, f"loss of shape {tuple(loss.shape)}; the protocol's is a 0-dim tensor"
-    assert new.dtype == dtype and new.shape == g.shape, \
+    assert new.dtype == dtype and new.shape == g.shape, (
         f"new groups {new.dtype} {tuple(new.shape)} for {dtype} groups {tuple(g.shape)}"
-    assert targets.dtype == torch.long and tuple(targets.shape) == (3, 2, 5), \
+    )
+    assert targets.dtype == torch.long and tuple(targets.shape) == (3, 2, 5), (
         f"targets {targets.dtype} {tuple(targets.shape)}; the protocol's are int64 (H, J, B) = (3, 2, 5)"
+    )
 
 
 @invariant("H6")
@@ -182,7 +219,10 @@ def test_fewer_than_two_online_crops_is_a_value_error(impl):
     try:
         impl.smog_multihead_step(g, x, x, x, 0.5, 0.1)
     except Exception as e:  # noqa: BLE001 - the type is what this test checks
-        assert isinstance(e, ValueError), \
+        assert isinstance(e, ValueError), (
             f"one online crop raised {type(e).__name__}; the protocol's error is ValueError"
+        )
         return
-    raise AssertionError("smog_multihead_step returned with one online crop; the protocol raises ValueError")
+    raise AssertionError(
+        "smog_multihead_step returned with one online crop; the protocol raises ValueError"
+    )

@@ -1,5 +1,6 @@
 """Meta-tests: every invariant in spec/*.md is cited by a test and every citation exists; the
 harness reports a missing function by name."""
+
 from __future__ import annotations
 
 import importlib
@@ -7,10 +8,20 @@ import re
 
 import pytest
 
-from spec.harness import DEPENDS, DOCS, PROTOCOL, SPEC_DIR as SPEC, Impl, invariant_ids as defined
+from spec.harness import DEPENDS, DOCS, PROTOCOL, Impl
+from spec.harness import SPEC_DIR as SPEC
+from spec.harness import invariant_ids as defined
 
 REFERENCE = re.compile(r"\(([GLKSMHR]\d+)\)")
-TEST_MODULES = ("test_grouping", "test_loss", "test_kmeans", "test_step", "test_momentum", "test_heads", "test_run")
+TEST_MODULES = (
+    "test_grouping",
+    "test_loss",
+    "test_kmeans",
+    "test_step",
+    "test_momentum",
+    "test_heads",
+    "test_run",
+)
 
 
 def cited():
@@ -52,8 +63,10 @@ def test_ids_are_numbered_consecutively_and_references_resolve():
 
 
 def test_missing_function_fails_by_name():
-    lacking = Impl("spec.strategies")   # a module without the protocol
-    with pytest.raises(pytest.fail.Exception, match="assign_groups is not defined in spec.strategies"):
+    lacking = Impl("spec.strategies")  # a module without the protocol
+    with pytest.raises(
+        pytest.fail.Exception, match="assign_groups is not defined in spec.strategies"
+    ):
         _ = lacking.assign_groups
     assert "assign_groups" in PROTOCOL
 

@@ -13,6 +13,7 @@
   the optional mode; K1, K6: the declaration; M3, M5, H6: conventions), in one subprocess, in the
   default run only; `python -m spec --impl spec.examples.smogx_adapter` gives the whole verdict.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spec.harness import DEFAULT_IMPL, SPEC_DIR, SimulatedDistributed, impl_name, invariant_kinds, run_ranks
+from spec.harness import (
+    DEFAULT_IMPL,
+    SPEC_DIR,
+    SimulatedDistributed,
+    impl_name,
+    invariant_kinds,
+    run_ranks,
+)
 
 REAL = {name: getattr(dist, name) for name in SimulatedDistributed.NAMES}
 
@@ -39,15 +47,15 @@ def test_simulated_torch_distributed_on_the_ranks_only():
 
     def fn(rank, all_reduce, broadcast):
         t = torch.tensor([float(rank + 1)])
-        dist.all_reduce(t)                                   # in place, as torch.distributed
+        dist.all_reduce(t)  # in place, as torch.distributed
         b = torch.tensor([float(rank)])
         dist.broadcast(b, src=1)
         parts = [torch.zeros(2) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, torch.tensor([rank, 10.0 * rank]))
-        both = all_reduce(torch.tensor([1.0]))               # the handed function shares the sequence
+        both = all_reduce(torch.tensor([1.0]))  # the handed function shares the sequence
         objs = [None] * 3
         dist.all_gather_object(objs, {"rank": rank})
-        if rank == 0:                                       # another thread sees the real module
+        if rank == 0:  # another thread sees the real module
             other = threading.Thread(target=lambda: seen_outside.append(dist.is_initialized()))
             other.start()
             other.join()
@@ -68,6 +76,7 @@ def test_simulated_torch_distributed_is_restored_after_a_failing_rank():
         if rank == 1:
             raise RuntimeError("rank 1 fails")
         dist.all_reduce(torch.zeros(1))
+
     with pytest.raises(RuntimeError, match="rank 1 fails"):
         run_ranks(2, fn)
     assert _untouched()
@@ -80,21 +89,34 @@ def test_differentiable_all_reduce_of_torch_distributed_nn():
     out = run_ranks(2, lambda r, ar, bc: dnn.all_reduce(xs[r] * xs[r]))
     assert [o.item() for o in out] == [5.0, 5.0]
     sum(out).backward()
-    assert [x.grad.item() for x in xs] == [4.0, 8.0]          # d/dx_r of 2 (x_0^2 + x_1^2)
+    assert [x.grad.item() for x in xs] == [4.0, 8.0]  # d/dx_r of 2 (x_0^2 + x_1^2)
 
 
-VERDICT_LINE = re.compile(r"^([A-Z]\d+)\s+(pass|FAIL \(consequential\)|FAIL|xfail|not implemented \(optional\)|"
-                          r"not implemented \(no autograd\)|not implemented|n/a \(declared\)|skipped)(?=\s|$)", re.M)
-RIGHT = ("spec.examples.smogx_adapter",
-         "G5 or G11 or L6 or L7 or K1 or K6 or M3 or M5 or H6 or R1 or R4")
-WRONG = {"rank_means": {"G5", "G6"}, "raw_members": {"G2"}}   # variant -> what it must FAIL
-PORT = ("spec.examples.smognp_adapter", "")                   # the NumPy port with its gradient bridge: all of it
-GRADLESS = ("spec.examples.smognp_adapter:plain",              # the same port without the bridge
-            "S2 or H1 or L2 or L5 or H4 or K1 or K2 or K3 or K4")
-PORT_WRONG = {"no_psum": ("L6 or L7", {"L7"}),                 # slips in the port's own VJPs -> what must FAIL
-              "no_projection": ("L1 or L2 or S2 or H1", {"L2", "S2", "H1"})}
-RUNS = [RIGHT] + [(f"spec.examples.smogx_wrong:{v}", " or ".join(sorted(ids))) for v, ids in WRONG.items()] + \
-    [PORT, GRADLESS] + [(f"spec.examples.smognp_wrong:{v}", sel) for v, (sel, _) in PORT_WRONG.items()]
+VERDICT_LINE = re.compile(
+    r"^([A-Z]\d+)\s+(pass|FAIL \(consequential\)|FAIL|xfail|not implemented \(optional\)|"
+    r"not implemented \(no autograd\)|not implemented|n/a \(declared\)|skipped)(?=\s|$)",
+    re.M,
+)
+RIGHT = (
+    "spec.examples.smogx_adapter",
+    "G5 or G11 or L6 or L7 or K1 or K6 or M3 or M5 or H6 or R1 or R4",
+)
+WRONG = {"rank_means": {"G5", "G6"}, "raw_members": {"G2"}}  # variant -> what it must FAIL
+PORT = ("spec.examples.smognp_adapter", "")  # the NumPy port with its gradient bridge: all of it
+GRADLESS = (
+    "spec.examples.smognp_adapter:plain",  # the same port without the bridge
+    "S2 or H1 or L2 or L5 or H4 or K1 or K2 or K3 or K4",
+)
+PORT_WRONG = {
+    "no_psum": ("L6 or L7", {"L7"}),  # slips in the port's own VJPs -> what must FAIL
+    "no_projection": ("L1 or L2 or S2 or H1", {"L2", "S2", "H1"}),
+}
+RUNS = (
+    [RIGHT]
+    + [(f"spec.examples.smogx_wrong:{v}", " or ".join(sorted(ids))) for v, ids in WRONG.items()]
+    + [PORT, GRADLESS]
+    + [(f"spec.examples.smognp_wrong:{v}", sel) for v, (sel, _) in PORT_WRONG.items()]
+)
 SCRIPT = """
 import sys
 from spec.__main__ import main
@@ -107,24 +129,47 @@ for impl, select in {runs!r}:
 @pytest.fixture(scope="module")
 def verdicts():
     """{impl: (exit status, {id: status}, text)} of the RUNS, in one subprocess (one torch import)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("SMOG_IMPL", "SMOG_XFAIL", "PYTEST_ADDOPTS")}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(runs=RUNS)], cwd=SPEC_DIR.parent, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SMOG_IMPL", "SMOG_XFAIL", "PYTEST_ADDOPTS")
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(runs=RUNS)],
+        cwd=SPEC_DIR.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     parts = re.findall(r"(spec verdict for (\S+).*?)=== exit (\d+)", proc.stdout, re.S)
     assert len(parts) == len(RUNS), proc.stdout + proc.stderr
     return {impl: (int(rc), dict(VERDICT_LINE.findall(text)), text) for text, impl, rc in parts}
 
 
-only_default = pytest.mark.skipif(impl_name() != DEFAULT_IMPL,
-                                  reason="the outside implementation is judged in the default run only")
+only_default = pytest.mark.skipif(
+    impl_name() != DEFAULT_IMPL,
+    reason="the outside implementation is judged in the default run only",
+)
 
 
 @only_default
 def test_outside_implementation_verdict(verdicts):
     rc, got, text = verdicts[RIGHT[0]]
     assert rc == 0, f"--judge mathematics should pass smogx:\n{text}"
-    want = {"G5": "pass", "G11": "pass", "L6": "not implemented (optional)", "L7": "pass", "K1": "pass",
-            "K6": "n/a (declared)", "M3": "pass", "M5": "FAIL", "H6": "FAIL", "R1": "pass", "R4": "pass"}
+    want = {
+        "G5": "pass",
+        "G11": "pass",
+        "L6": "not implemented (optional)",
+        "L7": "pass",
+        "K1": "pass",
+        "K6": "n/a (declared)",
+        "M3": "pass",
+        "M5": "FAIL",
+        "H6": "FAIL",
+        "R1": "pass",
+        "R4": "pass",
+    }
     assert got == want, text
     assert "declared by the implementation" in text and "replicated_kmeans" in text, text
     assert "group_grad=True" in text, text
@@ -149,9 +194,15 @@ def test_numpy_port_with_its_gradient_bridge_passes_everything(verdicts):
     rc, got, text = verdicts[PORT[0]]
     assert rc == 0, text
     kinds = invariant_kinds()
-    assert {i for i, k in kinds.items() if k == "mathematics"} <= {i for i, v in got.items() if v == "pass"}, text
-    assert {i for i, v in got.items() if v != "pass"} == {"K11"}, text   # R5's other tests apply and pass
-    assert got["K11"] == "n/a (declared)" and re.search(r"^R5 .* 2/3 pass, 1 n/a \(declared\)", text, re.M), text
+    assert {i for i, k in kinds.items() if k == "mathematics"} <= {
+        i for i, v in got.items() if v == "pass"
+    }, text
+    assert {i for i, v in got.items() if v != "pass"} == {"K11"}, (
+        text
+    )  # R5's other tests apply and pass
+    assert got["K11"] == "n/a (declared)" and re.search(
+        r"^R5 .* 2/3 pass, 1 n/a \(declared\)", text, re.M
+    ), text
 
 
 @only_default
@@ -161,11 +212,24 @@ def test_numpy_port_without_the_bridge_fails_nothing_it_computes(verdicts):
     rc, got, text = verdicts[GRADLESS[0]]
     assert rc == 1, text
     no_graph = "not implemented (no autograd)"
-    assert got == {"L2": no_graph, "L5": no_graph, "K1": "pass", "K2": "pass", "K3": "pass", "K4": "pass",
-                   "S2": no_graph, "H1": no_graph, "H4": no_graph}, text
+    assert got == {
+        "L2": no_graph,
+        "L5": no_graph,
+        "K1": "pass",
+        "K2": "pass",
+        "K3": "pass",
+        "K4": "pass",
+        "S2": no_graph,
+        "H1": no_graph,
+        "H4": no_graph,
+    }, text
     for inv in ("S2", "H1"):
-        assert re.search(rf"^{inv} .* 1/2 pass, 1 not implemented \(no autograd\)", text, re.M), text
-    assert "common cause: no autograd" in text and not re.search(r"^[A-Z]\d+ +FAIL", text, re.M), text
+        assert re.search(rf"^{inv} .* 1/2 pass, 1 not implemented \(no autograd\)", text, re.M), (
+            text
+        )
+    assert "common cause: no autograd" in text and not re.search(r"^[A-Z]\d+ +FAIL", text, re.M), (
+        text
+    )
 
 
 @only_default

@@ -1,4 +1,5 @@
 """step.md: one head's iteration, smog_step (S1-S7); the returned types (S8, contract)."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,18 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from spec.harness import close, close_grad, close_value, needs_graph, ref_assign, ref_normalise, ref_step_loss, ref_update, run_ranks, \
-    unambiguous
+from spec.harness import (
+    close,
+    close_grad,
+    close_value,
+    needs_graph,
+    ref_assign,
+    ref_normalise,
+    ref_step_loss,
+    ref_update,
+    run_ranks,
+    unambiguous,
+)
 from spec.strategies import DTYPES, betas, matrices, seeds, shard_sizes, taus, unit_rows
 
 invariant, optional = pytest.mark.invariant, pytest.mark.optional
@@ -15,8 +26,11 @@ invariant, optional = pytest.mark.invariant, pytest.mark.optional
 
 def _problem(data, dtype=None, b_min=1, b_max=5):
     dtype = dtype or data.draw(DTYPES, "dtype")
-    B, C, J = data.draw(st.integers(b_min, b_max), "B"), data.draw(st.integers(1, 3), "C"), \
-        data.draw(st.integers(1, 2), "J")
+    B, C, J = (
+        data.draw(st.integers(b_min, b_max), "B"),
+        data.draw(st.integers(1, 3), "C"),
+        data.draw(st.integers(1, 2), "J"),
+    )
     k, d = data.draw(st.integers(1, 5), "K"), data.draw(st.integers(1, 4), "D")
     g = data.draw(unit_rows(k, d, dtype), "groups")
     z = data.draw(matrices(B, d, dtype), "z_update")
@@ -64,11 +78,27 @@ def test_loss_is_mean_over_crops_targets_samples_with_new_groups(impl, data):
     dtype, g, z, zt, p, beta, tau = _problem(data)
     loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
     targets = targets.long()
-    close_value(loss.reshape(()), ref_step_loss(p, new, targets, tau), dtype, scale=1 / tau,
-                what="the loss (the mean over crops, targets and samples, with the new groups)")
-    per_pair = torch.stack([impl.smog_loss(p[c], new, targets[j], tau)
-                            for c in range(p.shape[0]) for j in range(zt.shape[0])])
-    close(loss, per_pair.mean(), dtype, scale=1 / tau, msg="the loss is not the mean of smog_loss over the pairs")
+    close_value(
+        loss.reshape(()),
+        ref_step_loss(p, new, targets, tau),
+        dtype,
+        scale=1 / tau,
+        what="the loss (the mean over crops, targets and samples, with the new groups)",
+    )
+    per_pair = torch.stack(
+        [
+            impl.smog_loss(p[c], new, targets[j], tau)
+            for c in range(p.shape[0])
+            for j in range(zt.shape[0])
+        ]
+    )
+    close(
+        loss,
+        per_pair.mean(),
+        dtype,
+        scale=1 / tau,
+        msg="the loss is not the mean of smog_loss over the pairs",
+    )
 
 
 @invariant("S2")
@@ -80,8 +110,8 @@ def test_loss_gradient_in_p_is_that_of_the_mean_with_new_groups(impl, data):
     loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
     needs_graph(loss, "smog_step's loss")
     ref = ref_step_loss(p, new.detach(), targets.long(), tau)
-    got, = torch.autograd.grad(loss, p)
-    want, = torch.autograd.grad(ref, p)
+    (got,) = torch.autograd.grad(loss, p)
+    (want,) = torch.autograd.grad(ref, p)
     close_grad(got, want, "p", dtype, scale=1 / tau, what="smog_step's loss")
 
 
@@ -105,8 +135,9 @@ def test_duplicating_the_whole_batch_changes_nothing(impl, data):
     _decided(dtype, g, z, zt)
     assume(ref_update(g, z, ref_assign(z, g)[0], beta)[1] > 1e-2)
     loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
-    loss2, new2, targets2 = impl.smog_step(g, torch.cat([z, z]), torch.cat([zt, zt], 1), torch.cat([p, p], 1),
-                                           beta, tau)
+    loss2, new2, targets2 = impl.smog_step(
+        g, torch.cat([z, z]), torch.cat([zt, zt], 1), torch.cat([p, p], 1), beta, tau
+    )
     assert torch.equal(targets2, torch.cat([targets, targets], 1))
     close(new2, new, dtype)
     close(loss2, loss, dtype, scale=1 / tau)
@@ -122,8 +153,12 @@ def test_duplicating_one_sample(impl, data, seed):
     B = z.shape[0]
     b = int(torch.randint(0, B, (1,), generator=torch.Generator().manual_seed(seed)))
     a, _ = ref_assign(z, g)
-    z2, zt2, p2 = torch.cat([z, z[b:b + 1]]), torch.cat([zt, zt[:, b:b + 1]], 1), torch.cat([p, p[:, b:b + 1]], 1)
-    expected2, smallest = ref_update(g, z2, torch.cat([a, a[b:b + 1]]), beta)
+    z2, zt2, p2 = (
+        torch.cat([z, z[b : b + 1]]),
+        torch.cat([zt, zt[:, b : b + 1]], 1),
+        torch.cat([p, p[:, b : b + 1]], 1),
+    )
+    expected2, smallest = ref_update(g, z2, torch.cat([a, a[b : b + 1]]), beta)
     assume(smallest > 1e-2 and ref_update(g, z, a, beta)[1] > 1e-2)
     _, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
     _, new2, targets2 = impl.smog_step(g, z2, zt2, p2, beta, tau)
@@ -143,7 +178,10 @@ def test_split_across_ranks_equals_one_batch(impl, data):
     _decided(dtype, g, z, zt)
     assume(ref_update(g, z, ref_assign(z, g)[0], beta)[1] > 1e-2)
     zs, zts, ps = torch.split(z, sizes), torch.split(zt, sizes, 1), torch.split(p, sizes, 1)
-    out = run_ranks(len(sizes), lambda r, ar, _: impl.smog_step(g, zs[r], zts[r], ps[r], beta, tau, all_reduce=ar))
+    out = run_ranks(
+        len(sizes),
+        lambda r, ar, _: impl.smog_step(g, zs[r], zts[r], ps[r], beta, tau, all_reduce=ar),
+    )
     loss, new, targets = impl.smog_step(g, z, zt, p, beta, tau)
     for r in range(len(sizes)):
         assert torch.equal(out[r][1], out[0][1]), f"rank {r} holds different groups from rank 0"
@@ -180,16 +218,22 @@ def test_step_is_pure_with_group_grad(impl, data):
 
 # -- contract: the protocol's conventions ------------------------------------------------------------
 
+
 @invariant("S8")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_step_return_types(impl, dtype):
     """smog_step -> (a 0-dim loss, new groups of the dtype and shape of `groups`, int64 targets [J, B])."""
     gen = torch.Generator().manual_seed(5)
     g = ref_normalise(torch.randn(4, 3, generator=gen, dtype=torch.float64)).to(dtype)
-    z, zt, p = (torch.randn(*s, 3, generator=gen, dtype=torch.float64).to(dtype) for s in ((6,), (2, 6), (3, 6)))
+    z, zt, p = (
+        torch.randn(*s, 3, generator=gen, dtype=torch.float64).to(dtype)
+        for s in ((6,), (2, 6), (3, 6))
+    )
     loss, new, targets = impl.smog_step(g, z, zt, p, 0.9, 0.1)
     assert loss.dim() == 0, f"loss of shape {tuple(loss.shape)}; the protocol's is a 0-dim tensor"
-    assert new.dtype == dtype and new.shape == g.shape, \
+    assert new.dtype == dtype and new.shape == g.shape, (
         f"new groups {new.dtype} {tuple(new.shape)} for {dtype} groups {tuple(g.shape)}"
-    assert targets.dtype == torch.long and tuple(targets.shape) == (2, 6), \
+    )
+    assert targets.dtype == torch.long and tuple(targets.shape) == (2, 6), (
         f"targets {targets.dtype} {tuple(targets.shape)}; the protocol's are int64 (J, B) = (2, 6)"
+    )

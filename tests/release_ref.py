@@ -1,6 +1,7 @@
 """Hand-built references of rules of the authors' released code (src/resnet50.py,
 src/SwinTrans_multicrop.py), written from the release, not from the project's code, for the
 tests."""
+
 import torch
 import torch.nn.functional as F
 from torchvision.models import resnet as tv_resnet
@@ -15,7 +16,7 @@ def unified_bn(bn, xs):
     res, start = [], 0
     for x in xs:
         n, c, h, w = x.shape
-        res.append(out[:, :, start:start + n * h * w].reshape(c, n, h, w).permute(1, 0, 2, 3))
+        res.append(out[:, :, start : start + n * h * w].reshape(c, n, h, w).permute(1, 0, 2, 3))
         start += n * h * w
     return res
 

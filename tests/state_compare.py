@@ -1,4 +1,5 @@
 """State comparison shared by the resume tests (test_train.py, test_reliability.py)."""
+
 import torch
 
 
@@ -6,8 +7,10 @@ def assert_same(a, b, path: str) -> None:
     """Tensors bitwise equal (same dtype and shape), containers recursively, everything else ==."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs (max abs diff "\
-                                  f"{(a.double() - b.double()).abs().max().item() if a.numel() else 0})"
+        assert torch.equal(a, b), (
+            f"{path} differs (max abs diff "
+            f"{(a.double() - b.double()).abs().max().item() if a.numel() else 0})"
+        )
     elif isinstance(a, dict):
         assert set(a) == set(b), f"{path}: keys {sorted(map(str, set(a) ^ set(b)))}"
         for k in a:

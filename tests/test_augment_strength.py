@@ -8,6 +8,7 @@ With the other operations switched off on both sides (probability 0; crop scale 
 makes the crop the whole image), each statistic is a per-crop number whose mean depends on one
 parameter; the two pipelines' means must agree within Z_SAME standard errors, and the 2x-off tensor
 pipeline must differ by more than Z_OFF. Draws are seeded, so the verdicts are deterministic."""
+
 import math
 
 import pytest
@@ -35,7 +36,9 @@ def ramp_images(n):
     """32x32 images whose red channel rises left to right and green top to bottom: a crop's red and
     green ranges measure its width and height, the sign of its red slope its flip."""
     x = torch.arange(32) * 8
-    img = torch.stack([x.view(1, -1).expand(32, 32), x.view(-1, 1).expand(32, 32), torch.full((32, 32), 128)])
+    img = torch.stack(
+        [x.view(1, -1).expand(32, 32), x.view(-1, 1).expand(32, 32), torch.full((32, 32), 128)]
+    )
     return img.to(torch.uint8).expand(n, 3, 32, 32).contiguous()
 
 
@@ -54,7 +57,7 @@ def isolated(kind, scale=(1.0, 1.0), ratio=(1.0, 1.0), blur_scale=1.0, keep=()):
     for i, name in enumerate(("brightness", "contrast", "saturation", "hue")):
         if name not in keep:
             setattr(cj, name, None)
-            b.jitter = b.jitter[:i] + (0.0,) + b.jitter[i + 1:]
+            b.jitter = b.jitter[:i] + (0.0,) + b.jitter[i + 1 :]
     if not {"brightness", "contrast", "saturation", "hue"} & set(keep):
         t["RandomApply"].p = b.jitter_p = 0.0
     if "gray" not in keep:
@@ -77,7 +80,7 @@ def pil_crops(a, images, seed):
 def tensor_crops(b, images, seed, flip):
     u = torch.rand(len(images), ba.N_UNIFORM, generator=torch.Generator().manual_seed(seed))
     if not flip:
-        u[:, ba._FLIP] = 1.0                                   # the tensor side flips where u < 0.5
+        u[:, ba._FLIP] = 1.0  # the tensor side flips where u < 0.5
     return b(images, u)
 
 
@@ -91,13 +94,19 @@ def hue(x):
     c = v - x.min(1).values
     r, g, b = x.unbind(1)
     d = c.clamp(min=1e-6)
-    h = torch.where(arg == 0, ((g - b) / d) % 6, torch.where(arg == 1, (b - r) / d + 2, (r - g) / d + 4)) / 6
+    h = (
+        torch.where(
+            arg == 0, ((g - b) / d) % 6, torch.where(arg == 1, (b - r) / d + 2, (r - g) / d + 4)
+        )
+        / 6
+    )
     return torch.where(c > 0.1, h, torch.nan)
 
 
 def sharp(x):
-    return (x[..., 1:] - x[..., :-1]).abs().mean((-1, -2, -3)) + (x[..., 1:, :] - x[..., :-1, :]).abs().mean(
-        (-1, -2, -3))
+    return (x[..., 1:] - x[..., :-1]).abs().mean((-1, -2, -3)) + (
+        x[..., 1:, :] - x[..., :-1, :]
+    ).abs().mean((-1, -2, -3))
 
 
 # name -> (set, Augmentation settings, images, statistic(out, images), the tensor side's parameter
@@ -139,24 +148,80 @@ def _rel(f):
 
 
 CHECKS = {
-    "crop scale": ("A", dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)), ramp_images,
-                   lambda out, img: (out[:, 0].float().amax((-1, -2)) - out[:, 0].float().amin((-1, -2))) *
-                   (out[:, 1].float().amax((-1, -2)) - out[:, 1].float().amin((-1, -2))), _scale),
-    "brightness": ("A", dict(keep=("brightness",)), demo_images, _rel(lambda x: x.mean((1, 2, 3))), _brightness),
-    "contrast": ("A", dict(keep=("contrast",)), demo_images, _rel(lambda x: x.std((1, 2, 3))), _contrast),
-    "saturation": ("A", dict(keep=("saturation",)), demo_images,
-                   _rel(lambda x: (x.amax(1) - x.amin(1)).mean((1, 2))), _saturation),
-    "hue": ("A", dict(keep=("hue",)), demo_images,
-            lambda out, img: torch.nanmean(0.5 - ((hue(out.float() / 255) - hue(img.float() / 255)) % 1 - 0.5).abs()
-                                           .flatten(1), 1) * -1 + 0.5, _hue),
-    "grayscale": ("A", dict(keep=("gray",)), demo_images,
-                  lambda out, img: (out.amax(1) == out.amin(1)).all(-1).all(-1).float(), _gray),
-    "blur (demo scale)": ("A", dict(keep=("blur",), blur_scale=0.15), demo_images,
-                          lambda out, img: sharp(out.float()) / sharp(img.float()), _blur),
-    "blur": ("A", dict(keep=("blur",), blur_scale=1.0), demo_images,
-             lambda out, img: sharp(out.float()) / sharp(img.float()), _blur),
-    "solarize": ("B", dict(keep=("solarize",)), demo_images,
-                 lambda out, img: (out != img).any(1).flatten(1).any(1).float(), _solarize),
+    "crop scale": (
+        "A",
+        dict(scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)),
+        ramp_images,
+        lambda out, img: (
+            (out[:, 0].float().amax((-1, -2)) - out[:, 0].float().amin((-1, -2)))
+            * (out[:, 1].float().amax((-1, -2)) - out[:, 1].float().amin((-1, -2)))
+        ),
+        _scale,
+    ),
+    "brightness": (
+        "A",
+        dict(keep=("brightness",)),
+        demo_images,
+        _rel(lambda x: x.mean((1, 2, 3))),
+        _brightness,
+    ),
+    "contrast": (
+        "A",
+        dict(keep=("contrast",)),
+        demo_images,
+        _rel(lambda x: x.std((1, 2, 3))),
+        _contrast,
+    ),
+    "saturation": (
+        "A",
+        dict(keep=("saturation",)),
+        demo_images,
+        _rel(lambda x: (x.amax(1) - x.amin(1)).mean((1, 2))),
+        _saturation,
+    ),
+    "hue": (
+        "A",
+        dict(keep=("hue",)),
+        demo_images,
+        lambda out, img: (
+            torch.nanmean(
+                0.5
+                - ((hue(out.float() / 255) - hue(img.float() / 255)) % 1 - 0.5).abs().flatten(1),
+                1,
+            )
+            * -1
+            + 0.5
+        ),
+        _hue,
+    ),
+    "grayscale": (
+        "A",
+        dict(keep=("gray",)),
+        demo_images,
+        lambda out, img: (out.amax(1) == out.amin(1)).all(-1).all(-1).float(),
+        _gray,
+    ),
+    "blur (demo scale)": (
+        "A",
+        dict(keep=("blur",), blur_scale=0.15),
+        demo_images,
+        lambda out, img: sharp(out.float()) / sharp(img.float()),
+        _blur,
+    ),
+    "blur": (
+        "A",
+        dict(keep=("blur",), blur_scale=1.0),
+        demo_images,
+        lambda out, img: sharp(out.float()) / sharp(img.float()),
+        _blur,
+    ),
+    "solarize": (
+        "B",
+        dict(keep=("solarize",)),
+        demo_images,
+        lambda out, img: (out != img).any(1).flatten(1).any(1).float(),
+        _solarize,
+    ),
 }
 
 
@@ -171,7 +236,13 @@ def test_each_operation_has_the_pil_pipelines_strength(name):
     # the same operation, 2x too strong or weak
     off(a.batch)
     bad = stat(tensor_crops(a.batch, images, 2, flip), images)
-    assert abs(z(want, bad)) > Z_OFF, (name, "2x off not caught", float(want.mean()), float(bad.mean()), z(want, bad))
+    assert abs(z(want, bad)) > Z_OFF, (
+        name,
+        "2x off not caught",
+        float(want.mean()),
+        float(bad.mean()),
+        z(want, bad),
+    )
 
 
 def test_flip_probability():
@@ -179,5 +250,8 @@ def test_flip_probability():
     images = ramp_images(1000)
     # mirrored ramp
     slope = lambda out: (out[:, 0, :, -1].float() - out[:, 0, :, 0].float()).mean(1) < 0
-    want, got = slope(pil_crops(a, images, 1)).float(), slope(tensor_crops(a.batch, images, 2, flip)).float()
+    want, got = (
+        slope(pil_crops(a, images, 1)).float(),
+        slope(tensor_crops(a.batch, images, 2, flip)).float(),
+    )
     assert abs(z(want, got)) < Z_SAME and abs(float(want.mean()) - 0.5) < 0.05

@@ -1,6 +1,8 @@
-"""smog_train/compat.py and smog.differentiable_all_reduce: both branches of each torch-API switch compute the same thing, the current
-branch warns nothing; and a real 2-process training run prints no warning line from this project's
-code (torchrun, gloo, SyncBN on the CPU, DDP, --group-grad's differentiable all-reduce)."""
+"""smog_train/compat.py and smog.differentiable_all_reduce: both branches of each torch-API switch
+compute the same thing, the current branch warns nothing; and a real 2-process training run prints no
+warning line from this project's code (torchrun, gloo, SyncBN on the CPU, DDP, --group-grad's
+differentiable all-reduce)."""
+
 import os
 import re
 import socket
@@ -23,24 +25,38 @@ WARNING_LINE = re.compile(r"^(?P<path>.+?):\d+: (?P<kind>\w*Warning): ")
 def our_warning_lines(text: str) -> list:
     """The warning lines of `text` attributed to a file of this repository (a deprecated torch call
     made from our code is attributed to our line: torch warns with the caller's stack level)."""
-    return [ln for ln in text.splitlines() if (m := WARNING_LINE.match(ln))
-            and os.path.abspath(m.group("path")).startswith(ROOT + os.sep)]
+    return [
+        ln
+        for ln in text.splitlines()
+        if (m := WARNING_LINE.match(ln))
+        and os.path.abspath(m.group("path")).startswith(ROOT + os.sep)
+    ]
 
 
 def test_our_warning_lines_reads_pythons_format():
-    text = (f"{ROOT}/train.py:84: FutureWarning: `broadcast_buffers` is deprecated.\n"
-            f"  net = ...\n/usr/lib/python3/site-packages/torch/x.py:3: UserWarning: theirs\n"
-            f"{ROOT}/smog_train/sync_bn.py:44: FutureWarning: torch.distributed.nn.functional.all_reduce\n")
-    assert [ln.split(":")[0] for ln in our_warning_lines(text)] == [f"{ROOT}/train.py",
-                                                                     f"{ROOT}/smog_train/sync_bn.py"]
+    text = (
+        f"{ROOT}/train.py:84: FutureWarning: `broadcast_buffers` is deprecated.\n"
+        f"  net = ...\n/usr/lib/python3/site-packages/torch/x.py:3: UserWarning: theirs\n"
+        f"{ROOT}/smog_train/sync_bn.py:44: FutureWarning: torch.distributed.nn.functional.all_reduce\n"
+    )
+    assert [ln.split(":")[0] for ln in our_warning_lines(text)] == [
+        f"{ROOT}/train.py",
+        f"{ROOT}/smog_train/sync_bn.py",
+    ]
 
 
 def test_two_process_training_prints_no_warning_from_our_code(tmp_path):
     """torchrun, 2 gloo processes, 1 epoch of 6 steps with --group-grad: DDP's buffer keyword, the
     CPU SyncBN's and the group update's differentiable all-reduces all run. PYTHONWARNINGS=default
     also shows DeprecationWarnings, which Python hides outside __main__."""
-    r = ok(run_train([*TINY, "--epochs", "1", "--group-grad", "--out-dir", "dist"], tmp_path, nproc=2,
-                     env={"PYTHONWARNINGS": "default"}))
+    r = ok(
+        run_train(
+            [*TINY, "--epochs", "1", "--group-grad", "--out-dir", "dist"],
+            tmp_path,
+            nproc=2,
+            env={"PYTHONWARNINGS": "default"},
+        )
+    )
     assert "world 2" in r.stdout and "saved dist/checkpoint.pth (step 6" in r.stdout
     lines = our_warning_lines(r.stdout + r.stderr)
     assert not lines, "warnings from our code:\n" + "\n".join(lines)
@@ -65,7 +81,9 @@ def _all_reduce_branches() -> dict:
     res = {}
     for flag in _branches(smog, "FUNCTIONAL_ALL_REDUCE"):
         smog.FUNCTIONAL_ALL_REDUCE = flag
-        x = torch.randn(5, 7, generator=torch.Generator().manual_seed(dist.get_rank()), requires_grad=True)
+        x = torch.randn(
+            5, 7, generator=torch.Generator().manual_seed(dist.get_rank()), requires_grad=True
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             y = smog.differentiable_all_reduce(x * 1.7)
@@ -79,13 +97,13 @@ def _ddp_branches() -> dict:
     for flag in _branches(compat, "DDP_FORWARD_SYNC_BUFFERS"):
         compat.DDP_FORWARD_SYNC_BUFFERS = flag
         for sync in (False, True):
-            torch.manual_seed(0)                                 # identical weights and buffers
+            torch.manual_seed(0)  # identical weights and buffers
             net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ddp = nn.parallel.DistributedDataParallel(net, **compat.ddp_buffer_sync(sync))
             x = torch.randn(8, 3, generator=torch.Generator().manual_seed(dist.get_rank()))
-            for _ in range(2):                                  # rank-local data moves the BN statistics
+            for _ in range(2):  # rank-local data moves the BN statistics
                 ddp(x).sum().backward()
             res[flag, sync] = (net[1].running_mean.clone(), [str(w.message) for w in caught])
     return res
@@ -118,12 +136,12 @@ def test_differentiable_all_reduce_branches_agree_bitwise(branches):
     for r in range(2):
         y, g, _ = got[r][False]
         torch.testing.assert_close(y, total)
-        torch.testing.assert_close(g, 1.7 * total.cos() * (1.3 + 2.3))   # d/dx of both ranks' losses
+        torch.testing.assert_close(g, 1.7 * total.cos() * (1.3 + 2.3))  # d/dx of both ranks' losses
         if True in got[r]:
             y1, g1, caught = got[r][True]
             assert torch.equal(y1, y) and torch.equal(g1, g)
             assert caught == [], caught
-            assert any("deprecated" in m for m in got[r][False][2])   # what the switch avoids
+            assert any("deprecated" in m for m in got[r][False][2])  # what the switch avoids
     if not smog.FUNCTIONAL_ALL_REDUCE:
         pytest.skip("this torch has no differentiable functional all_reduce: legacy branch only")
 

@@ -2,6 +2,7 @@
 
 The real multi-process checks live in test_core_dist.py.
 """
+
 import math
 
 import pytest
@@ -9,12 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import smog
-from smog_train import backbones
-from smog_train import checkpoint
-from smog_train import probes
-
+from smog_train import backbones, checkpoint, probes
 
 # ---------------------------------------------------------------- slow oracles (loops, float64)
+
 
 def oracle_assign(z, groups):
     out = []
@@ -32,7 +31,9 @@ def oracle_assign(z, groups):
 def oracle_update(groups, z, assign, beta):
     new = groups.double().clone()
     for k in range(groups.shape[0]):
-        members = [z[i].double() / z[i].double().norm() for i in range(len(z)) if int(assign[i]) == k]
+        members = [
+            z[i].double() / z[i].double().norm() for i in range(len(z)) if int(assign[i]) == k
+        ]
         if not members:
             continue
         mean = sum(members) / len(members)
@@ -61,6 +62,7 @@ def unit(*shape, seed=0, dtype=torch.float64):
 
 # ---------------------------------------------------------------- functional core
 
+
 @pytest.mark.parametrize("n,k,d", [(1, 1, 1), (5, 9, 3), (40, 6, 4), (64, 128, 8)])
 def test_assign_matches_oracle(n, k, d):
     z = torch.randn(n, d, generator=torch.Generator().manual_seed(n), dtype=torch.float64) * 3
@@ -79,7 +81,7 @@ def test_assign_ties_go_to_lowest_index():
 def test_update_matches_oracle_including_empty_groups_and_duplicates(n, k, d, beta):
     g = unit(k, d, seed=1)
     z = torch.randn(n, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 5
-    z[n // 2:] = z[0]  # duplicate rows
+    z[n // 2 :] = z[0]  # duplicate rows
     a = smog.assign_groups(z, g)
     g_before, z_before = g.clone(), z.clone()
     new = smog.update_groups(g, z, a, beta)
@@ -95,7 +97,9 @@ def test_update_uses_arbitrary_assignment_not_nearest():
     g = unit(4, 3, seed=3)
     z = torch.randn(10, 3, dtype=torch.float64)
     a = torch.tensor([3, 3, 3, 0, 0, 1, 1, 1, 1, 3])
-    torch.testing.assert_close(smog.update_groups(g, z, a, 0.5), oracle_update(g, z, a, 0.5), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        smog.update_groups(g, z, a, 0.5), oracle_update(g, z, a, 0.5), rtol=0, atol=1e-12
+    )
 
 
 def test_update_sums_and_counts_through_reduce_function():
@@ -140,17 +144,23 @@ def test_smog_step_targets_before_loss_after_update():
     K, D, B, C, J = 6, 4, 5, 3, 2
     g = unit(K, D, seed=8)
     gen = torch.Generator().manual_seed(9)
-    zu, zt, p = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in [(B, D), (J, B, D), (C, B, D)])
+    zu, zt, p = (
+        torch.randn(*s, generator=gen, dtype=torch.float64) for s in [(B, D), (J, B, D), (C, B, D)]
+    )
     loss, new, targets = smog.smog_step(g, zu, zt, p, 0.6, 0.1)
     exp_t = torch.stack([oracle_assign(zt[j], g) for j in range(J)])
     assert torch.equal(targets, exp_t)
     exp_new = oracle_update(g, zu, oracle_assign(zu, g), 0.6)
     torch.testing.assert_close(new, exp_new, rtol=0, atol=1e-12)
-    exp_loss = sum(smog.smog_loss(p[c], exp_new, exp_t[j], 0.1) for c in range(C) for j in range(J)) / (C * J)
+    exp_loss = sum(
+        smog.smog_loss(p[c], exp_new, exp_t[j], 0.1) for c in range(C) for j in range(J)
+    ) / (C * J)
     assert abs(float(loss) - float(exp_loss)) < 1e-12
 
 
-@pytest.mark.parametrize("n,k,d,iters", [(12, 12, 3, 5), (50, 4, 2, 10), (80, 10, 6, 0), (30, 1, 1, 3)])
+@pytest.mark.parametrize(
+    "n,k,d,iters", [(12, 12, 3, 5), (50, 4, 2, 10), (80, 10, 6, 0), (30, 1, 1, 3)]
+)
 def test_kmeans_matches_oracle_from_same_start(n, k, d, iters):
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(n + k), dtype=torch.float64)
     x[-3:] = x[0]  # duplicates
@@ -178,17 +188,20 @@ def test_momentum_update_closed_form():
     for _ in range(50):
         smog.momentum_update_(t, q, 0.9)
     for ti, t0, qi in zip(t, theta0, q):
-        torch.testing.assert_close(ti, 0.9 ** 50 * t0 + (1 - 0.9 ** 50) * qi, rtol=0, atol=1e-12)
+        torch.testing.assert_close(ti, 0.9**50 * t0 + (1 - 0.9**50) * qi, rtol=0, atol=1e-12)
 
 
 def test_beta_schedule_ends_and_linearity():
     s = smog.beta_schedule(1.0, 0.99, 1001)
     assert s[0] == 1.0 and s[-1] == 0.99 and len(s) == 1001
-    torch.testing.assert_close(s[1:] - s[:-1], torch.full((1000,), -1e-5, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        s[1:] - s[:-1], torch.full((1000,), -1e-5, dtype=torch.float64), rtol=0, atol=1e-12
+    )
     assert smog.beta_schedule(0.5, 0.1, 1).tolist() == [0.5]
 
 
 # ---------------------------------------------------------------- modules
+
 
 def tiny_cfg(**kw):
     base = dict(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=12, n_heads=3)
@@ -198,22 +211,36 @@ def tiny_cfg(**kw):
 
 def crops(B=4, seed=0, local=2):
     g = torch.Generator().manual_seed(seed)
-    on = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)] + \
-         [torch.randn(B, 3, 16, 16, generator=g) for _ in range(local)]
-    mo = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)] + \
-         [torch.randn(B, 3, 16, 16, generator=g) for _ in range(local)]      # momentum set: its local crops too
+    on = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)] + [
+        torch.randn(B, 3, 16, 16, generator=g) for _ in range(local)
+    ]
+    mo = [torch.randn(B, 3, 32, 32, generator=g) for _ in range(2)] + [
+        torch.randn(B, 3, 16, 16, generator=g) for _ in range(local)
+    ]  # momentum set: its local crops too
     return on, mo
 
 
-@pytest.mark.parametrize("arch,size,stem", [("smallcnn", 32, False), ("resnet18", 32, True), ("resnet50", 32, True),
-                                            ("resnet50w2", 32, True), ("swin_t", 64, False),
-                                            ("resnet18", 64, False)])
+@pytest.mark.parametrize(
+    "arch,size,stem",
+    [
+        ("smallcnn", 32, False),
+        ("resnet18", 32, True),
+        ("resnet50", 32, True),
+        ("resnet50w2", 32, True),
+        ("swin_t", 64, False),
+        ("resnet18", 64, False),
+    ],
+)
 def test_every_backbone_forward_backward(arch, size, stem):
     torch.manual_seed(0)
     cfg = tiny_cfg(arch=arch, cifar_stem=stem, n_heads=2)
     m = backbones.build_smog(cfg)
-    on = [torch.randn(2, 3, size, size) for _ in range(2)] + [torch.randn(2, 3, size // 2, size // 2)]
-    mo = [torch.randn(2, 3, size, size) for _ in range(2)] + [torch.randn(2, 3, size // 2, size // 2)]
+    on = [torch.randn(2, 3, size, size) for _ in range(2)] + [
+        torch.randn(2, 3, size // 2, size // 2)
+    ]
+    mo = [torch.randn(2, 3, size, size) for _ in range(2)] + [
+        torch.randn(2, 3, size // 2, size // 2)
+    ]
     loss, stats, _ = m(on, mo, 0.99)
     loss.backward()
     assert torch.isfinite(loss)
@@ -232,7 +259,9 @@ def test_forward_equals_per_head_smog_step_and_updates_buffer():
     m2 = backbones.build_smog(tiny_cfg())
     m2.load_state_dict({**m.state_dict(), "groups": g0})
     with torch.no_grad():
-        zt = m2.momentum_projector(backbones.encode_crops(m2.momentum_backbone, mo))[:8]     # targets: global crops
+        zt = m2.momentum_projector(backbones.encode_crops(m2.momentum_backbone, mo))[
+            :8
+        ]  # targets: global crops
         zt = F.normalize(zt, dim=-1).view(2, 4, -1)
         z = m2.projector(backbones.encode_crops(m2.backbone, on))
         p = m2.predictor(z).view(4, 4, -1)
@@ -278,7 +307,9 @@ def test_group_grad_path_through_update(group_grad):
     g = unit(3, 4, seed=10)
     zt = torch.randn(2, 6, 4, dtype=torch.float64)
     p = torch.randn(2, 6, 4, dtype=torch.float64)
-    loss, _, _ = smog.smog_step(g, F.normalize(proj(x), dim=-1), zt, p, 0.5, 0.1, group_grad=group_grad)
+    loss, _, _ = smog.smog_step(
+        g, F.normalize(proj(x), dim=-1), zt, p, 0.5, 0.1, group_grad=group_grad
+    )
     if not loss.requires_grad:
         assert not group_grad
         return
@@ -325,8 +356,9 @@ def test_momentum_step_reset_and_regroup():
     for t, q in zip(m._momentum_params(), m._online_params()):
         assert torch.equal(t, q)
     bank = F.normalize(torch.randn(2, 40, 16), dim=-1)
-    groups = smog.regroup(bank, torch.arange(40), 40, 3, 12, iters=3,
-                          generator=torch.Generator().manual_seed(0))
+    groups = smog.regroup(
+        bank, torch.arange(40), 40, 3, 12, iters=3, generator=torch.Generator().manual_seed(0)
+    )
     # every head: k-means over bank[h % 2], one generator carried from head to head (each head's
     # initial draw sees the state the previous heads left), written out step by step here
     gen = torch.Generator().manual_seed(0)
@@ -339,14 +371,15 @@ def test_momentum_step_reset_and_regroup():
             n = torch.bincount(a, minlength=12)
             c = torch.where(n[:, None] > 0, F.normalize(s, dim=-1), c)
         torch.testing.assert_close(groups[h], c, rtol=1e-5, atol=1e-5, msg=f"head {h}")
-    assert not torch.allclose(m.groups[0], m.groups[2])            # same row, different starts
+    assert not torch.allclose(m.groups[0], m.groups[2])  # same row, different starts
     assert (m.groups.norm(dim=-1) - 1).abs().max() < 1e-5
 
 
 def test_backbone_state_dict_has_no_classifier_and_loads_in_torchvision():
     import torchvision
+
     m = backbones.build_smog(tiny_cfg(arch="resnet18"))
-    sd = m.backbone.state_dict()                      # what smog_train.export writes
+    sd = m.backbone.state_dict()  # what smog_train.export writes
     missing, unexpected = torchvision.models.resnet18().load_state_dict(sd, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
 

@@ -3,6 +3,7 @@
 Each worker writes what it holds after the collective call; the parent compares the ranks with
 each other and with the single-process result on the whole batch.
 """
+
 import os
 import socket
 
@@ -48,10 +49,16 @@ def data(seed=0):
     g = torch.Generator().manual_seed(seed)
     K, D, B = 7, 5, sum(SPLIT)
     groups = F.normalize(torch.randn(K, D, generator=g), dim=-1)
-    return groups, torch.randn(B, D, generator=g), torch.randn(2, B, D, generator=g), torch.randn(3, B, D, generator=g)
+    return (
+        groups,
+        torch.randn(B, D, generator=g),
+        torch.randn(2, B, D, generator=g),
+        torch.randn(3, B, D, generator=g),
+    )
 
 
 # ---------------------------------------------------------------- jobs (run inside each rank)
+
 
 def job_update(rank):
     groups, z, _, _ = data()
@@ -61,7 +68,9 @@ def job_update(rank):
 
 def job_step(rank):
     groups, zu, zt, p = data()
-    loss, new, targets = smog.smog_step(groups, shard(zu, rank), shard(zt, rank, 1), shard(p, rank, 1), 0.6, 0.1)
+    loss, new, targets = smog.smog_step(
+        groups, shard(zu, rank), shard(zt, rank, 1), shard(p, rank, 1), 0.6, 0.1
+    )
     return {"groups": new, "loss": loss.detach(), "targets": targets}
 
 
@@ -90,13 +99,17 @@ def tiny_model():
 def model_inputs():
     g = torch.Generator().manual_seed(4)
     B = sum(SPLIT)
-    on = [torch.randn(B, 3, 16, 16, generator=g) for _ in range(2)] + [torch.randn(B, 3, 8, 8, generator=g)]
+    on = [torch.randn(B, 3, 16, 16, generator=g) for _ in range(2)] + [
+        torch.randn(B, 3, 8, 8, generator=g)
+    ]
     mo = [torch.randn(B, 3, 16, 16, generator=g) for _ in range(2)]
     return on, mo
 
 
 def job_ddp_forward(rank):
-    m = tiny_model().eval()  # eval: BN uses running statistics, so shards see the same normalisation
+    m = (
+        tiny_model().eval()
+    )  # eval: BN uses running statistics, so shards see the same normalisation
     ddp = torch.nn.parallel.DistributedDataParallel(m)
     on, mo = model_inputs()
     loss, stats, _ = ddp([shard(c, rank) for c in on], [shard(c, rank) for c in mo], 0.7)
@@ -104,14 +117,19 @@ def job_ddp_forward(rank):
     first = m.groups.clone()
     m.train()  # a second, train-mode step (per-shard BN statistics): ranks must still agree
     ddp([shard(c, rank) for c in on], [shard(c, rank) for c in mo], 0.7)
-    return {"first": first, "second": m.groups.clone(), "nonempty": stats["nonempty"],
-            "grad": m.backbone.features[0].weight.grad.clone()}
+    return {
+        "first": first,
+        "second": m.groups.clone(),
+        "nonempty": stats["nonempty"],
+        "grad": m.backbone.features[0].weight.grad.clone(),
+    }
 
 
 JOBS = {"update": job_update, "step": job_step, "kmeans": job_kmeans, "ddp": job_ddp_forward}
 
 
 # ---------------------------------------------------------------- tests (parent process)
+
 
 def maxdiff(a, b):
     return float((a.double() - b.double()).abs().max())
@@ -124,8 +142,13 @@ def test_update_groups_two_ranks_equal_whole_batch(tmp_path):
     assert torch.equal(r0["groups"], r1["groups"]), "ranks hold different groups"
     assert maxdiff(r0["groups"], whole) <= TOL
     # and the wrong way (average of per-rank updates) really differs here, so the check has teeth
-    wrong = F.normalize(sum(smog.update_groups(groups, shard(z, r), smog.assign_groups(shard(z, r), groups), 0.6)
-                            for r in range(2)), dim=-1)
+    wrong = F.normalize(
+        sum(
+            smog.update_groups(groups, shard(z, r), smog.assign_groups(shard(z, r), groups), 0.6)
+            for r in range(2)
+        ),
+        dim=-1,
+    )
     assert maxdiff(wrong, whole) > 1e-3
 
 
@@ -151,7 +174,9 @@ def test_kmeans_two_ranks_identical_and_one_iteration_is_global_m_step(tmp_path)
     assert maxdiff(r0["c0"], x[idx]) == 0
     # one iteration from the shared start = M-step over the rows of both ranks
     a = (x @ r0["c0"].T).argmax(1)
-    m = torch.stack([F.normalize(x[a == k].sum(0), dim=0) if (a == k).any() else r0["c0"][k] for k in range(6)])
+    m = torch.stack(
+        [F.normalize(x[a == k].sum(0), dim=0) if (a == k).any() else r0["c0"][k] for k in range(6)]
+    )
     assert maxdiff(r0["c1"], m) <= TOL
     # the whole run equals the single-process run from the same start
     c, assign = smog.spherical_kmeans(x, 6, 10, init=r0["c0"])

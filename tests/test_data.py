@@ -1,4 +1,5 @@
 """data.py: the built-in dataset, image folders, torchvision sources, transforms and SMoG's views."""
+
 import os
 
 import numpy as np
@@ -19,9 +20,14 @@ def test_demo_is_deterministic_balanced_and_split():
     assert np.bincount(y1).tolist() == [6] * 10
     tr, te = data.build_dataset("demo:200", "train"), data.build_dataset("demo:200", "test")
     assert (len(tr), len(te)) == (200, 50) and data.num_classes(tr) == 10 == len(tr.classes)
-    assert not np.array_equal(tr.images[:50], te.images)   # different seeds per split
+    assert not np.array_equal(tr.images[:50], te.images)  # different seeds per split
     img, label = tr[0]
-    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (32, 32) and isinstance(label, int)
+    assert (
+        isinstance(img, Image.Image)
+        and img.mode == "RGB"
+        and img.size == (32, 32)
+        and isinstance(label, int)
+    )
     x, _ = data.build_dataset("demo:200", "train", data.eval_transform(32))[0]
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
 
@@ -31,7 +37,7 @@ def test_demo_pixels_are_dominated_by_nuisance():
     is close to chance (10 %), while every image still shows its shape."""
     xtr, ytr = data.make_demo(2000, seed=0)
     xte, yte = data.make_demo(500, seed=1)
-    f = lambda x: torch.from_numpy(x).float().flatten(1) / 255                           # noqa: E731
+    f = lambda x: torch.from_numpy(x).float().flatten(1) / 255  # noqa: E731
     means = torch.stack([f(xtr)[torch.from_numpy(ytr) == c].mean(0) for c in range(10)])
     pred = torch.cdist(f(xte), means).argmin(1)
     assert (pred == torch.from_numpy(yte)).float().mean() < 0.2
@@ -57,14 +63,18 @@ def _write_folder(root, classes=("cat", "dog"), n=3, size=40):
         for c in classes:
             os.makedirs(root / split / c, exist_ok=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.png"
+                )
 
 
 def test_imagefolder_layout_and_bad_images(tmp_path, capsys):
     _write_folder(tmp_path)
     tr = data.build_dataset(f"imagefolder:{tmp_path}", "train", data.eval_transform(32))
     te = data.build_dataset(f"imagefolder:{tmp_path}", "test")
-    assert len(tr) == 6 and tr.classes == ["cat", "dog"] and data.num_classes(tr) == 2 and len(te) == 6
+    assert (
+        len(tr) == 6 and tr.classes == ["cat", "dog"] and data.num_classes(tr) == 2 and len(te) == 6
+    )
     assert tr[0][0].shape == (3, 32, 32) and tr[5][1] == 1
     bad = tmp_path / "train" / "cat" / "1.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
@@ -72,10 +82,12 @@ def test_imagefolder_layout_and_bad_images(tmp_path, capsys):
     with pytest.raises(data.BadImageError, match="1.png.*--bad-images skip"):
         tr[1]
     log = tmp_path / "skipped.txt"
-    sk = data.build_dataset(f"imagefolder:{tmp_path}", "train", bad_images="skip", skip_log=str(log))
-    assert sk[1][0].size == (40, 40) and sk[1][1] == sk[2][1]   # replaced by the next readable image
+    sk = data.build_dataset(
+        f"imagefolder:{tmp_path}", "train", bad_images="skip", skip_log=str(log)
+    )
+    assert sk[1][0].size == (40, 40) and sk[1][1] == sk[2][1]  # replaced by the next readable image
     sk[1]
-    assert capsys.readouterr().err.count("skipping unreadable image") == 1   # reported once
+    assert capsys.readouterr().err.count("skipping unreadable image") == 1  # reported once
     assert log.read_text().splitlines() == [str(bad)]
     os.rename(tmp_path / "val", tmp_path / "held")
     assert not data.has_test_split(f"imagefolder:{tmp_path}")
@@ -89,7 +101,9 @@ def test_eval_and_linear_transforms_sizes():
     assert data.train_linear_transform(96)(big).shape == (3, 96, 96)
     assert data.eval_transform(32)(Image.new("RGB", (32, 32))).shape == (3, 32, 32)
     assert data.dataset_image_size("demo") == 32 == data.dataset_image_size("cifar100")
-    assert data.dataset_image_size("stl10") == 96 and data.dataset_image_size("imagefolder:/x") == 224
+    assert (
+        data.dataset_image_size("stl10") == 96 and data.dataset_image_size("imagefolder:/x") == 224
+    )
 
 
 def test_views_are_seeded_per_item_and_leave_the_global_rng_alone():
@@ -100,7 +114,9 @@ def test_views_are_seeded_per_item_and_leave_the_global_rng_alone():
     on, mo, i = views[(4, "A", 77)]
     assert torch.equal(torch.get_rng_state(), before)
     assert i == 4 and [tuple(x.shape) for x in on] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
-    assert [tuple(x.shape) for x in mo] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3   # momentum set: 2 global + local too
+    assert [tuple(x.shape) for x in mo] == [(3, 32, 32)] * 2 + [
+        (3, 16, 16)
+    ] * 3  # momentum set: 2 global + local too
     on2, mo2, _ = views[(4, "A", 77)]
     assert all(torch.equal(a, b) for a, b in zip(on + mo, on2 + mo2))
     on3, _, _ = views[(4, "A", 78)]
@@ -117,6 +133,7 @@ def test_uint8_crops_normalised_per_batch_equal_totensor_normalize_per_crop():
     """Augmentation hands out uint8 crops and data.normalize() converts whole batches: bit for bit what
     ToTensor + Normalize per crop gives (the released pipeline's float crops)."""
     import torchvision.transforms as T
+
     base = data.build_dataset("demo:40", "train")
     aug = data.Augmentation("B", 32, (0.2, 1.0), blur_scale=0.15)
     per_crop = T.Compose([*aug.pil.transforms[:-1], T.ToTensor(), T.Normalize(data.MEAN, data.STD)])
@@ -130,7 +147,7 @@ def test_uint8_crops_normalised_per_batch_equal_totensor_normalize_per_crop():
     assert new[0].dtype == torch.uint8
     assert torch.equal(data.normalize(torch.stack(new)), torch.stack(old))
     x = torch.stack(old)
-    assert data.normalize(x) is x                                      # float input passes through
+    assert data.normalize(x) is x  # float input passes through
 
 
 def test_eval_set_of_an_array_dataset_equals_the_pil_eval_transform():
@@ -142,7 +159,7 @@ def test_eval_set_of_an_array_dataset_equals_the_pil_eval_transform():
     ref = data.build_dataset("demo:60", "train", data.eval_transform(32))
     assert torch.equal(fast.x, torch.stack([ref[i][0] for i in range(60)]))
     assert fast.y.tolist() == [ref[i][1] for i in range(60)]
-    resized = data.eval_set(raw, 24)                                    # not the stored size: PIL resize + crop
+    resized = data.eval_set(raw, 24)  # not the stored size: PIL resize + crop
     ref24 = data.build_dataset("demo:60", "train", data.eval_transform(24))
     assert torch.equal(resized.x, torch.stack([ref24[i][0] for i in range(60)]))
     assert data.eval_set(None, 32) is None

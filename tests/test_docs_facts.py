@@ -3,6 +3,7 @@ coefficient m) agree with the presets that train.py runs, and no code file cites
 
 A page that says "10 epochs" while the preset runs 8 teaches the wrong recipe; this test fails on the
 first such drift, naming the page, the preset and the field."""
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ def _table_rows(text: str, header_start: str) -> dict:
     lines = text.splitlines()
     start = next(i for i, ln in enumerate(lines) if ln.startswith(header_start))
     rows = {}
-    for ln in lines[start + 2:]:
+    for ln in lines[start + 2 :]:
         if not ln.startswith("|"):
             break
         cells = [c.strip() for c in ln.strip().strip("|").split("|")]
@@ -40,13 +41,21 @@ def _table_rows(text: str, header_start: str) -> dict:
 
 def test_readme_quickstart_states_the_demo_recipe():
     text, cfg = _read("README.md"), _preset("demo")
-    m = re.search(r"(\d+) epochs = (\d+) steps of (\d+) images, 2 global \+ (\d+) local crops per "
-                  r"augmentation set, (\d+) heads of K = (\d+) groups", text.replace("\n", " "))
+    m = re.search(
+        r"(\d+) epochs = (\d+) steps of (\d+) images, 2 global \+ (\d+) local crops per "
+        r"augmentation set, (\d+) heads of K = (\d+) groups",
+        text.replace("\n", " "),
+    )
     assert m, "README's quickstart no longer states the demo recipe in the form this test reads"
     epochs, steps, batch, n_local, heads, k = map(int, m.groups())
     spe = data.DEMO_TRAIN // cfg.batch_size
-    assert (epochs, batch, n_local, heads, k) == (cfg.epochs, cfg.batch_size, cfg.n_local, cfg.n_heads,
-                                                  cfg.n_groups)
+    assert (epochs, batch, n_local, heads, k) == (
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.n_local,
+        cfg.n_heads,
+        cfg.n_groups,
+    )
     assert steps == cfg.epochs * spe
     assert f"same {steps} steps" in text, "the supervised row of the table names another step count"
 
@@ -79,16 +88,25 @@ def test_method_recipe_table_matches_the_presets():
 def test_method_states_m_per_preset():
     """The notation table gives m for the ImageNet presets and for demo/CIFAR separately."""
     line = next(ln for ln in _read("METHOD.md").splitlines() if ln.startswith("| `m` |"))
-    big, small = map(float, re.search(r"([\d.]+) \(ImageNet presets\), ([\d.]+) \(demo, CIFAR\)",
-                                      line).groups())
+    big, small = map(
+        float, re.search(r"([\d.]+) \(ImageNet presets\), ([\d.]+) \(demo, CIFAR\)", line).groups()
+    )
     assert {_preset(n).ema for n in config.PRESETS if n.startswith("imagenet")} == {big}
     assert {_preset(n).ema for n in ("demo", "cifar10-r18")} == {small}
 
 
 @pytest.mark.parametrize("pattern", [r"\bissue \d+", r"\bissue #\d+"])
 def test_no_code_file_cites_an_issue(pattern):
-    names = subprocess.run(["git", "-C", ROOT, "ls-files", "*.py", "*.sh", ".ci/run"], capture_output=True,
-                           text=True, check=True).stdout.split()
-    hits = [f"{n}:{i}" for n in names for i, ln in enumerate(_read(n).splitlines(), 1)
-            if re.search(pattern, ln, re.I)]
+    names = subprocess.run(
+        ["git", "-C", ROOT, "ls-files", "*.py", "*.sh", ".ci/run"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    hits = [
+        f"{n}:{i}"
+        for n in names
+        for i, ln in enumerate(_read(n).splitlines(), 1)
+        if re.search(pattern, ln, re.I)
+    ]
     assert not hits, f"code files cite issues (say what the code does instead): {hits[:10]}"

@@ -1,6 +1,7 @@
 """The released training recipe: LARS over every parameter, one BatchNorm across crop sizes,
 momentum local crops, ResNet / ResNet-50w2 / Swin-T as released, checkpoint format. Each test compares
 against a hand computation written here, never against the code under test."""
+
 import copy
 
 import pytest
@@ -10,13 +11,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import smog
-from smog_train import checkpoint
-from smog_train import backbones
 import train
-from smog_train import config
-
+from smog_train import backbones, checkpoint, config
 
 # ---------------------------------------------------------------- LARS (released apex LARC rule)
+
 
 def lars_reference(params, grads_per_step, lrs, mu, wd, trust, eps=1e-8):
     """Per tensor, plain Python: the released rule, then torch.optim.SGD's momentum (buf = mu buf + g)."""
@@ -35,9 +34,9 @@ def lars_reference(params, grads_per_step, lrs, mu, wd, trust, eps=1e-8):
 class _Tiny(nn.Module):
     def __init__(self):
         super().__init__()
-        self.lin = nn.Linear(5, 4)                 # weight + bias
-        self.bn = nn.BatchNorm1d(4)                # BN weight + bias
-        self.zero = nn.Parameter(torch.zeros(3))   # ||p|| = 0: no adaptation, no weight decay
+        self.lin = nn.Linear(5, 4)  # weight + bias
+        self.bn = nn.BatchNorm1d(4)  # BN weight + bias
+        self.zero = nn.Parameter(torch.zeros(3))  # ||p|| = 0: no adaptation, no weight decay
 
     def forward(self, x):
         return self.bn(self.lin(x)) * (1 + self.zero.sum())
@@ -58,17 +57,21 @@ def test_lars_matches_per_tensor_reference():
         opt.zero_grad()
         (net(x) ** 3).mean().backward()
         if step == 1:
-            net.lin.bias.grad.zero_()              # ||g|| = 0 on a non-zero tensor
+            net.lin.bias.grad.zero_()  # ||g|| = 0 on a non-zero tensor
         grads.append([p.grad.clone() for p in net.parameters()])
         opt.step()
     ref = lars_reference(p0, grads, lrs, 0.9, 0.01, 0.02)
     for (name, p), r in zip(net.named_parameters(), ref):
         torch.testing.assert_close(p.detach(), r, rtol=1e-12, atol=1e-14, msg=name)
-    assert float(p0[0].norm()) == 0 and float(grads[0][0].norm()) > 0      # `zero` starts at 0, has a gradient
+    assert (
+        float(p0[0].norm()) == 0 and float(grads[0][0].norm()) > 0
+    )  # `zero` starts at 0, has a gradient
 
 
 def test_lars_preset_puts_every_online_parameter_in_lars_with_weight_decay():
-    model = backbones.build_smog(smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=8, n_heads=1))
+    model = backbones.build_smog(
+        smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=8, n_heads=1)
+    )
     online = [p for p in model.parameters() if p.requires_grad]
     cfg = config.parse_config(["--preset", "imagenet-r50", "--weight-decay", "1e-6"])
     opt = train.build_optimizer(cfg, model)
@@ -76,13 +79,16 @@ def test_lars_preset_puts_every_online_parameter_in_lars_with_weight_decay():
     got = [p for g in opt.param_groups for p in g["params"]]
     assert len(got) == len(online) and {id(p) for p in got} == {id(p) for p in online}
     assert all(g["weight_decay"] == 1e-6 for g in opt.param_groups)
-    assert any(p.ndim == 1 for p in got)                          # biases and BN weights included
-    sgd = train.build_optimizer(config.parse_config(["--preset", "demo"]), model)   # SGD keeps its exclusions
+    assert any(p.ndim == 1 for p in got)  # biases and BN weights included
+    sgd = train.build_optimizer(
+        config.parse_config(["--preset", "demo"]), model
+    )  # SGD keeps its exclusions
     no_decay = [p for g in sgd.param_groups if g["weight_decay"] == 0 for p in g["params"]]
     assert no_decay and all(p.ndim <= 1 for p in no_decay)
 
 
 # ---------------------------------------------------------------- one BatchNorm across crop sizes
+
 
 def _collect(module, store, what="out"):
     return module.register_forward_hook(lambda m, i, o: store.append(i[0] if what == "in" else o))
@@ -91,18 +97,23 @@ def _collect(module, store, what="out"):
 def _hand_bn(acts, bn):
     """acts: per-resolution [N, C, H, W] -> per resolution, normalised with one mean/var over all pixels;
     also (mean, unbiased var) for the running statistics."""
-    flat = torch.cat([a.permute(1, 0, 2, 3).reshape(a.shape[1], -1) for a in acts], 1)     # (C, sum NHW)
+    flat = torch.cat(
+        [a.permute(1, 0, 2, 3).reshape(a.shape[1], -1) for a in acts], 1
+    )  # (C, sum NHW)
     mean, var = flat.mean(1), flat.var(1, unbiased=False)
     sh = (1, -1, 1, 1)
-    out = [(a - mean.view(sh)) / (var.view(sh) + bn.eps).sqrt() * bn.weight.view(sh) + bn.bias.view(sh)
-           for a in acts]
+    out = [
+        (a - mean.view(sh)) / (var.view(sh) + bn.eps).sqrt() * bn.weight.view(sh) + bn.bias.view(sh)
+        for a in acts
+    ]
     return out, mean, flat.var(1, unbiased=True)
 
 
 def _two_sizes(B=3, seed=0, px=32):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, 3, px, px, generator=g) for _ in range(2)] + \
-           [torch.randn(B, 3, px // 2, px // 2, generator=g) for _ in range(3)]
+    return [torch.randn(B, 3, px, px, generator=g) for _ in range(2)] + [
+        torch.randn(B, 3, px // 2, px // 2, generator=g) for _ in range(3)
+    ]
 
 
 def _scramble_bn_(net, seed=1):
@@ -121,14 +132,18 @@ def test_joint_bn_first_and_late_layer_resnet18():
     net.train()
     crops = _two_sizes(px=16)
     conv1_out, l1_in, late_conv_out, late_block_in = [], [], [], []
-    hooks = [_collect(net.conv1, conv1_out), _collect(net.layer1[0].conv1, l1_in, "in"),
-             _collect(net.layer4[1].conv2, late_conv_out), _collect(net.layer4[1].conv1, late_block_in, "in")]
+    hooks = [
+        _collect(net.conv1, conv1_out),
+        _collect(net.layer1[0].conv1, l1_in, "in"),
+        _collect(net.layer4[1].conv2, late_conv_out),
+        _collect(net.layer4[1].conv1, late_block_in, "in"),
+    ]
     bn_calls = []
     hooks.append(net.bn1.register_forward_hook(lambda m, i, o: bn_calls.append(1)))
     out = backbones.encode_crops(net, crops)
     for h in hooks:
         h.remove()
-    assert len(conv1_out) == 2 and len(bn_calls) == 1      # convs per resolution, the BN once for both
+    assert len(conv1_out) == 2 and len(bn_calls) == 1  # convs per resolution, the BN once for both
     # first BN: stem conv -> joint BN -> ReLU -> (max-pool: Identity with the cifar stem) -> layer1
     with torch.no_grad():
         want, mean, var_u = _hand_bn([c.detach() for c in conv1_out], net.bn1)
@@ -140,7 +155,9 @@ def test_joint_bn_first_and_late_layer_resnet18():
         assert int(net.bn1.num_batches_tracked) == 1
         # a late BN: layer4[1].bn2 -> + identity -> ReLU -> average pool = the backbone's output
         want, _, _ = _hand_bn([c.detach() for c in late_conv_out], net.layer4[1].bn2)
-        ref = torch.cat([F.relu(w + x).mean(dim=(2, 3)) for w, x in zip(want, late_block_in)])  # crop order
+        ref = torch.cat(
+            [F.relu(w + x).mean(dim=(2, 3)) for w, x in zip(want, late_block_in)]
+        )  # crop order
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         # and it is not what separate passes per size give (the test can tell the two apart)
         net.bn1.reset_running_stats()
@@ -177,7 +194,9 @@ def test_one_resolution_and_eval_mode_are_the_plain_forward(arch):
     crops = _two_sizes(B=2, px=16)
     ref = copy.deepcopy(net)
     with torch.no_grad():
-        assert torch.equal(backbones.encode_crops(net.train(), crops[:2]), ref.train()(torch.cat(crops[:2])))
+        assert torch.equal(
+            backbones.encode_crops(net.train(), crops[:2]), ref.train()(torch.cat(crops[:2]))
+        )
         for m in (net, ref):
             m.eval()
         want = torch.cat([ref(torch.cat(crops[:2])), ref(torch.cat(crops[2:]))])
@@ -185,13 +204,19 @@ def test_one_resolution_and_eval_mode_are_the_plain_forward(arch):
 
 
 def test_joint_bn_backward_gradcheck():
-    xs = [torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True),
-          torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)]
+    xs = [
+        torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True),
+        torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True),
+    ]
     w = (1 + torch.rand(3, dtype=torch.float64)).requires_grad_()
     bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
 
     def f(a, b, w, bias):
-        return tuple(backbones.joint_bn(lambda t: F.batch_norm(t, None, None, w, bias, training=True), [a, b]))
+        return tuple(
+            backbones.joint_bn(
+                lambda t: F.batch_norm(t, None, None, w, bias, training=True), [a, b]
+            )
+        )
 
     assert torch.autograd.gradcheck(f, (*xs, w, bias), fast_mode=True)
 
@@ -208,7 +233,9 @@ class _OpLog(TorchDispatchMode):
 
 def _forward_ops(K, B):
     torch.manual_seed(0)
-    m = backbones.build_smog(smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=K, n_heads=3))
+    m = backbones.build_smog(
+        smog.SMoGConfig(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=K, n_heads=3)
+    )
     on, mo = _two_sizes(B, 1)[:4], _two_sizes(B, 2)[:4]
     with _OpLog() as log:
         loss, _, _ = m(on, mo, 0.9)
@@ -218,11 +245,12 @@ def _forward_ops(K, B):
 
 def test_forward_has_no_host_sync_and_no_loop_over_groups_or_samples():
     small, big = _forward_ops(12, 4), _forward_ops(48, 8)
-    assert "aten._local_scalar_dense" not in small                # .item() / bool(tensor): a host sync
-    assert small == big                                           # same op sequence whatever K and B
+    assert "aten._local_scalar_dense" not in small  # .item() / bool(tensor): a host sync
+    assert small == big  # same op sequence whatever K and B
 
 
 # ---------------------------------------------------------------- momentum crops
+
 
 def _cfg(**kw):
     base = dict(arch="smallcnn", width=8, dim=16, hidden_dim=32, n_groups=12, n_heads=3)
@@ -233,11 +261,13 @@ def _cfg(**kw):
 def test_momentum_local_crops_shape_the_targets_through_bn():
     torch.manual_seed(2)
     m = backbones.build_smog(_cfg())
-    on, mo = _two_sizes(4, 5)[:4], _two_sizes(4, 6)[:4]          # momentum: 2 global + 2 local
+    on, mo = _two_sizes(4, 5)[:4], _two_sizes(4, 6)[:4]  # momentum: 2 global + 2 local
     g0 = m.groups.clone()
     ref = copy.deepcopy(m)
     loss, _, _ = m(on, mo, 0.8)
-    with torch.no_grad():   # hand: one momentum forward over all its crops (joint BN), targets from rows [:2B]
+    with (
+        torch.no_grad()
+    ):  # hand: one momentum forward over all its crops (joint BN), targets from rows [:2B]
         x = [torch.cat(mo[:2]), torch.cat(mo[2:])]
         feats = torch.cat(backbones.forward_joint_bn(ref.momentum_backbone, x))
         zt = F.normalize(ref.momentum_projector(feats)[:8], dim=-1).view(2, 4, -1)
@@ -256,8 +286,10 @@ def test_momentum_local_crops_shape_the_targets_through_bn():
 
 
 def test_views_give_the_momentum_set_its_local_crops():
-    from smog_train import data
     from PIL import Image
+
+    from smog_train import data
+
     v = data.MultiCropViews(32, 16, 3, blur_scale=0.15)
     img = Image.new("RGB", (40, 40), (120, 30, 200))
     on, mo = v(img, "A")
@@ -267,78 +299,115 @@ def test_views_give_the_momentum_set_its_local_crops():
 
 # ---------------------------------------------------------------- ResNet details, ResNet-50w2
 
+
 def test_resnet_as_released():
     m = backbones.build_smog(_cfg(arch="resnet50", n_heads=1))
     last_bns = [b.bn3.weight for b in m.backbone.modules() if hasattr(b, "bn3")]
-    assert last_bns and all(torch.equal(w, torch.ones_like(w)) for w in last_bns)   # no zero-init residual
+    assert last_bns and all(
+        torch.equal(w, torch.ones_like(w)) for w in last_bns
+    )  # no zero-init residual
     assert m.projector[0].bias is not None and m.predictor[0].bias is not None
-    assert m.backbone.conv1.padding == (3, 3)     # torchvision's stem (released: pad 1 + padding 2, the same)
+    assert m.backbone.conv1.padding == (
+        3,
+        3,
+    )  # torchvision's stem (released: pad 1 + padding 2, the same)
 
 
 def test_resnet50w2_doubles_every_width():
     import torchvision.models as tvm
+
     net, dim = backbones.build_backbone("resnet50w2")
     assert dim == 4096 and net.conv1.out_channels == 128
-    assert [net.layer1[0].conv1.out_channels, net.layer2[0].conv1.out_channels, net.layer3[0].conv1.out_channels,
-            net.layer4[0].conv1.out_channels] == [128, 256, 512, 1024]
+    assert [
+        net.layer1[0].conv1.out_channels,
+        net.layer2[0].conv1.out_channels,
+        net.layer3[0].conv1.out_channels,
+        net.layer4[0].conv1.out_channels,
+    ] == [128, 256, 512, 1024]
     assert [net.layer1[-1].conv3.out_channels, net.layer4[-1].conv3.out_channels] == [512, 4096]
     assert [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)] == [3, 4, 6, 3]
-    assert 93e6 < sum(p.numel() for p in net.parameters()) < 95e6                   # SwAV's R50w2: 94M
-    tv, tv_dim = backbones.build_backbone("wide_resnet50_2")                                # torchvision's, true name
+    assert 93e6 < sum(p.numel() for p in net.parameters()) < 95e6  # SwAV's R50w2: 94M
+    tv, tv_dim = backbones.build_backbone("wide_resnet50_2")  # torchvision's, true name
     assert tv_dim == 2048 and type(tv) is tvm.ResNet and tv.conv1.out_channels == 64
     assert config.parse_config(["--preset", "imagenet-r50w2"]).arch == "resnet50w2"
 
 
 # ---------------------------------------------------------------- Swin-T as released
 
+
 @pytest.fixture(scope="module")
 def swin():
     torch.manual_seed(3)
-    return backbones.build_smog(_cfg(arch="swin_t", dim=16, hidden_dim=32, n_heads=2, drop_path=0.5))
+    return backbones.build_smog(
+        _cfg(arch="swin_t", dim=16, hidden_dim=32, n_heads=2, drop_path=0.5)
+    )
 
 
 def test_swin_blocks_heads_and_init(swin):
-    blocks = [b for b in swin.backbone.modules() if isinstance(b, backbones.tv_swin.SwinTransformerBlock)]
+    blocks = [
+        b for b in swin.backbone.modules() if isinstance(b, backbones.tv_swin.SwinTransformerBlock)
+    ]
     assert len(blocks) == 12
-    assert all(isinstance(b.norm1, nn.LayerNorm) and type(b.norm2) is nn.BatchNorm1d for b in blocks)
+    assert all(
+        isinstance(b.norm1, nn.LayerNorm) and type(b.norm2) is nn.BatchNorm1d for b in blocks
+    )
     assert isinstance(swin.projector[2], nn.GELU) and isinstance(swin.predictor[2], nn.ReLU)
     lin = [m for m in [*swin.projector, *swin.predictor] if isinstance(m, nn.Linear)]
     assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in lin)
-    assert all(abs(float(m.weight.detach().std()) - 0.02) < 0.004 for m in lin)     # trunc_normal_(std=0.02)
-    sd_on = [m.p for m in swin.backbone.modules() if isinstance(m, backbones.tv_swin.StochasticDepth)]
-    sd_mo = [m.p for m in swin.momentum_backbone.modules() if isinstance(m, backbones.tv_swin.StochasticDepth)]
-    assert max(sd_on) == 0.5 and max(sd_mo) == 0.0                        # drop-path on the online net only
+    assert all(
+        abs(float(m.weight.detach().std()) - 0.02) < 0.004 for m in lin
+    )  # trunc_normal_(std=0.02)
+    sd_on = [
+        m.p for m in swin.backbone.modules() if isinstance(m, backbones.tv_swin.StochasticDepth)
+    ]
+    sd_mo = [
+        m.p
+        for m in swin.momentum_backbone.modules()
+        if isinstance(m, backbones.tv_swin.StochasticDepth)
+    ]
+    assert max(sd_on) == 0.5 and max(sd_mo) == 0.0  # drop-path on the online net only
 
 
 def test_swin_bn_block_forward_by_hand(swin):
-    blk = [b for b in swin.backbone.modules() if isinstance(b, backbones.tv_swin.SwinTransformerBlock)][0]
+    blk = [
+        b for b in swin.backbone.modules() if isinstance(b, backbones.tv_swin.SwinTransformerBlock)
+    ][0]
     blk = copy.deepcopy(blk).eval()
     with torch.no_grad():
         blk.norm2.running_mean.normal_()
         blk.norm2.running_var.uniform_(0.5, 2)
         x = torch.randn(2, 8, 8, 96)
         y = x + blk.attn(blk.norm1(x))
-        y = (y - blk.norm2.running_mean) / (blk.norm2.running_var + blk.norm2.eps).sqrt() * blk.norm2.weight \
-            + blk.norm2.bias
+        y = (y - blk.norm2.running_mean) / (
+            blk.norm2.running_var + blk.norm2.eps
+        ).sqrt() * blk.norm2.weight + blk.norm2.bias
         torch.testing.assert_close(blk(x), y + blk.mlp(y), rtol=1e-4, atol=1e-5)
 
 
 def test_swin_update_uses_drop_path_free_reembedding_and_per_size_heads(swin):
     m = swin
     g = torch.Generator().manual_seed(4)
-    on = [torch.randn(3, 3, 64, 64, generator=g) for _ in range(2)] + [torch.randn(3, 3, 32, 32, generator=g)]
-    mo = [torch.randn(3, 3, 64, 64, generator=g) for _ in range(2)] + [torch.randn(3, 3, 32, 32, generator=g)]
+    on = [torch.randn(3, 3, 64, 64, generator=g) for _ in range(2)] + [
+        torch.randn(3, 3, 32, 32, generator=g)
+    ]
+    mo = [torch.randn(3, 3, 64, 64, generator=g) for _ in range(2)] + [
+        torch.randn(3, 3, 32, 32, generator=g)
+    ]
     ref = copy.deepcopy(m)
     g0 = m.groups.clone()
     m(on, mo, 0.5)
     with torch.no_grad():
-        for mod in ref.backbone.modules():          # the update's embedding: drop-path off, BN in train mode
+        for (
+            mod
+        ) in ref.backbone.modules():  # the update's embedding: drop-path off, BN in train mode
             if isinstance(mod, backbones.tv_swin.StochasticDepth):
                 mod.p = 0.0
         z = F.normalize(ref.projector(ref.backbone(torch.cat(on[:2]))), dim=-1).view(2, 3, -1)
         for h in range(2):
             a = smog.assign_groups(z[h % 2], g0[h])
-            torch.testing.assert_close(m.groups[h], smog.update_groups(g0[h], z[h % 2], a, 0.5), rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                m.groups[h], smog.update_groups(g0[h], z[h % 2], a, 0.5), rtol=0, atol=1e-5
+            )
             assert not torch.equal(m.groups[h], g0[h])
 
 
@@ -347,13 +416,14 @@ def test_swin_group_grad_flows_through_the_reembedding(swin):
     gradient through the update must reach the network through it (without the option it does
     not)."""
     import dataclasses
+
     g = torch.Generator().manual_seed(5)
     on, mo = ([torch.randn(2, 3, px, px, generator=g) for px in (32, 32, 16)] for _ in range(2))
     grads = {}
     for gg in (False, True):
         m = copy.deepcopy(swin)
         m.cfg = dataclasses.replace(m.cfg, group_grad=gg)
-        torch.manual_seed(7)                                             # the same drop-path masks
+        torch.manual_seed(7)  # the same drop-path masks
         loss, _, _ = m(on, mo, 0.5)
         loss.backward()
         grads[gg] = m.projector[0].weight.grad.clone()
@@ -363,12 +433,17 @@ def test_swin_group_grad_flows_through_the_reembedding(swin):
 
 # ---------------------------------------------------------------- checkpoint format
 
+
 def test_old_checkpoint_refused_in_one_line():
     cfg = config.parse_config(["--preset", "demo"])
     for old in ("smog-train-v1", "smog-train-v2"):
         with pytest.raises(config.UsageError) as e:
-            checkpoint.check_resume({"format": old, "world_size": 1, "config": {}}, cfg,
-                                    config.RUNTIME_FIELDS, "old.pth")
+            checkpoint.check_resume(
+                {"format": old, "world_size": 1, "config": {}},
+                cfg,
+                config.RUNTIME_FIELDS,
+                "old.pth",
+            )
         msg = str(e.value)
         assert "older train.py" in msg and old in msg and "use a new --out-dir" in msg
         assert "\n" not in msg

@@ -3,6 +3,7 @@ MultiCropViews.batch_sources, ViewsDataset.read / finish) against independent re
 torchvision's RandomResizedCrop rule as a scalar oracle, PIL's decoder and resized crop, and the PIL
 pipeline's crop statistics, on sources of several sizes and aspect ratios (greyscale and CMYK
 JPEGs, PNGs included)."""
+
 import functools
 import json
 import math
@@ -48,8 +49,13 @@ def write_folder(root, n=28):
         path = d / f"{k:03d}.{kind}"
         if kind.endswith("jpg"):
             img = img.convert({"grey.jpg": "L", "cmyk.jpg": "CMYK"}.get(kind, "RGB"))
-            img.save(path, format="JPEG", quality=90, progressive=kind == "prog.jpg",
-                     subsampling=0 if kind == "444.jpg" else -1)
+            img.save(
+                path,
+                format="JPEG",
+                quality=90,
+                progressive=kind == "prog.jpg",
+                subsampling=0 if kind == "444.jpg" else -1,
+            )
         else:
             img = img.convert({"rgba.png": "RGBA", "p.png": "P"}.get(kind, "RGB"))
             img.save(path, format="PNG")
@@ -100,8 +106,15 @@ def test_resized_crops_of_sources_of_different_sizes_match_pil(method, size, sca
     assert x.shape == (n, 3, size, size) and flip.any() and not flip.all()
     for c in range(n):
         pil = Image.fromarray(imgs[k[c]].permute(1, 2, 0).numpy())
-        o = TF.resized_crop(pil, int(i[c]), int(j[c]), int(h[c]), int(w[c]), [size, size],
-                            InterpolationMode.BILINEAR)
+        o = TF.resized_crop(
+            pil,
+            int(i[c]),
+            int(j[c]),
+            int(h[c]),
+            int(w[c]),
+            [size, size],
+            InterpolationMode.BILINEAR,
+        )
         o = TF.pil_to_tensor(TF.hflip(o) if flip[c] else o).float() / 255
         assert (o - x[c]).abs().max() <= 1.0001 / 255, c
 
@@ -132,8 +145,9 @@ def test_folder_item_crops_do_not_depend_on_the_batch(base, on_device, method, m
     if method:
         resize = functools.partial(ba.resized_crops, method=method)
         monkeypatch.setattr(data, "resized_crops", resize)
-    ds = data.ViewsDataset(base, data.MultiCropViews(32, 16, 2), batched=True,
-                           decode_on_device=on_device)
+    ds = data.ViewsDataset(
+        base, data.MultiCropViews(32, 16, 2), batched=True, decode_on_device=on_device
+    )
     keys = [(i % len(base), "AB"[i % 2], 500 + i) for i in range(20)]
     out = ds.__getitems__(keys)
     on, mo, idx = ds.finish(out, "cpu") if on_device else out
@@ -143,8 +157,9 @@ def test_folder_item_crops_do_not_depend_on_the_batch(base, on_device, method, m
     for b in (0, 7, 19):
         alone = ds[keys[b]]
         assert all(torch.equal(x, y[b]) for x, y in zip(alone[0] + alone[1], on + mo))
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=[keys[:8], keys[8:]],
-                                         collate_fn=ds.collate)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=[keys[:8], keys[8:]], collate_fn=ds.collate
+    )
     first = next(ds.batches(iter(loader), "cpu"))
     assert all(torch.equal(x, y[:8]) for x, y in zip(first[0] + first[1], on + mo))
 
@@ -156,10 +171,13 @@ def crop_stats(on_mo):
     px = (-1, -2, -3)
     for name, crops in (("global", on[:2] + mo[:2]), ("local", on[2:] + mo[2:])):
         x = torch.stack(crops, 1).float()
-        out |= {f"{name} mean": x.mean(px), f"{name} std": x.std(px),
-                f"{name} colour": (x.amax(-3) - x.amin(-3)).mean((-1, -2)),
-                f"{name} sharpness": (x[..., 1:] - x[..., :-1]).abs().mean(px),
-                f"{name} grey": (x.amax(-3) == x.amin(-3)).all(-1).all(-1).float()}
+        out |= {
+            f"{name} mean": x.mean(px),
+            f"{name} std": x.std(px),
+            f"{name} colour": (x.amax(-3) - x.amin(-3)).mean((-1, -2)),
+            f"{name} sharpness": (x[..., 1:] - x[..., :-1]).abs().mean(px),
+            f"{name} grey": (x.amax(-3) == x.amin(-3)).all(-1).all(-1).float(),
+        }
     g = torch.stack(on[:2], 1).float()
     out["pair distance"] = (g[:, 0] - g[:, 1]).abs().mean(px)
     return {k: v.flatten() for k, v in out.items()}
@@ -172,17 +190,23 @@ def test_folder_crop_statistics_match_the_pil_pipeline(base):
     and B). Blur at full strength (blur_scale 1), so that its radius shows in 32 px crops. A crop
     scale range or a blur sigma off by 2x fails this test (checked by breaking each on purpose)."""
     views = data.MultiCropViews(32, 16, 2, (0.2, 1.0), (0.05, 0.3), 1.0)
-    keys = [(i % len(base), "AB"[i % 2], 10 ** 6 + i) for i in range(400)]
+    keys = [(i % len(base), "AB"[i % 2], 10**6 + i) for i in range(400)]
     pil_ds = data.ViewsDataset(base, views)
     pil = [pil_ds[k] for k in keys]
-    pil = ([torch.stack([it[0][c] for it in pil]) for c in range(4)],
-           [torch.stack([it[1][c] for it in pil]) for c in range(4)])
+    pil = (
+        [torch.stack([it[0][c] for it in pil]) for c in range(4)],
+        [torch.stack([it[1][c] for it in pil]) for c in range(4)],
+    )
     ten = data.ViewsDataset(base, views, batched=True).__getitems__(keys)[:2]
     a, b = crop_stats(pil), crop_stats(ten)
     for k in a:
         se = math.sqrt(a[k].var() / len(a[k]) + b[k].var() / len(b[k]))
-        assert abs(a[k].mean() - b[k].mean()) < 4 * se, (k, float(a[k].mean()),
-                                                          float(b[k].mean()), se)
+        assert abs(a[k].mean() - b[k].mean()) < 4 * se, (
+            k,
+            float(a[k].mean()),
+            float(b[k].mean()),
+            se,
+        )
 
 
 def test_unreadable_jpeg_on_the_device_path_fails_naming_the_file_or_is_skipped(tmp_path):
@@ -193,7 +217,7 @@ def test_unreadable_jpeg_on_the_device_path_fails_naming_the_file_or_is_skipped(
     good = root / "train" / "c0" / "000.jpg"
     (root / "train" / "c0" / "000zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 20)
     blob = good.read_bytes()
-    (root / "train" / "c0" / "000zz_trunc.jpg").write_bytes(blob[:len(blob) // 2])
+    (root / "train" / "c0" / "000zz_trunc.jpg").write_bytes(blob[: len(blob) // 2])
     views = data.MultiCropViews(16, 8, 1)
     fail = data.build_dataset(f"imagefolder:{root}", "train")
     bad = [i for i, (p, _) in enumerate(fail.samples) if "zz" in p]
@@ -204,15 +228,14 @@ def test_unreadable_jpeg_on_the_device_path_fails_naming_the_file_or_is_skipped(
         with pytest.raises(data.BadImageError, match=msg):
             ds.finish(batch, "cpu")
     log = tmp_path / "skipped.txt"
-    skip = data.build_dataset(f"imagefolder:{root}", "train", bad_images="skip",
-                              skip_log=str(log))
+    skip = data.build_dataset(f"imagefolder:{root}", "train", bad_images="skip", skip_log=str(log))
     ds = data.ViewsDataset(skip, views, batched=True, decode_on_device=True)
     keys = [(i, "A", 3) for i in range(len(skip))] * 2
     on, mo, idx = ds.finish(ds.__getitems__(keys), "cpu")
     assert idx.tolist() == [k[0] for k in keys] and on[0].shape[0] == len(keys)
     listed = sorted(os.path.basename(p) for p in log.read_text().split())
     assert listed == ["000zz_corrupt.jpg", "000zz_trunc.jpg"]
-    nxt = ds.finish(ds.__getitems__([(bad[-1] + 1, "A", 3)]), "cpu")   # the next readable one
+    nxt = ds.finish(ds.__getitems__([(bad[-1] + 1, "A", 3)]), "cpu")  # the next readable one
     assert torch.equal(on[0][bad[-1]], nxt[0][0][0])
 
 
@@ -222,13 +245,48 @@ def test_train_on_a_jpeg_folder_with_the_tensor_path(tmp_path):
     root = write_folder(tmp_path / "f", n=24)
     (root / "train" / "c1" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 20)
     out = tmp_path / "out"
-    args = ["--data", f"imagefolder:{root}", "--augment", "tensor", "--bad-images", "skip",
-            "--arch", "smallcnn", "--width", "4", "--dim", "16", "--hidden-dim", "32",
-            "--n-groups", "4", "--image-size", "16", "--local-size", "8", "--n-local", "1",
-            "--epochs", "1", "--batch-size", "8", "--knn-every", "0", "--no-final-eval",
-            "--device", "cpu", "--workers", "0", "--threads", "1", "--out-dir", str(out)]
-    r = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    args = [
+        "--data",
+        f"imagefolder:{root}",
+        "--augment",
+        "tensor",
+        "--bad-images",
+        "skip",
+        "--arch",
+        "smallcnn",
+        "--width",
+        "4",
+        "--dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--n-groups",
+        "4",
+        "--image-size",
+        "16",
+        "--local-size",
+        "8",
+        "--n-local",
+        "1",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--knn-every",
+        "0",
+        "--no-final-eval",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--out-dir",
+        str(out),
+    ]
+    r = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("warning: skipping unreadable image") == 1
     assert "zz_corrupt.jpg" in r.stderr

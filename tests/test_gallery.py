@@ -1,6 +1,7 @@
 """gallery.py: the rows are the most populated groups and each row's tiles are the true nearest
 training images of the group feature (brute-force oracle, one image at a time), the PNG has the grid's
 size and a tile's pixels are the training image's; bad input is one line and exit code 2."""
+
 import os
 
 import numpy as np
@@ -9,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import smog
 from smog_train import backbones, data
 from tools import gallery
-import smog
 
 N_TRAIN, K, H = 96, 6, 2
 
@@ -26,20 +27,34 @@ def checkpoint(tmp_path_factory):
     ds = data.build_dataset(f"demo:{N_TRAIN}", "train", data.eval_transform(32))
     with torch.no_grad():
         z = model.embed(torch.stack([ds[i][0] for i in range(N_TRAIN)]))
-        model.groups.copy_(F.normalize(z[torch.randperm(N_TRAIN)[:H * K]].view(H, K, -1)
-                                       + 0.05 * torch.randn(H, K, mcfg.dim), dim=-1))
-    cfg = {"data": f"demo:{N_TRAIN}", "image_size": 32, "data_root": "data",
-           "model": {f: getattr(mcfg, f) for f in mcfg.__dataclass_fields__}}
+        model.groups.copy_(
+            F.normalize(
+                z[torch.randperm(N_TRAIN)[: H * K]].view(H, K, -1)
+                + 0.05 * torch.randn(H, K, mcfg.dim),
+                dim=-1,
+            )
+        )
+    cfg = {
+        "data": f"demo:{N_TRAIN}",
+        "image_size": 32,
+        "data_root": "data",
+        "model": {f: getattr(mcfg, f) for f in mcfg.__dataclass_fields__},
+    }
     path = tmp_path_factory.mktemp("ck") / "checkpoint.pth"
     # format deliberately not train.py's current tag: gallery must not depend on it
-    torch.save({"format": "smog-train-v999", "model": model.state_dict(), "config": cfg, "step": 0}, path)
+    torch.save(
+        {"format": "smog-train-v999", "model": model.state_dict(), "config": cfg, "step": 0}, path
+    )
     return str(path), model, ds
 
 
 def oracle(model, ds, head, n, m):
     """One image at a time (eval-mode BN: batch-independent), plain Python loops for the choice."""
     with torch.no_grad():
-        z = [F.normalize(model.projector(model.backbone(ds[i][0][None])), dim=-1)[0] for i in range(len(ds))]
+        z = [
+            F.normalize(model.projector(model.backbone(ds[i][0][None])), dim=-1)[0]
+            for i in range(len(ds))
+        ]
     g = F.normalize(model.groups[head], dim=-1)
     pop = [0] * K
     for zi in z:
@@ -64,22 +79,28 @@ def test_rows_are_true_nearest_neighbours(checkpoint, tmp_path, head, n, m):
     tile = 32 + gallery.PAD
     assert img.shape == (gallery.PAD + n * tile, gallery.LABEL_WIDTH + gallery.PAD + m * tile, 3)
     assert r["size"] == (img.shape[1], img.shape[0])
-    raw = data.build_dataset(f"demo:{N_TRAIN}", "train")                     # PIL images, no transform
+    raw = data.build_dataset(f"demo:{N_TRAIN}", "train")  # PIL images, no transform
     for row, col in ((0, 0), (n - 1, m - 1)):
         y, x = gallery.PAD + row * tile, gallery.LABEL_WIDTH + gallery.PAD + col * tile
         want = np.asarray(raw[near[row][col]][0])
-        assert np.array_equal(img[y:y + 32, x:x + 32], want)
-    assert img[:, :gallery.LABEL_WIDTH].min() < 128                           # the labels are drawn
+        assert np.array_equal(img[y : y + 32, x : x + 32], want)
+    assert img[:, : gallery.LABEL_WIDTH].min() < 128  # the labels are drawn
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--checkpoint", "MISSING"], "does not exist"),
-    (["--head", "2"], "--head 2 is out of range"),
-    (["--groups", str(K + 1)], f"--groups {K + 1} is more than the {K} groups"),
-    (["--per-group", str(N_TRAIN + 1)], f"--per-group {N_TRAIN + 1} is more than the {N_TRAIN}"),
-    (["--groups", "0"], "must be at least 1"),
-    (["--out", "groups.jpg"], "must end in .png"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--checkpoint", "MISSING"], "does not exist"),
+        (["--head", "2"], "--head 2 is out of range"),
+        (["--groups", str(K + 1)], f"--groups {K + 1} is more than the {K} groups"),
+        (
+            ["--per-group", str(N_TRAIN + 1)],
+            f"--per-group {N_TRAIN + 1} is more than the {N_TRAIN}",
+        ),
+        (["--groups", "0"], "must be at least 1"),
+        (["--out", "groups.jpg"], "must end in .png"),
+    ],
+)
 def test_bad_input_one_line_nothing_written(checkpoint, tmp_path, capsys, args, msg):
     path, _, _ = checkpoint
     argv = {"--checkpoint": path, "--out": str(tmp_path / "g.png"), "--groups": "3"}

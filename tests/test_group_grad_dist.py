@@ -6,6 +6,7 @@ which smog.py uses when its input requires grad). If rank r backpropagates its s
 (B_r / B) * L_r, every sample receives exactly the gradient of the whole-batch loss computed in one
 process (spec/loss.md, (L7)). Each rank writes its gradients; the parent compares them.
 """
+
 import os
 
 import torch
@@ -22,7 +23,9 @@ TOL = 1e-6
 def crops(seed=5):
     """z [C=3, B, D] online projector embeddings of every crop (multi-head step), from the shared data."""
     groups, zu, zt, p = data()
-    z = torch.cat([zu.unsqueeze(0), torch.randn(2, *zu.shape, generator=torch.Generator().manual_seed(seed))])
+    z = torch.cat(
+        [zu.unsqueeze(0), torch.randn(2, *zu.shape, generator=torch.Generator().manual_seed(seed))]
+    )
     return torch.stack([groups, groups.flip(0), groups.roll(1, 0)]), z, zt, p
 
 
@@ -42,16 +45,24 @@ def gradients(rank=None, all_reduce=None):
     weight = 1.0 if rank is None else SPLIT[rank] / B
     groups, zu, zt, p = data()
     zu, p1 = cut(zu).requires_grad_(True), cut(p, 1).requires_grad_(True)
-    loss, new, _ = smog.smog_step(groups, zu, cut(zt, 1), p1, BETA, TAU, group_grad=True,
-                                   all_reduce=all_reduce)
+    loss, new, _ = smog.smog_step(
+        groups, zu, cut(zt, 1), p1, BETA, TAU, group_grad=True, all_reduce=all_reduce
+    )
     (weight * loss).backward()
     heads, z, zt, p = crops()
     z, p2 = cut(z, 1).requires_grad_(True), cut(p, 1).requires_grad_(True)
-    loss_h, new_h, _ = smog.smog_multihead_step(heads, z, cut(zt, 1), p2, BETA, TAU, group_grad=True,
-                                                all_reduce=all_reduce)
+    loss_h, new_h, _ = smog.smog_multihead_step(
+        heads, z, cut(zt, 1), p2, BETA, TAU, group_grad=True, all_reduce=all_reduce
+    )
     (weight * loss_h).backward()
-    return {"z_update": zu.grad, "p": p1.grad, "groups": new.detach(), "z": z.grad, "p_heads": p2.grad,
-            "heads": new_h.detach()}
+    return {
+        "z_update": zu.grad,
+        "p": p1.grad,
+        "groups": new.detach(),
+        "z": z.grad,
+        "p_heads": p2.grad,
+        "heads": new_h.detach(),
+    }
 
 
 def _worker(rank, port, out_dir):
@@ -59,8 +70,10 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.save({"right": gradients(rank), "detached": gradients(rank, detached_all_reduce)},
-                   os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(
+            {"right": gradients(rank), "detached": gradients(rank, detached_all_reduce)},
+            os.path.join(out_dir, f"{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -75,9 +88,13 @@ def test_group_grad_two_ranks_gives_the_whole_batch_gradient(tmp_path):
         torch.testing.assert_close(r0[key], whole[key], atol=TOL, rtol=0)
     for key, dim in (("z_update", 0), ("p", 1), ("z", 1), ("p_heads", 1)):
         got = torch.cat([r0[key], r1[key]], dim)
-        torch.testing.assert_close(got, whole[key], atol=TOL, rtol=1e-5, msg=lambda m: f"gradient of {key}: {m}")
+        torch.testing.assert_close(
+            got, whole[key], atol=TOL, rtol=1e-5, msg=lambda m: f"gradient of {key}: {m}"
+        )
     # teeth: an all-reduce that autograd does not see gives the same groups but other gradients
     d0, d1 = (run["detached"] for run in runs)
     torch.testing.assert_close(d0["groups"], whole["groups"], atol=TOL, rtol=0)
     wrong = torch.cat([d0["z_update"], d1["z_update"]])
-    assert float((wrong - whole["z_update"]).abs().max()) > 1e-3, "the check would not see a detached all-reduce"
+    assert float((wrong - whole["z_update"]).abs().max()) > 1e-3, (
+        "the check would not see a detached all-reduce"
+    )

@@ -8,6 +8,7 @@ once per size, reducing each size over all ranks. The shards must give exactly t
 through the released rule written out by hand (release_ref.released_resnet with plain BNs, one
 process), not through the code under test: outputs, running statistics, gradients.
 """
+
 import os
 
 import torch
@@ -15,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from smog_train import backbones
 from release_ref import released_resnet
+from smog_train import backbones
 from smog_train.sync_bn import CPUSyncBatchNorm as CPUSyncBN
 from test_core_dist import SPLIT, WORLD, _free_port, shard
 
@@ -35,12 +36,13 @@ def net_and_crops():
                 m.bias.normal_()
     g = torch.Generator().manual_seed(1)
     B = sum(SPLIT)
-    crops = [torch.randn(B, 3, 8, 8, generator=g) for _ in range(2)] + \
-            [torch.randn(B, 3, 4, 4, generator=g) for _ in range(2)]
+    crops = [torch.randn(B, 3, 8, 8, generator=g) for _ in range(2)] + [
+        torch.randn(B, 3, 4, 4, generator=g) for _ in range(2)
+    ]
     return net.train(), crops
 
 
-WATCH = ("bn1", "layer2.0.bn2", "layer2.0.downsample.1")       # stem, a joint BN, the shortcut BN
+WATCH = ("bn1", "layer2.0.bn2", "layer2.0.downsample.1")  # stem, a joint BN, the shortcut BN
 
 
 def _job(rank):
@@ -51,13 +53,16 @@ def _job(rank):
             sync.load_state_dict(m.state_dict())
             parent, _, leaf = name.rpartition(".")
             setattr(net.get_submodule(parent) if parent else net, leaf, sync)
-    out = backbones.encode_crops(net, [shard(c, rank) for c in crops])   # (4 * b_r, F)
+    out = backbones.encode_crops(net, [shard(c, rank) for c in crops])  # (4 * b_r, F)
     out.square().sum().backward()
     mods = dict(net.named_modules())
     res = {"out": out.detach(), "grad": net.conv1.weight.grad, "sgrad": mods[WATCH[2]].weight.grad}
     for w in WATCH:
-        res |= {w + " rm": mods[w].running_mean, w + " rv": mods[w].running_var,
-                w + " n": mods[w].num_batches_tracked}
+        res |= {
+            w + " rm": mods[w].running_mean,
+            w + " rv": mods[w].running_var,
+            w + " n": mods[w].num_batches_tracked,
+        }
     return res
 
 
@@ -81,18 +86,25 @@ def test_joint_bn_two_ranks_equal_whole_batch(tmp_path):
     mods = dict(net.named_modules())
     B, n = sum(SPLIT), len(crops)
     for k in range(WORLD):
-        rows = torch.cat([whole[c * B:(c + 1) * B].split(SPLIT)[k] for c in range(n)])
+        rows = torch.cat([whole[c * B : (c + 1) * B].split(SPLIT)[k] for c in range(n)])
         torch.testing.assert_close(r[k]["out"], rows, rtol=TOL, atol=TOL)
         for w in WATCH:
             torch.testing.assert_close(r[k][w + " rm"], mods[w].running_mean, rtol=TOL, atol=TOL)
             torch.testing.assert_close(r[k][w + " rv"], mods[w].running_var, rtol=TOL, atol=TOL)
-            calls = 2 if "downsample" in w else 1                   # the shortcut BN: once per size
+            calls = 2 if "downsample" in w else 1  # the shortcut BN: once per size
             assert int(r[k][w + " n"]) == int(mods[w].num_batches_tracked) == calls
     for key, p in (("grad", net.conv1.weight), ("sgrad", mods[WATCH[2]].weight)):
-        scale = float(p.grad.abs().max())                   # float32 sums in another order
+        scale = float(p.grad.abs().max())  # float32 sums in another order
         torch.testing.assert_close(r[0][key] + r[1][key], p.grad, rtol=1e-3, atol=1e-4 * scale)
     # per-shard statistics (no reduction) would give other outputs: the comparison has teeth
     net2, _ = net_and_crops()
-    alone = torch.cat(released_resnet(net2, [torch.cat([shard(c, 0) for c in crops[:2]]),
-                                             torch.cat([shard(c, 0) for c in crops[2:]])]))
+    alone = torch.cat(
+        released_resnet(
+            net2,
+            [
+                torch.cat([shard(c, 0) for c in crops[:2]]),
+                torch.cat([shard(c, 0) for c in crops[2:]]),
+            ],
+        )
+    )
     assert (alone - r[0]["out"]).abs().max() > 1e-3

@@ -6,6 +6,7 @@ file inside the repository relative to the mentioning file's folder or to the re
 if it matches at least one). URLs are skipped. A path that leaves the repository (design notes kept
 next to it, say) does not resolve, even when the file exists on this machine.
 """
+
 from __future__ import annotations
 
 import glob
@@ -26,16 +27,25 @@ def project_files(root: str) -> list[str]:
     """Paths (relative to root, '/'-separated) of the text files to scan: tracked and not-ignored files of
     a git checkout, else a walk of the tree without .git, runs, data and caches."""
     try:
-        out = subprocess.run(["git", "-C", root, "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
+        out = subprocess.run(
+            ["git", "-C", root, "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
         names = [n for n in out.split("\0") if n]
     except (OSError, subprocess.SubprocessError):
         names = []
         for d, dirs, files in os.walk(root):
             dirs[:] = [x for x in dirs if x not in SKIP_DIRS]
             names += [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/") for f in files]
-    return sorted(n for n in set(names) if (n.endswith(SCANNED_SUFFIXES) or n in SCANNED_NAMES)
-                  and os.path.isfile(os.path.join(root, n)))
+    return sorted(
+        n
+        for n in set(names)
+        if (n.endswith(SCANNED_SUFFIXES) or n in SCANNED_NAMES)
+        and os.path.isfile(os.path.join(root, n))
+    )
 
 
 def mentions(text: str) -> list[tuple[int, str]]:
@@ -75,8 +85,10 @@ def test_every_md_mention_in_the_project_resolves():
     files = project_files(ROOT)
     assert "README.md" in files and "smog.py" in files, f"scanned the wrong tree: {files[:5]}"
     bad = missing_md_refs(ROOT, files)
-    assert not bad, ("these project files mention Markdown files that are not in the repository "
-                     "(point at METHOD.md or a file under spec/ instead):\n" + "\n".join(bad))
+    assert not bad, (
+        "these project files mention Markdown files that are not in the repository "
+        "(point at METHOD.md or a file under spec/ instead):\n" + "\n".join(bad)
+    )
 
 
 def test_the_check_reports_a_fabricated_missing_page(tmp_path):
@@ -85,19 +97,35 @@ def test_the_check_reports_a_fabricated_missing_page(tmp_path):
     MD = ".md"
     (tmp_path / "doc").mkdir()
     (tmp_path / f"GUIDE{MD}").write_text("root page\n")
-    (tmp_path / "doc" / f"part{MD}").write_text(f"see ../GUIDE{MD} and GUIDE{MD} and part{MD} and doc/*{MD}\n")
+    (tmp_path / "doc" / f"part{MD}").write_text(
+        f"see ../GUIDE{MD} and GUIDE{MD} and part{MD} and doc/*{MD}\n"
+    )
     (tmp_path.parent / f"outside-note{MD}").write_text("exists, but not in the repository\n")
     (tmp_path / "mod.py").write_text(
         f'"""See doc/part{MD}, [guide](GUIDE{MD}#idea), https://example.org/x/no-such-page{MD} and no-such-page{MD}.\n'
-        f'Also ../outside-note{MD} and doc/nothing*{MD}."""\n')
+        f'Also ../outside-note{MD} and doc/nothing*{MD}."""\n'
+    )
     bad = missing_md_refs(str(tmp_path), [f"GUIDE{MD}", f"doc/part{MD}", "mod.py"])
-    assert bad == [f"mod.py:1: no-such-page{MD}", f"mod.py:2: ../outside-note{MD}", f"mod.py:2: doc/nothing*{MD}"], bad
+    assert bad == [
+        f"mod.py:1: no-such-page{MD}",
+        f"mod.py:2: ../outside-note{MD}",
+        f"mod.py:2: doc/nothing*{MD}",
+    ], bad
 
 
 def test_project_files_without_git_walks_the_tree(tmp_path):
     """Outside a git checkout the scan walks the tree, skipping .git, runs and data."""
     MD = ".md"
-    for rel in ("a.py", f"b{MD}", "pyproject.toml", ".ci/run", f"runs/x{MD}", f"data/y{MD}", f".git/z{MD}", "c.txt"):
+    for rel in (
+        "a.py",
+        f"b{MD}",
+        "pyproject.toml",
+        ".ci/run",
+        f"runs/x{MD}",
+        f"data/y{MD}",
+        f".git/z{MD}",
+        "c.txt",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x\n")
     assert project_files(str(tmp_path)) == [".ci/run", "a.py", f"b{MD}", "pyproject.toml"]

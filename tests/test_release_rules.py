@@ -2,6 +2,7 @@
 reference of the released rule (tests/release_ref.py) or the release's own numbers: BatchNorm across
 crop sizes with the shortcut per size, Swin-T's fixed windows on small crops, PIL's Gaussian blur on
 the tensor crop path, and the augmentation recipe's values."""
+
 import copy
 
 import numpy as np
@@ -11,15 +12,16 @@ import torch.nn as nn
 from PIL import Image, ImageFilter
 from torchvision.models import resnet as tv_resnet
 
+from release_ref import released_resnet, released_swin_attention
 from smog_train import backbones
 from smog_train import batch_augment as ba
-from release_ref import released_resnet, released_swin_attention
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- BN across sizes, shortcut per
 # size
+
 
 def scrambled(net, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -37,19 +39,20 @@ def tiny_resnet(kind):
     """The first two stages (stage 2 opens with a strided shortcut projection; so does stage 1 of
     the Bottleneck ResNet, stride 1)."""
     torch.manual_seed(0)
-    if kind == "bottleneck":                     # the released block type
+    if kind == "bottleneck":  # the released block type
         net = tv_resnet.ResNet(tv_resnet.Bottleneck, [2, 1, 1, 1])
         net.fc = nn.Identity()
     else:
-        net, _ = backbones.build_backbone("resnet18", cifar_stem=True)   # the cifar10-r18 preset's
+        net, _ = backbones.build_backbone("resnet18", cifar_stem=True)  # the cifar10-r18 preset's
     net.layer3 = net.layer4 = nn.Sequential()
     return scrambled(net)
 
 
 def two_sizes(B=2, px=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, 3, px, px, generator=g) for _ in range(2)] + \
-           [torch.randn(B, 3, px // 2, px // 2, generator=g) for _ in range(2)]
+    return [torch.randn(B, 3, px, px, generator=g) for _ in range(2)] + [
+        torch.randn(B, 3, px // 2, px // 2, generator=g) for _ in range(2)
+    ]
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "basic"])
@@ -80,6 +83,7 @@ def test_resnet_shortcut_bn_per_size_as_released(kind):
 
 # ---------------------------------------------------------------- Swin-T windows as released
 
+
 @pytest.fixture(scope="module")
 def swin_t():
     torch.manual_seed(3)
@@ -89,13 +93,15 @@ def swin_t():
 
 def test_swin_windows_fixed_from_the_224_layout(swin_t):
     stages = [swin_t.features[i] for i in (1, 3, 5, 7)]
-    assert [[b.attn.shift_size for b in s] for s in stages] == \
-        [[[0, 0], [3, 3]]] * 2 + [[[0, 0], [3, 3]] * 3] + [[[0, 0], [0, 0]]]
+    assert [[b.attn.shift_size for b in s] for s in stages] == [[[0, 0], [3, 3]]] * 2 + [
+        [[0, 0], [3, 3]] * 3
+    ] + [[[0, 0], [0, 0]]]
     assert all(b.attn.window_size == [7, 7] for s in stages for b in s)
 
 
-@pytest.mark.parametrize("side, stage, block",
-                         [(6, 5, 1), (12, 3, 1), (3, 7, 1), (14, 5, 1), (7, 7, 0)])
+@pytest.mark.parametrize(
+    "side, stage, block", [(6, 5, 1), (12, 3, 1), (3, 7, 1), (14, 5, 1), (7, 7, 0)]
+)
 def test_swin_attention_follows_the_released_shift_rule(swin_t, side, stage, block):
     """Maps of 96-px crops (stage 3: 6 x 6, padded to 7 x 7; stage 2: 12; stage 4: 3) and of 224-px
     crops (stage 3: 14, stage 4: 7): the block's attention equals the released one with the window
@@ -106,7 +112,7 @@ def test_swin_attention_follows_the_released_shift_rule(swin_t, side, stage, blo
     shift = {5: 3, 3: 3, 7: 0}[stage] if block == 1 else 0
     with torch.no_grad():
         torch.testing.assert_close(attn(x), released_swin_attention(attn, x, 7, shift), **TOL)
-        if side == 6:   # the released shift matters here: without it the attention differs
+        if side == 6:  # the released shift matters here: without it the attention differs
             assert (attn(x) - released_swin_attention(attn, x, 7, 0)).abs().max() > 1e-3
 
 
@@ -115,15 +121,16 @@ def test_swin_96px_forward_uses_the_shift_in_stage_3(swin_t):
     attn = swin_t.features[5][1].attn
     hooks = [attn.register_forward_hook(lambda m, i, o: calls.append((i[0], o)))]
     with torch.no_grad():
-        swin_t.features[:6](torch.randn(1, 3, 96, 96))                 # up to stage 3
+        swin_t.features[:6](torch.randn(1, 3, 96, 96))  # up to stage 3
     for h in hooks:
         h.remove()
-    (x, y), = calls
+    ((x, y),) = calls
     assert x.shape[1:3] == (6, 6)
     torch.testing.assert_close(y, released_swin_attention(attn, x, 7, 3), **TOL)
 
 
 # ---------------------------------------------------------------- the blur is PIL's
+
 
 def pil_blur(img, sigma):
     """uint8 [3, h, w] -> PIL.ImageFilter.GaussianBlur(radius=sigma) of it, float [3, h, w]."""
@@ -144,7 +151,7 @@ def test_gaussian_blur_equals_pils_everywhere_including_borders():
     assert d.max() <= 2 and d.mean() < 0.05, (float(d.max()), float(d.mean()))
     edge = torch.ones(24, 20, dtype=torch.bool)
     edge[4:-4, 4:-4] = False
-    assert d[..., edge].mean() < 0.05                                  # the borders are PIL's too
+    assert d[..., edge].mean() < 0.05  # the borders are PIL's too
 
 
 @pytest.mark.parametrize("sigma", [0.2, 0.3, 0.5, 1.0, 2.0, 3.0])
@@ -157,12 +164,14 @@ def test_blurred_impulse_has_pils_variance(sigma):
 
     def var(a):
         return float((a.sum(0) * c).sum() / a.sum())
+
     assert abs(var(got) - var(want)) <= 0.1 * var(want), (var(got), var(want))
-    assert var(got) > 0.5 * sigma ** 2                               # not a delta at small sigma
+    assert var(got) > 0.5 * sigma**2  # not a delta at small sigma
 
 
 # ---------------------------------------------------------------- the recipe's numbers are the
 # release's
+
 
 def test_augmentation_recipe_is_the_releases():
     """src/multicropdataset.py (byolAug): blur p 1.0 / 0.1, radius U(0.1, 2.0); solarise p 0 / 0.2;
@@ -170,6 +179,7 @@ def test_augmentation_recipe_is_the_releases():
     main_SMoG.py defaults: scales 0.2-1.0 (global) and 0.05-0.2 (local). blur_scale multiplies the
     radius range (1.0 = the release)."""
     from smog_train import config, data
+
     for kind, blur_p, sol_p in (("A", 1.0, 0.0), ("B", 0.1, 0.2)):
         b = ba.BatchAugment(kind, 24, (0.2, 1.0), blur_scale=0.15)
         assert (b.blur_p, b.sol_p, b.jitter_p, b.gray_p) == (blur_p, sol_p, 0.8, 0.2)
@@ -188,12 +198,14 @@ def test_augmentation_recipe_is_the_releases():
 
 # ---------------------------------------------------------------- online set parity
 
+
 @pytest.mark.parametrize("accum", [1, 2])
 def test_online_set_parity_restarts_every_epoch(accum):
     """main_SMoG.py: `if it % 2 == 0: q = inputs` with `it` the loader index, from 0 every epoch;
     with an odd number of steps per epoch the parity of the global step would differ from it. Under
     --accum every micro-batch of a step has the step's set."""
     from smog_train import batches
+
     s = batches.StepBatches(n=30 * accum, rank=0, world=1, micro=2, accum=accum, seed=0)
     assert s.steps == 15
     for epoch in (0, 1, 2):

@@ -16,6 +16,7 @@ and out_dir untouched (names, sizes, mtimes and contents compared before and aft
 Runs are tiny (64 demo images of 16 px, smallcnn width 8, K=8, 2 heads, 2 epochs of 4 steps); the two
 uninterrupted reference runs (1 and 2 processes) are computed once per module.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smog_train import checkpoint
-from smog_train import export
+from smog_train import checkpoint, export
 from state_compare import assert_same
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,13 +43,56 @@ N_TRAIN = 64
 # 64 images / batch 16 = 4 steps per epoch, 2 epochs = 8 steps (global steps 0..7).
 # Checkpoints (--save-every 3): after step 2 (step=3), end of epoch 0 (step=4), after step 5 (step=6),
 # end of epoch 1 (step=8) -- the 1st, 2nd, 3rd and 4th checkpoint write of an uninterrupted run.
-TINY = ["--data", f"demo:{N_TRAIN}", "--arch", "smallcnn", "--width", "8", "--dim", "16", "--hidden-dim", "32",
-        "--n-groups", "8", "--n-heads", "2", "--image-size", "16", "--local-size", "8", "--n-local", "1",
-        "--epochs", "2", "--batch-size", "16", "--kmeans-iters", "3", "--knn-every", "0", "--no-final-eval",
-        "--device", "cpu", "--workers", "0", "--threads", "1", "--log-every", "1", "--save-every", "3"]
+TINY = [
+    "--data",
+    f"demo:{N_TRAIN}",
+    "--arch",
+    "smallcnn",
+    "--width",
+    "8",
+    "--dim",
+    "16",
+    "--hidden-dim",
+    "32",
+    "--n-groups",
+    "8",
+    "--n-heads",
+    "2",
+    "--image-size",
+    "16",
+    "--local-size",
+    "8",
+    "--n-local",
+    "1",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--kmeans-iters",
+    "3",
+    "--knn-every",
+    "0",
+    "--no-final-eval",
+    "--device",
+    "cpu",
+    "--workers",
+    "0",
+    "--threads",
+    "1",
+    "--log-every",
+    "1",
+    "--save-every",
+    "3",
+]
 TOTAL_STEPS = 8
-VOLATILE_LOG_KEYS = {"time", "img_s", "data_frac"}          # wall-clock measurements in log.jsonl
-RUNTIME_CONFIG_KEYS = {"out_dir", "resume", "git", "workers", "save_every"}   # may differ between runs
+VOLATILE_LOG_KEYS = {"time", "img_s", "data_frac"}  # wall-clock measurements in log.jsonl
+RUNTIME_CONFIG_KEYS = {
+    "out_dir",
+    "resume",
+    "git",
+    "workers",
+    "save_every",
+}  # may differ between runs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,14 +116,30 @@ def train_cmd(out_dir, *extra, nproc: int = 1, torchrun: tuple = ()) -> list:
     args = [*TINY, "--out-dir", str(out_dir), *map(str, extra)]
     if nproc == 1:
         return [sys.executable, "train.py", *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-            str(_free_port()), *torchrun, "train.py", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port",
+        str(_free_port()),
+        *torchrun,
+        "train.py",
+        *args,
+    ]
 
 
 def run(cmd: list, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run in its own session; on a timeout the whole process group (torchrun and workers) is killed."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -119,14 +178,18 @@ def assert_same_final(ref_dir, out_dir) -> None:
     assert got["step"] == TOTAL_STEPS and got["epoch"] == 2, (got["step"], got["epoch"])
     assert set(ref) == set(got)
     for k in ref:
-        if k == "log_offset":                     # byte length of log.jsonl: its timing fields vary
+        if k == "log_offset":  # byte length of log.jsonl: its timing fields vary
             continue
         if k == "config":
             strip = lambda c: {f: v for f, v in c.items() if f not in RUNTIME_CONFIG_KEYS}  # noqa: E731
             assert_same(strip(ref[k]), strip(got[k]), "config")
             continue
         assert_same(ref[k], got[k], k)
-    assert "groups" in got["model"] and got["bank"].shape == (2, N_TRAIN, 16) and got["optimizer"]["state"]
+    assert (
+        "groups" in got["model"]
+        and got["bank"].shape == (2, N_TRAIN, 16)
+        and got["optimizer"]["state"]
+    )
     assert log_records(out_dir) == log_records(ref_dir)
     assert tmp_files(out_dir) == []
 
@@ -142,7 +205,9 @@ def ref1(tmp_path_factory):
     load must succeed (atomic writes: at every instant the newest complete checkpoint loads)."""
     out = tmp_path_factory.mktemp("ref1") / "run"
     cmd = train_cmd(out, "--save-every", "1")
-    p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     loads, failures = [], []
 
     def poll():
@@ -160,7 +225,7 @@ def ref1(tmp_path_factory):
     stdout, stderr = p.communicate(timeout=300)
     t.join()
     ok(subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr))
-    assert stdout.count("saved ") == TOTAL_STEPS              # 3 mid-epoch saves + 1 end-of-epoch save, twice
+    assert stdout.count("saved ") == TOTAL_STEPS  # 3 mid-epoch saves + 1 end-of-epoch save, twice
     return dict(dir=out, loads=loads, failures=failures)
 
 
@@ -204,12 +269,15 @@ def cut2(tmp_path_factory):
 
 def test_checkpoint_loads_at_every_instant_of_a_run(ref1):
     assert ref1["failures"] == [], ref1["failures"][:3]
-    assert len(ref1["loads"]) > 0 and sorted(ref1["loads"]) == ref1["loads"]    # never goes back
+    assert len(ref1["loads"]) > 0 and sorted(ref1["loads"]) == ref1["loads"]  # never goes back
     assert tmp_files(ref1["dir"]) == []
 
 
-@pytest.mark.parametrize("die_at,last_ck", [(2, None), (7, 6)],
-                         ids=["before-first-checkpoint", "after-mid-epoch-checkpoint"])
+@pytest.mark.parametrize(
+    "die_at,last_ck",
+    [(2, None), (7, 6)],
+    ids=["before-first-checkpoint", "after-mid-epoch-checkpoint"],
+)
 def test_sigkill_mid_iteration_resumes_bitwise(ref1, tmp_path, die_at, last_ck):
     """SIGKILL after the backward of step `die_at`, before its optimiser step. The rerun resumes from the
     last complete checkpoint (or starts over when there is none) and, with a data-loader worker this
@@ -230,7 +298,9 @@ def test_sigkill_mid_regroup_resumes_bitwise(ref1, tmp_path):
     memory are half re-clustered; the rerun starts again from the end-of-epoch-0 checkpoint."""
     out = tmp_path / "run"
     r = run(train_cmd(out), env={"SMOG_TEST_DIE_IN_REGROUP": 1})
-    assert r.returncode == -signal.SIGKILL and "SIGKILL self: in regroup of epoch 1" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == -signal.SIGKILL and "SIGKILL self: in regroup of epoch 1" in r.stderr, (
+        r.stderr[-3000:]
+    )
     ck = load(out / "checkpoint.pth")
     assert (ck["step"], ck["epoch"], ck["step_in_epoch"]) == (4, 1, 0)
     r = ok(run(train_cmd(out)))
@@ -245,7 +315,9 @@ def test_sigkill_during_checkpoint_write(ref1, tmp_path, n_save, last_ck):
     bitwise identical to the uninterrupted run."""
     out = tmp_path / "run"
     r = run(train_cmd(out), env={"SMOG_TEST_DIE_IN_SAVE": n_save})
-    assert r.returncode == -signal.SIGKILL and f"in checkpoint write {n_save}" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == -signal.SIGKILL and f"in checkpoint write {n_save}" in r.stderr, (
+        r.stderr[-3000:]
+    )
     tmps = tmp_files(out)
     assert len(tmps) == 1 and tmps[0].startswith(".checkpoint.pth.tmp-"), tmps
     with pytest.raises(ValueError, match="cannot load"):
@@ -254,7 +326,7 @@ def test_sigkill_during_checkpoint_write(ref1, tmp_path, n_save, last_ck):
     assert (checkpoint.load_checkpoint(str(ck))["step"] if ck.exists() else None) == last_ck
     r = ok(run(train_cmd(out)))
     assert (f"resuming at step {last_ck}" in r.stdout) == (last_ck is not None)
-    assert_same_final(ref1["dir"], out)                      # also: no temporary file left
+    assert_same_final(ref1["dir"], out)  # also: no temporary file left
 
 
 def test_sigterm_checkpoints_exits_0_and_resumes_bitwise(ref1, tmp_path):
@@ -284,7 +356,9 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(ref1, tmp_pat
     err = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and "Traceback" not in r.stderr, r.stderr
     ck_path = out / "checkpoint.pth"
-    assert re.search(r"non-finite loss at step 5\b", err[0]) and "--skip-nonfinite" in err[0], err[0]
+    assert re.search(r"non-finite loss at step 5\b", err[0]) and "--skip-nonfinite" in err[0], err[
+        0
+    ]
     assert f"last good checkpoint: {ck_path} (step 4)" in err[0], err[0]
     assert load(ck_path)["step"] == 4 and tmp_files(out) == []
     r = ok(run(train_cmd(out)))
@@ -301,7 +375,12 @@ def test_skip_nonfinite_skips_the_step_and_leaves_every_state_untouched(tmp_path
     assert r.returncode == 3 and "non-finite loss at step 7" in r.stderr, r.stderr[-3000:]
     before = load(out / "checkpoint.pth")
     assert before["step"] == 7
-    r = ok(run(train_cmd(out, "--save-every", "7", "--skip-nonfinite", "1"), env={"SMOG_TEST_NAN_AT_STEP": 7}))
+    r = ok(
+        run(
+            train_cmd(out, "--save-every", "7", "--skip-nonfinite", "1"),
+            env={"SMOG_TEST_NAN_AT_STEP": 7},
+        )
+    )
     assert "warning: non-finite loss at step 7, step skipped (1/1)" in r.stdout
     after = load(out / "checkpoint.pth")
     assert (after["step"], after["skipped_nonfinite"]) == (TOTAL_STEPS, 1)
@@ -342,8 +421,16 @@ def test_2proc_max_restarts_after_sigkill_mid_regroup(ref2, tmp_path):
     both workers, which resume from the end-of-epoch-0 checkpoint -- one command, exit code 0, and the
     bitwise result of the uninterrupted run."""
     out, once = tmp_path / "run", tmp_path / "died-once"
-    r = ok(run(train_cmd(out, nproc=2, torchrun=("--max-restarts=1",)),
-               env={"SMOG_TEST_DIE_IN_REGROUP": 1, "SMOG_TEST_DIE_RANK": 1, "SMOG_TEST_DIE_ONCE": once}))
+    r = ok(
+        run(
+            train_cmd(out, nproc=2, torchrun=("--max-restarts=1",)),
+            env={
+                "SMOG_TEST_DIE_IN_REGROUP": 1,
+                "SMOG_TEST_DIE_RANK": 1,
+                "SMOG_TEST_DIE_ONCE": once,
+            },
+        )
+    )
     assert once.exists() and "SIGKILL self: in regroup of epoch 1" in r.stderr
     assert "resuming at step 4" in r.stdout
     assert_same_final(ref2, out)
@@ -353,7 +440,9 @@ def test_2proc_sigterm_on_one_rank_checkpoints_exits_0_and_resumes(ref2, tmp_pat
     """SIGTERM reaches rank 1 only: the ranks agree at the end of the step (all-reduced flag), write one
     checkpoint and exit 0 together; the rerun ends bitwise identical to the uninterrupted run."""
     out = tmp_path / "run"
-    r = ok(run(train_cmd(out, nproc=2), env={"SMOG_TEST_SIGTERM_AT_STEP": 5, "SMOG_TEST_DIE_RANK": 1}))
+    r = ok(
+        run(train_cmd(out, nproc=2), env={"SMOG_TEST_SIGTERM_AT_STEP": 5, "SMOG_TEST_DIE_RANK": 1})
+    )
     assert "SIGTERM: checkpoint written" in r.stdout
     assert load(out / "checkpoint.pth")["step"] == 6
     r = ok(run(train_cmd(out, nproc=2)))
@@ -382,20 +471,24 @@ def test_2proc_sigterm_on_one_rank_checkpoints_exits_0_and_resumes(ref2, tmp_pat
 # argmax (target, group, k-means assignment) that sits within rounding of a tie and flips; none
 # does in these runs, deterministically on a given machine.
 RTOL, ATOL = 1e-4, 1e-6
-SCHEDULE_KEYS = ("type", "step", "epoch", "lr", "beta", "m")       # exact in every log record
+SCHEDULE_KEYS = ("type", "step", "epoch", "lr", "beta", "m")  # exact in every log record
 
 
 def batch_records(rec_dir) -> dict:
     """{global step: [(dataset index, SHA-1 of the item's crops)] of the global batch}: every
     micro-batch's items of rank 0, rank 1, ... in turn (SMOG_TEST_RECORD_BATCHES files)."""
-    rank = lambda f: int(f.stem[len("batches-rank"):])                    # noqa: E731
+    rank = lambda f: int(f.stem[len("batches-rank") :])  # noqa: E731
     files = sorted(Path(rec_dir).glob("batches-rank*.jsonl"), key=rank)
     per_rank = [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
     out = {}
     for recs in zip(*per_rank):
         assert len({r["step"] for r in recs}) == 1, [r["step"] for r in recs]
-        out[recs[0]["step"]] = [item for a in range(len(recs[0]["micro"])) for r in recs
-                                for item in zip(r["micro"][a]["idx"], r["micro"][a]["crops"])]
+        out[recs[0]["step"]] = [
+            item
+            for a in range(len(recs[0]["micro"]))
+            for r in recs
+            for item in zip(r["micro"][a]["idx"], r["micro"][a]["crops"])
+        ]
     return out
 
 
@@ -435,8 +528,9 @@ def tolerance_violations(ref: dict, got: dict) -> tuple:
     return bad, worst
 
 
-def assert_same_log_within_tolerance(ref_dir, out_dir, world_from: int, world_to: int,
-                                     measured_upto: int) -> None:
+def assert_same_log_within_tolerance(
+    ref_dir, out_dir, world_from: int, world_to: int, measured_upto: int
+) -> None:
     """log.jsonl of the resumed run = the uninterrupted run's plus one record of the world-size
     change: the same records, schedule values exact, measured values within the tolerance up to
     global step `measured_upto` (later, an assignment within rounding of a tie may flip)."""
@@ -455,8 +549,15 @@ def assert_same_log_within_tolerance(ref_dir, out_dir, world_from: int, world_to
 
 def torchrun1(cmd: list) -> list:
     """A plain `python train.py ...` command as `torchrun --nproc_per_node=1 train.py ...`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_port",
-            str(_free_port()), *cmd[1:]]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        "--master_port",
+        str(_free_port()),
+        *cmd[1:],
+    ]
 
 
 @pytest.mark.parametrize("nproc", [1, 4])
@@ -493,11 +594,18 @@ def test_2proc_sigkill_resumes_on_another_world_size(ref2, ref2_step4, cut2, tmp
     assert len(tolerance_violations(ref2_step4, cut)[0]) > 10
     r = ok(run(train_cmd(out, nproc=nproc), env=env))
     assert "resuming at step 4" in r.stdout and "epoch 1: regrouped" in r.stdout
-    assert "world size changed" not in r.stdout                 # it was written by this world
+    assert "world size changed" not in r.stdout  # it was written by this world
     ref, got = load(ref2 / "checkpoint.pth"), load(out / "checkpoint.pth")
     assert (got["step"], got["epoch"], got["world_size"]) == (TOTAL_STEPS, 2, nproc)
-    for k in ("step", "epoch", "step_in_epoch", "steps_per_epoch", "total_steps", "knn",
-              "skipped_nonfinite"):
+    for k in (
+        "step",
+        "epoch",
+        "step_in_epoch",
+        "steps_per_epoch",
+        "total_steps",
+        "knn",
+        "skipped_nonfinite",
+    ):
         assert got[k] == ref[k], k
     seen, want = batch_records(rec), batch_records(ref2.parent / "batches")
     assert sorted(seen) == list(range(3, TOTAL_STEPS)) and all(seen[s] == want[s] for s in seen)
@@ -514,8 +622,10 @@ def test_per_rank_bn_run_resumes_on_1_process_under_torchrun(ref2, tmp_path):
     statistics over the per-rank batch, makes the weights differ from an uninterrupted run."""
     out, rec = tmp_path / "run", tmp_path / "batches"
     rec.mkdir()
-    r = run(train_cmd(out, "--no-sync-bn", nproc=2),
-            env={"SMOG_TEST_DIE_AT_STEP": 3, "SMOG_TEST_DIE_RANK": 0})
+    r = run(
+        train_cmd(out, "--no-sync-bn", nproc=2),
+        env={"SMOG_TEST_DIE_AT_STEP": 3, "SMOG_TEST_DIE_RANK": 0},
+    )
     assert r.returncode != 0 and "SIGKILL self: at step 3" in r.stderr, r.stderr[-3000:]
     assert load(out / "checkpoint.pth")["step"] == 3
     r = ok(run(torchrun1(train_cmd(out, "--no-sync-bn")), env={"SMOG_TEST_RECORD_BATCHES": rec}))
@@ -527,8 +637,11 @@ def test_per_rank_bn_run_resumes_on_1_process_under_torchrun(ref2, tmp_path):
     assert sorted(seen) == list(range(3, TOTAL_STEPS)) and all(seen[s] == want[s] for s in seen)
     recs = log_records(out)
     assert [(r["from"], r["to"]) for r in recs if r["type"] == "world_size_changed"] == [(2, 1)]
-    sched = lambda rs: [{k: r.get(k) for k in SCHEDULE_KEYS} for r in rs  # noqa: E731
-                        if r["type"] == "step"]
+    sched = lambda rs: [
+        {k: r.get(k) for k in SCHEDULE_KEYS}
+        for r in rs  # noqa: E731
+        if r["type"] == "step"
+    ]
     assert sched(recs) == sched(log_records(ref2))
     assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [0, 1]
     assert all(torch.isfinite(v).all() for v in got["model"].values() if v.is_floating_point())
@@ -540,7 +653,9 @@ def test_resume_on_a_world_size_that_cannot_divide_the_batch_is_refused(cut2, tm
     that far exits 2 with one line naming the problem and the world sizes that work; out_dir is
     untouched."""
     out, logs = tmp_path / "run", tmp_path / "logs"
-    shutil.copytree(cut2, out, ignore=shutil.ignore_patterns("run.lock"))  # the killed run's (stale)
+    shutil.copytree(
+        cut2, out, ignore=shutil.ignore_patterns("run.lock")
+    )  # the killed run's (stale)
     before = snapshot(out)
     r = run(train_cmd(out, nproc=3, torchrun=("--log-dir", str(logs), "--redirects", "3")))
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
@@ -549,9 +664,12 @@ def test_resume_on_a_world_size_that_cannot_divide_the_batch_is_refused(cut2, tm
         lines = [ln for ln in e.read_text().splitlines() if ln.strip()]
         assert len(lines) <= 1, lines
         if lines:
-            assert re.search(r"^error: --batch-size 16 is not divisible by world size 3 x "
-                             r"--accum 1; run on a number of processes that divides it "
-                             r"\(1, 2, 4, 8;", lines[0])
+            assert re.search(
+                r"^error: --batch-size 16 is not divisible by world size 3 x "
+                r"--accum 1; run on a number of processes that divides it "
+                r"\(1, 2, 4, 8;",
+                lines[0],
+            )
             said += 1
     assert said >= 1 and snapshot(out) == before
 
@@ -607,8 +725,11 @@ def snapshot(d) -> dict | None:
     snap = {".": d.stat().st_mtime_ns}
     for p in sorted(d.rglob("*")):
         st = p.stat()
-        snap[str(p.relative_to(d))] = (st.st_mtime_ns, st.st_size,
-                                       hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None)
+        snap[str(p.relative_to(d))] = (
+            st.st_mtime_ns,
+            st.st_size,
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None,
+        )
     return snap
 
 
@@ -623,7 +744,7 @@ def one_line_error(r: subprocess.CompletedProcess, code: int = 2) -> str:
 def test_malicious_checkpoint_is_refused_and_runs_nothing(ref1, tmp_path):
     marker = tmp_path / "PWNED"
     evil = load(ref1["dir"] / "checkpoint.pth")
-    evil["extra"] = _Payload(str(marker))                   # a real train.py checkpoint plus one object
+    evil["extra"] = _Payload(str(marker))  # a real train.py checkpoint plus one object
     evil_path = tmp_path / "evil.pth"
     torch.save(evil, evil_path)
 
@@ -640,16 +761,36 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(ref1, tmp_path):
     line = one_line_error(run(train_cmd(auto)))
     assert "refused for safety" in line and not marker.exists() and snapshot(auto) == before
     # eval_linear.py --checkpoint PATH
-    r = run([sys.executable, "eval_linear.py", "--checkpoint", str(evil_path), "--out-dir", str(out), "--workers", "0",
-             "--device", "cpu"])
+    r = run(
+        [
+            sys.executable,
+            "eval_linear.py",
+            "--checkpoint",
+            str(evil_path),
+            "--out-dir",
+            str(out),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert "refused for safety" in one_line_error(r) and not marker.exists() and not out.exists()
     # python -m smog_train.export
-    r = run([sys.executable, "-m", "smog_train.export", str(evil_path), str(tmp_path / "backbone.pth")])
+    r = run(
+        [sys.executable, "-m", "smog_train.export", str(evil_path), str(tmp_path / "backbone.pth")]
+    )
     assert "refused for safety" in one_line_error(r) and not marker.exists()
     assert not (tmp_path / "backbone.pth").exists()
     # control: the payload is live -- an unsafe load (weights_only=False) does run it
-    r = run([sys.executable, "-c", f"import torch, sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
-                                   f"torch.load({str(evil_path)!r}, weights_only=False)"])
+    r = run(
+        [
+            sys.executable,
+            "-c",
+            f"import torch, sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+            f"torch.load({str(evil_path)!r}, weights_only=False)",
+        ]
+    )
     assert marker.exists(), r.stderr[-2000:]
 
 
@@ -658,14 +799,18 @@ def test_every_torch_load_in_the_project_is_weights_only():
     for f in [*ROOT.glob("*.py"), *ROOT.glob("spec/*.py"), *ROOT.glob("tests/*.py")]:
         src = f.read_text()
         for m in re.finditer(r"torch\.load\(", src):
-            depth, i = 1, m.end()                             # the call's argument text
+            depth, i = 1, m.end()  # the call's argument text
             while depth and i < len(src):
                 depth += {"(": 1, ")": -1}.get(src[i], 0)
                 i += 1
-            calls.append((f.name, src[m.end():i - 1]))
+            calls.append((f.name, src[m.end() : i - 1]))
     assert calls
-    unsafe = [(f, a) for f, a in calls if not re.search(r"weights_only\s*=\s*True", a)
-              and not (f == Path(__file__).name and "weights_only=False" in a)]   # the control load above
+    unsafe = [
+        (f, a)
+        for f, a in calls
+        if not re.search(r"weights_only\s*=\s*True", a)
+        and not (f == Path(__file__).name and "weights_only=False" in a)
+    ]  # the control load above
     assert unsafe == [], unsafe
 
 
@@ -675,6 +820,7 @@ def test_every_torch_load_in_the_project_is_weights_only():
 
 def _png_tree(root: Path, n_per_class: int = 17, size: int = 16) -> None:
     from PIL import Image
+
     for c in range(2):
         d = root / f"class{c}"
         d.mkdir(parents=True, exist_ok=True)
@@ -690,11 +836,21 @@ def folders(tmp_path_factory):
     (root / "classes_no_images" / "a" / "readme.txt").write_text("not an image")
     for name in ("corrupt", "truncated", "bad_skip"):
         _png_tree(root / name / "train")
-    (root / "corrupt" / "train" / "class1" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    (root / "corrupt" / "train" / "class1" / "zz_corrupt.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n this is not a png"
+    )
     full = (root / "truncated" / "train" / "class0" / "00.png").read_bytes()
-    (root / "truncated" / "train" / "class0" / "zz_truncated.png").write_bytes(full[: len(full) // 2])
-    shutil.copy(root / "corrupt" / "train" / "class1" / "zz_corrupt.png", root / "bad_skip" / "train" / "class1")
-    shutil.copy(root / "truncated" / "train" / "class0" / "zz_truncated.png", root / "bad_skip" / "train" / "class0")
+    (root / "truncated" / "train" / "class0" / "zz_truncated.png").write_bytes(
+        full[: len(full) // 2]
+    )
+    shutil.copy(
+        root / "corrupt" / "train" / "class1" / "zz_corrupt.png",
+        root / "bad_skip" / "train" / "class1",
+    )
+    shutil.copy(
+        root / "truncated" / "train" / "class0" / "zz_truncated.png",
+        root / "bad_skip" / "train" / "class0",
+    )
     (root / "not_a_dir").write_text("a file")
     (root / "read_only").mkdir(mode=0o555)
     (root / "cifar_root").mkdir()
@@ -710,17 +866,47 @@ def _train_bad_inputs(folders, ref1, ref2):
     """(extra args, problem regex, fix regex, out_dir state: 'absent' | 'ref1' | 'ref2')."""
     f = folders
     return [
-        (["--data", f"imagefolder:{f / 'missing'}"], r"'.*missing' does not exist", r"pass --data imagefolder:PATH"),
+        (
+            ["--data", f"imagefolder:{f / 'missing'}"],
+            r"'.*missing' does not exist",
+            r"pass --data imagefolder:PATH",
+        ),
         (["--data", "imagefolder:"], r"empty path", r"--data imagefolder:PATH"),
-        (["--data", f"imagefolder:{f / 'empty'}"], r"no images in '.*empty'", r"expected .*<class>/<image>"),
-        (["--data", f"imagefolder:{f / 'classes_no_images'}"], r"no images in", r"expected .*<class>/<image>"),
-        (["--data", f"imagefolder:{f / 'corrupt'}"], r"cannot read image '.*zz_corrupt\.png'",
-         r"delete or replace it, or pass --bad-images skip"),
-        (["--data", f"imagefolder:{f / 'truncated'}"], r"cannot read image '.*zz_truncated\.png'",
-         r"--bad-images skip"),
-        (["--n-groups", "65"], r"--n-groups 65 is more than the 64 samples in the memory bank", r"use fewer groups"),
-        (["--batch-size", "128"], r"global batch 128 is larger than the dataset \(64 images", r"smaller --batch-size"),
-        (["--beta-end", "1.5"], r"--beta-start/--beta-end must be in \[0, 1\], got 1.0, 1.5", r"in \[0, 1\]"),
+        (
+            ["--data", f"imagefolder:{f / 'empty'}"],
+            r"no images in '.*empty'",
+            r"expected .*<class>/<image>",
+        ),
+        (
+            ["--data", f"imagefolder:{f / 'classes_no_images'}"],
+            r"no images in",
+            r"expected .*<class>/<image>",
+        ),
+        (
+            ["--data", f"imagefolder:{f / 'corrupt'}"],
+            r"cannot read image '.*zz_corrupt\.png'",
+            r"delete or replace it, or pass --bad-images skip",
+        ),
+        (
+            ["--data", f"imagefolder:{f / 'truncated'}"],
+            r"cannot read image '.*zz_truncated\.png'",
+            r"--bad-images skip",
+        ),
+        (
+            ["--n-groups", "65"],
+            r"--n-groups 65 is more than the 64 samples in the memory bank",
+            r"use fewer groups",
+        ),
+        (
+            ["--batch-size", "128"],
+            r"global batch 128 is larger than the dataset \(64 images",
+            r"smaller --batch-size",
+        ),
+        (
+            ["--beta-end", "1.5"],
+            r"--beta-start/--beta-end must be in \[0, 1\], got 1.0, 1.5",
+            r"in \[0, 1\]",
+        ),
         (["--beta-start", "-0.1"], r"must be in \[0, 1\], got -0.1", r"in \[0, 1\]"),
         (["--tau", "0"], r"--tau must be > 0, got 0", r"> 0"),
         (["--tau", "-0.1"], r"--tau must be > 0", r"> 0"),
@@ -728,38 +914,103 @@ def _train_bad_inputs(folders, ref1, ref2):
         (["--preset", "nope"], r"unknown preset 'nope'", r"choose one of demo, cifar10-r18"),
         (["--arch", "nope"], r"unknown architecture 'nope'", r"choose one of .*resnet50"),
         (["--no-such-flag"], r"unrecognized arguments: --no-such-flag", r"see python train.py -h"),
-        (["--data", "cifar10", "--data-root", f / "cifar_root"], r"cifar10 not found under '.*cifar_root'",
-         r"pass --download"),
-        (["--data", "stl10", "--data-root", f / "cifar_root", "--image-size", "16"], r"stl10 not found",
-         r"pass --download"),
-        (["--resume", f / "missing.pth"], r"'.*missing.pth' does not exist", r"pass the path of a \.pth"),
-        (["--resume", f / "not_a_dir"], r"cannot load '.*not_a_dir' as a weights-only checkpoint", r"not a checkpoint"),
-        (["--out-dir", f / "not_a_dir" / "sub"],
-         r"cannot create --out-dir '.*not_a_dir/sub': '.*not_a_dir' is a file", r"choose another --out-dir"),
-        (["--out-dir", f / "not_a_dir"], r"--out-dir '.*not_a_dir' is a file, not a folder",
-         r"choose another --out-dir"),
-        *([(["--out-dir", "/proc/smog-run"], r"cannot write to --out-dir '/proc/smog-run'",
-            r"choose another --out-dir")] if os.path.isdir("/proc/self") else []),   # cannot be created
+        (
+            ["--data", "cifar10", "--data-root", f / "cifar_root"],
+            r"cifar10 not found under '.*cifar_root'",
+            r"pass --download",
+        ),
+        (
+            ["--data", "stl10", "--data-root", f / "cifar_root", "--image-size", "16"],
+            r"stl10 not found",
+            r"pass --download",
+        ),
+        (
+            ["--resume", f / "missing.pth"],
+            r"'.*missing.pth' does not exist",
+            r"pass the path of a \.pth",
+        ),
+        (
+            ["--resume", f / "not_a_dir"],
+            r"cannot load '.*not_a_dir' as a weights-only checkpoint",
+            r"not a checkpoint",
+        ),
+        (
+            ["--out-dir", f / "not_a_dir" / "sub"],
+            r"cannot create --out-dir '.*not_a_dir/sub': '.*not_a_dir' is a file",
+            r"choose another --out-dir",
+        ),
+        (
+            ["--out-dir", f / "not_a_dir"],
+            r"--out-dir '.*not_a_dir' is a file, not a folder",
+            r"choose another --out-dir",
+        ),
+        *(
+            [
+                (
+                    ["--out-dir", "/proc/smog-run"],
+                    r"cannot write to --out-dir '/proc/smog-run'",
+                    r"choose another --out-dir",
+                )
+            ]
+            if os.path.isdir("/proc/self")
+            else []
+        ),  # cannot be created
         (["--resume", f], r"checkpoint '.*' is a folder", r"pass the path of a \.pth file in it"),
         (["--config", f], r"--config '.*' is a folder", r"pass a config.json file"),
-        (["--config", _json(f / "typed.json", {"epochs": "ten"})], r"'epochs' must be an integer, got 'ten'",
-         r"--config"),
-        (["--config", _json(f / "unknown.json", {"epochz": 2})], r"unknown key 'epochz'",
-         r"keys are the option names"),
-        (["--config", _json(f / "list.json", [1, 2])], r"holds a JSON list", r"object of option: value"),
-        *([(["--out-dir", f / "read_only" / "run"], r"cannot write to --out-dir '.*read_only/run'",
-            r"choose another --out-dir")] if os.geteuid() != 0 else []),      # root may write anywhere
+        (
+            ["--config", _json(f / "typed.json", {"epochs": "ten"})],
+            r"'epochs' must be an integer, got 'ten'",
+            r"--config",
+        ),
+        (
+            ["--config", _json(f / "unknown.json", {"epochz": 2})],
+            r"unknown key 'epochz'",
+            r"keys are the option names",
+        ),
+        (
+            ["--config", _json(f / "list.json", [1, 2])],
+            r"holds a JSON list",
+            r"object of option: value",
+        ),
+        *(
+            [
+                (
+                    ["--out-dir", f / "read_only" / "run"],
+                    r"cannot write to --out-dir '.*read_only/run'",
+                    r"choose another --out-dir",
+                )
+            ]
+            if os.geteuid() != 0
+            else []
+        ),  # root may write anywhere
         # resuming a run that this command cannot continue: out_dir holds the reference's checkpoint
-        (["--n-groups", "6"], r"config field 'n_groups' is 8 in the checkpoint but 6 now",
-         r"pass --n-groups 8 \(or --config .*/config.json, the run's own config\) or use a new --out-dir", "ref1"),
-        (["--epochs", "3"], r"config field 'epochs' is 2 in the checkpoint but 3 now", r"--epochs 2", "ref1"),
+        (
+            ["--n-groups", "6"],
+            r"config field 'n_groups' is 8 in the checkpoint but 6 now",
+            r"pass --n-groups 8 \(or --config .*/config.json, the run's own config\) or use a new --out-dir",
+            "ref1",
+        ),
+        (
+            ["--epochs", "3"],
+            r"config field 'epochs' is 2 in the checkpoint but 3 now",
+            r"--epochs 2",
+            "ref1",
+        ),
         (["--seed", "1"], r"config field 'seed'", r"--seed 0", "ref1"),
-        (["--no-sync-bn"], r"config field 'sync_bn' is True in the checkpoint but False now",
-         r"pass --sync-bn \(or --config", "ref2"),
+        (
+            ["--no-sync-bn"],
+            r"config field 'sync_bn' is True in the checkpoint but False now",
+            r"pass --sync-bn \(or --config",
+            "ref2",
+        ),
         # --resume of one run into an out_dir holding another
-        (["--resume", ref1["dir"] / "checkpoint.pth"], r"--out-dir '.*' holds another run \(checkpoint.pth\); "
-         r"resuming '.*ref1.*checkpoint.pth' there would overwrite it",
-         r"pass an empty --out-dir with --resume, or drop --resume", "ref2"),
+        (
+            ["--resume", ref1["dir"] / "checkpoint.pth"],
+            r"--out-dir '.*' holds another run \(checkpoint.pth\); "
+            r"resuming '.*ref1.*checkpoint.pth' there would overwrite it",
+            r"pass an empty --out-dir with --resume, or drop --resume",
+            "ref2",
+        ),
         (["--dist-timeout", "0"], r"--dist-timeout must be > 0 minutes, got 0", r"> 0"),
     ]
 
@@ -789,6 +1040,7 @@ def _one_line_error_problems(rc, stdout, err, problem, fix) -> list:
 
 def _call_train_main(argv, capfd) -> tuple:
     import train
+
     threads = torch.get_num_threads()
     try:
         rc = train.main([str(a) for a in argv])
@@ -820,10 +1072,16 @@ def test_train_bad_inputs_one_line_exit_2_nothing_written(folders, ref1, ref2, t
 def test_train_bad_inputs_as_real_processes(folders, tmp_path):
     """The same contract seen from outside: a plain process, and a data-loader worker process meeting
     the corrupt image (its exception carries a worker traceback that must not leak)."""
-    for i, extra in enumerate((["--tau", "0"], ["--data", f"imagefolder:{folders / 'corrupt'}", "--workers", "1"])):
+    for i, extra in enumerate(
+        (["--tau", "0"], ["--data", f"imagefolder:{folders / 'corrupt'}", "--workers", "1"])
+    ):
         out = tmp_path / f"o{i}"
         line = one_line_error(run(train_cmd(out, *extra)))
-        assert ("tau" in line) if i == 0 else ("zz_corrupt.png" in line and "--bad-images skip" in line), line
+        assert (
+            ("tau" in line)
+            if i == 0
+            else ("zz_corrupt.png" in line and "--bad-images skip" in line)
+        ), line
         assert not out.exists()
 
 
@@ -832,16 +1090,28 @@ def test_2proc_batch_not_divisible_by_world_size(tmp_path):
     kept apart by --redirects), no worker traceback, nothing written. (The failure report that torchrun
     itself prints for a worker exiting non-zero is torchrun's, not train.py's.)"""
     out, logs = tmp_path / "out", tmp_path / "logs"
-    r = run(train_cmd(out, "--batch-size", "17", nproc=2, torchrun=("--log-dir", str(logs), "--redirects", "3")))
+    r = run(
+        train_cmd(
+            out,
+            "--batch-size",
+            "17",
+            nproc=2,
+            torchrun=("--log-dir", str(logs), "--redirects", "3"),
+        )
+    )
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
     errs = sorted(logs.rglob("stderr.log"))
     assert len(errs) == 2, errs
     said = 0
-    for e in errs:   # a worker still starting up when the other one exits is stopped by torchrun: empty log
+    for e in (
+        errs
+    ):  # a worker still starting up when the other one exits is stopped by torchrun: empty log
         lines = [ln for ln in e.read_text().splitlines() if ln.strip()]
         assert len(lines) <= 1, lines
         if lines:
-            assert re.search(r"^error: --batch-size 17 is not divisible by world size 2 x --accum 1", lines[0]), lines
+            assert re.search(
+                r"^error: --batch-size 17 is not divisible by world size 2 x --accum 1", lines[0]
+            ), lines
             said += 1
     assert said >= 1 and not out.exists()
 
@@ -850,9 +1120,13 @@ def test_bad_images_skip_logs_each_file_once_and_counts(folders, tmp_path):
     """--bad-images skip: the run completes, each unreadable file is reported once on stderr, listed once
     in out_dir/skipped_images.txt, and every epoch record counts them."""
     out = tmp_path / "run"
-    r = ok(run(train_cmd(out, "--data", f"imagefolder:{folders / 'bad_skip'}", "--bad-images", "skip")))
+    r = ok(
+        run(train_cmd(out, "--data", f"imagefolder:{folders / 'bad_skip'}", "--bad-images", "skip"))
+    )
     for name in ("zz_corrupt.png", "zz_truncated.png"):
-        assert len(re.findall(rf"warning: skipping unreadable image '.*{name}'", r.stderr)) == 1, r.stderr
+        assert len(re.findall(rf"warning: skipping unreadable image '.*{name}'", r.stderr)) == 1, (
+            r.stderr
+        )
     listed = (out / "skipped_images.txt").read_text().split()
     assert sorted(Path(p).name for p in listed) == ["zz_corrupt.png", "zz_truncated.png"], listed
     epochs = [rec for rec in log_records(out) if rec["type"] == "epoch"]
@@ -869,6 +1143,7 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
     architecture and an out_dir that cannot be written: exit 2, one line, no traceback; an existing
     out_dir with a previous eval-augmented.json is left exactly as it was."""
     import eval_linear
+
     ck = ref1["dir"] / "checkpoint.pth"
     text = tmp_path / "notes.pth"
     text.write_text("hello")
@@ -882,27 +1157,61 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
     cases = [
         (["--checkpoint", text], r"cannot load .*notes.pth", r"not a checkpoint of this project"),
         (["--checkpoint", cut], r"cannot load .*cut.pth", r"truncated"),
-        (["--checkpoint", ck, "--arch", "resnet18"],
-         r"--arch resnet18 contradicts the checkpoint's config \(smallcnn\)", r"drop --arch"),
-        (["--checkpoint", exported, "--arch", "resnet18"], r"does not match arch resnet18", r"missing keys"),
-        (["--checkpoint", exported, "--arch", "smallcnn", "--width", "16"], r"shape mismatch", r"width=16"),
-        (["--checkpoint", ck, "--data", "cifar10", "--data-root", folders / "cifar_root"],
-         r"cifar10 not found under", r"pass --download"),
-        (["--checkpoint", ck, "--data", "stl10", "--data-root", folders / "cifar_root"], r"stl10 not found",
-         r"pass --download"),
+        (
+            ["--checkpoint", ck, "--arch", "resnet18"],
+            r"--arch resnet18 contradicts the checkpoint's config \(smallcnn\)",
+            r"drop --arch",
+        ),
+        (
+            ["--checkpoint", exported, "--arch", "resnet18"],
+            r"does not match arch resnet18",
+            r"missing keys",
+        ),
+        (
+            ["--checkpoint", exported, "--arch", "smallcnn", "--width", "16"],
+            r"shape mismatch",
+            r"width=16",
+        ),
+        (
+            ["--checkpoint", ck, "--data", "cifar10", "--data-root", folders / "cifar_root"],
+            r"cifar10 not found under",
+            r"pass --download",
+        ),
+        (
+            ["--checkpoint", ck, "--data", "stl10", "--data-root", folders / "cifar_root"],
+            r"stl10 not found",
+            r"pass --download",
+        ),
         (["--checkpoint", ck, "--arch", "nope"], r"--arch.*'nope'", r"choose|smallcnn"),
-        (["--checkpoint", ck, "--out-dir", folders / "not_a_dir" / "sub"],
-         r"cannot create --out-dir '.*not_a_dir/sub': '.*not_a_dir' is a file", r"choose another --out-dir"),
+        (
+            ["--checkpoint", ck, "--out-dir", folders / "not_a_dir" / "sub"],
+            r"cannot create --out-dir '.*not_a_dir/sub': '.*not_a_dir' is a file",
+            r"choose another --out-dir",
+        ),
     ]
     failures = []
     before = snapshot(out)
     for extra, problem, fix in cases:
-        argv = [str(a) for a in ["--out-dir", out, "--cached-features", "--epochs", "1", "--workers", "0",
-                                 "--device", "cpu", "--quiet", *extra]]
+        argv = [
+            str(a)
+            for a in [
+                "--out-dir",
+                out,
+                "--cached-features",
+                "--epochs",
+                "1",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--quiet",
+                *extra,
+            ]
+        ]
         threads = torch.get_num_threads()
         try:
             rc = eval_linear.main(argv)
-        except SystemExit as e:                                  # argparse
+        except SystemExit as e:  # argparse
             rc = e.code
         finally:
             torch.set_num_threads(threads)
@@ -922,8 +1231,16 @@ def test_eval_bad_inputs_one_line_exit_2_nothing_overwritten(ref1, folders, tmp_
 
 
 def _popen(cmd: list, env: dict | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, **kw)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def _err_lines(r) -> list:
@@ -946,10 +1263,10 @@ def test_second_run_in_the_same_out_dir_exits_2_and_a_stale_lock_is_taken_over(r
     if not os.path.isdir("/proc/self"):
         pytest.skip("needs /proc (Linux)")
     out = tmp_path / "run"
-    first = _popen(train_cmd(out), env={"SMOG_TEST_STOP_AT_STEP": 5})    # holds the lock, stopped
+    first = _popen(train_cmd(out), env={"SMOG_TEST_STOP_AT_STEP": 5})  # holds the lock, stopped
     try:
         t0 = time.time()
-        while _proc_state(first.pid) != "T":                         # stopped at step 5, holding the lock
+        while _proc_state(first.pid) != "T":  # stopped at step 5, holding the lock
             assert first.poll() is None and time.time() - t0 < 200, first.communicate()
             time.sleep(0.2)
         assert load(out / "checkpoint.pth")["step"] == 4
@@ -960,16 +1277,21 @@ def test_second_run_in_the_same_out_dir_exits_2_and_a_stale_lock_is_taken_over(r
         r = run(train_cmd(out))
         took = time.time() - t1
         line = one_line_error(r)
-        assert re.search(rf"--out-dir '.*run' is in use by another run \(pid {first.pid} on "
-                         rf"{re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\d", line), line
+        assert re.search(
+            rf"--out-dir '.*run' is in use by another run \(pid {first.pid} on "
+            rf"{re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\d",
+            line,
+        ), line
         assert "filling the memory bank" not in r.stdout and snapshot(out) == before
         print(f"second run refused in {took:.1f}s")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.communicate()
-    assert (out / "run.lock").exists()                                # stale: its holder is gone
+    assert (out / "run.lock").exists()  # stale: its holder is gone
     r = ok(run(train_cmd(out)))
-    assert re.search(rf"warning: taking over the lock of --out-dir .*: its run \(pid {first.pid} ", r.stderr)
+    assert re.search(
+        rf"warning: taking over the lock of --out-dir .*: its run \(pid {first.pid} ", r.stderr
+    )
     assert "resuming at step 4" in r.stdout
     assert_same_final(ref1["dir"], out)
     assert not (out / "run.lock").exists()
@@ -978,11 +1300,13 @@ def test_second_run_in_the_same_out_dir_exits_2_and_a_stale_lock_is_taken_over(r
 def _flip(path: Path, n: int = 16) -> None:
     b = bytearray(path.read_bytes())
     mid = len(b) // 2
-    b[mid:mid + n] = bytes(x ^ 0xFF for x in b[mid:mid + n])
+    b[mid : mid + n] = bytes(x ^ 0xFF for x in b[mid : mid + n])
     path.write_bytes(bytes(b))
 
 
-def test_flipped_bytes_are_detected_resume_uses_the_previous_checkpoint_bitwise(ref1, tmp_path, capfd):
+def test_flipped_bytes_are_detected_resume_uses_the_previous_checkpoint_bitwise(
+    ref1, tmp_path, capfd
+):
     """16 bytes flipped in the middle of checkpoint.pth (step 6; checkpoint.prev.pth is step 4):
     eval_linear.py and export refuse it in one line; --resume of it is refused naming the two choices;
     the same command names it, resumes from the previous checkpoint and ends bitwise identical to the
@@ -995,24 +1319,49 @@ def test_flipped_bytes_are_detected_resume_uses_the_previous_checkpoint_bitwise(
     with pytest.raises(checkpoint.DigestError):
         checkpoint.load_checkpoint(str(ck))
     import eval_linear
-    for main, argv in ((eval_linear.main, ["--checkpoint", ck, "--device", "cpu", "--workers", "0"]),
-                       (export.main, [ck, tmp_path / "b.pth"])):
+
+    for main, argv in (
+        (eval_linear.main, ["--checkpoint", ck, "--device", "cpu", "--workers", "0"]),
+        (export.main, [ck, tmp_path / "b.pth"]),
+    ):
         threads = torch.get_num_threads()
         try:
             rc = main([str(a) for a in argv])
         finally:
             torch.set_num_threads(threads)
         stdout, err = capfd.readouterr()
-        assert _one_line_error_problems(rc, stdout, err, r"checkpoint '.*checkpoint.pth' fails verification: its "
-                                        r"SHA-256 does not match", r"changed after it was written") == []
+        assert (
+            _one_line_error_problems(
+                rc,
+                stdout,
+                err,
+                r"checkpoint '.*checkpoint.pth' fails verification: its "
+                r"SHA-256 does not match",
+                r"changed after it was written",
+            )
+            == []
+        )
     assert not (out / "eval.json").exists() and not (tmp_path / "b.pth").exists()
-    rc, stdout, err = _call_train_main([*TINY, "--out-dir", tmp_path / "other", "--resume", ck], capfd)
-    assert _one_line_error_problems(rc, stdout, err, r"fails verification",
-                                    rf"pass --resume {re.escape(str(prev))} \(the previous checkpoint, step 4\) "
-                                    r"or start over in a new --out-dir") == []
+    rc, stdout, err = _call_train_main(
+        [*TINY, "--out-dir", tmp_path / "other", "--resume", ck], capfd
+    )
+    assert (
+        _one_line_error_problems(
+            rc,
+            stdout,
+            err,
+            r"fails verification",
+            rf"pass --resume {re.escape(str(prev))} \(the previous checkpoint, step 4\) "
+            r"or start over in a new --out-dir",
+        )
+        == []
+    )
     r = ok(run(train_cmd(out)))
-    assert re.search(r"warning: checkpoint '.*checkpoint.pth' fails verification.*; resuming from the previous "
-                     r"checkpoint .*checkpoint.prev.pth \(step 4\) instead", r.stderr), r.stderr
+    assert re.search(
+        r"warning: checkpoint '.*checkpoint.pth' fails verification.*; resuming from the previous "
+        r"checkpoint .*checkpoint.prev.pth \(step 4\) instead",
+        r.stderr,
+    ), r.stderr
     assert "resuming at step 4" in r.stdout and (out / "checkpoint.corrupt.pth").exists()
     assert_same_final(ref1["dir"], out)
 
@@ -1021,18 +1370,41 @@ def test_eval_refuses_nonfinite_weights_and_a_nonfinite_linear_loss_exits_3(ref1
     """eval_linear.py: a checkpoint (with a valid digest) holding a NaN backbone weight is refused in
     one line (exit 2); a linear evaluation whose loss goes non-finite exits 3 without eval.json."""
     import eval_linear
+
     ck = load(ref1["dir"] / "checkpoint.pth")
-    k = next(k for k in ck["model"] if k.startswith("backbone.") and ck["model"][k].is_floating_point())
+    k = next(
+        k for k in ck["model"] if k.startswith("backbone.") and ck["model"][k].is_floating_point()
+    )
     ck["model"][k] = ck["model"][k].contiguous().clone()
     ck["model"][k].view(-1)[0] = float("nan")
     bad = tmp_path / "nan.pth"
     checkpoint.save_atomic(ck, str(bad))
     out = tmp_path / "out"
-    for extra, code, problem in (([bad], 2, rf"holds non-finite backbone weights \(1 tensors, e.g. '{k[9:]}'\)"),
-                                 ([ref1["dir"] / "checkpoint.pth", "--lr", "1e38"], 3,
-                                  r"linear evaluation: non-finite loss in epoch \d; .*lower --lr")):
-        argv = [str(a) for a in ["--out-dir", out, "--cached-features", "--epochs", "2", "--workers", "0",
-                                 "--device", "cpu", "--quiet", "--checkpoint", *extra]]
+    for extra, code, problem in (
+        ([bad], 2, rf"holds non-finite backbone weights \(1 tensors, e.g. '{k[9:]}'\)"),
+        (
+            [ref1["dir"] / "checkpoint.pth", "--lr", "1e38"],
+            3,
+            r"linear evaluation: non-finite loss in epoch \d; .*lower --lr",
+        ),
+    ):
+        argv = [
+            str(a)
+            for a in [
+                "--out-dir",
+                out,
+                "--cached-features",
+                "--epochs",
+                "2",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--checkpoint",
+                *extra,
+            ]
+        ]
         threads = torch.get_num_threads()
         try:
             rc = eval_linear.main(argv)
@@ -1051,8 +1423,11 @@ def cut_sigint(tmp_path_factory):
     out = tmp_path_factory.mktemp("sigint") / "run"
     r = run(train_cmd(out), env={"SMOG_TEST_SIGINT_AT_STEP": 5})
     assert r.returncode == 130, (r.returncode, r.stderr[-3000:])
-    assert re.search(r"SIGINT: checkpoint written \(.*checkpoint.pth \(step 6\)\), exiting; rerun the same "
-                     r"command to resume", r.stdout), r.stdout[-2000:]
+    assert re.search(
+        r"SIGINT: checkpoint written \(.*checkpoint.pth \(step 6\)\), exiting; rerun the same "
+        r"command to resume",
+        r.stdout,
+    ), r.stdout[-2000:]
     assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr
     return out
 
@@ -1071,18 +1446,22 @@ def test_second_ctrl_c_exits_at_once_and_a_signal_in_the_bank_fill_says_nothing_
     lock released. SIGTERM while the memory bank fills: one line, exit 143, nothing written."""
     out = tmp_path / "run"
     r = run(train_cmd(out), env={"SMOG_TEST_SIGINT_AT_STEP": 5, "SMOG_TEST_SIGINT_TWICE": 1})
-    assert r.returncode == 130 and "second Ctrl-C: exiting now, without a checkpoint" in r.stderr, r.stderr
+    assert r.returncode == 130 and "second Ctrl-C: exiting now, without a checkpoint" in r.stderr, (
+        r.stderr
+    )
     assert load(out / "checkpoint.pth")["step"] == 4 and not (out / "run.lock").exists()
     fill = tmp_path / "fill"
     r = run(train_cmd(fill), env={"SMOG_TEST_SIGTERM_IN_FILL": 1})
     assert r.returncode == 143 and _err_lines(r) == [
         "SIGTERM while loading the checkpoint or filling the memory bank: nothing was saved yet; rerun the same "
-        "command to start again"], r.stderr
+        "command to start again"
+    ], r.stderr
     assert not fill.exists()
 
 
 def _fsize_limit(n: int):
     import resource
+
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
 
 
@@ -1095,26 +1474,48 @@ def test_full_disk_mid_run_one_line_exit_4_previous_checkpoint_intact(ref1, cut_
     out = tmp_path / "run"
     shutil.copytree(cut_sigint, out)
     size = (out / "checkpoint.pth").stat().st_size
-    p = subprocess.run(train_cmd(out), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
-                       preexec_fn=_fsize_limit(size - 1))
+    p = subprocess.run(
+        train_cmd(out),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_fsize_limit(size - 1),
+    )
     ck = out / "checkpoint.pth"
-    assert _one_line_error_problems(p.returncode + (2 - 4 if p.returncode == 4 else 0), p.stdout, p.stderr,
-                                    rf"cannot write '{re.escape(str(ck))}': file too large \(the file-size limit, "
-                                    r"ulimit -f\) \[EFBIG\]",
-                                    rf"rerun the same command: it resumes from {re.escape(str(ck))} \(step 6\)"
-                                    ) == [], (p.returncode, p.stderr[-3000:])
+    assert (
+        _one_line_error_problems(
+            p.returncode + (2 - 4 if p.returncode == 4 else 0),
+            p.stdout,
+            p.stderr,
+            rf"cannot write '{re.escape(str(ck))}': file too large \(the file-size limit, "
+            r"ulimit -f\) \[EFBIG\]",
+            rf"rerun the same command: it resumes from {re.escape(str(ck))} \(step 6\)",
+        )
+        == []
+    ), (p.returncode, p.stderr[-3000:])
     assert checkpoint.load_checkpoint(str(ck))["step"] == 6
     assert checkpoint.load_checkpoint(str(out / "checkpoint.prev.pth"))["step"] == 4
     assert tmp_files(out) == [] and all(f.stat().st_size > 0 for f in out.iterdir())
     ok(run(train_cmd(out)))
     assert_same_final(ref1["dir"], out)
     new = tmp_path / "new"
-    p = subprocess.run(train_cmd(new), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
-                       preexec_fn=_fsize_limit(50_000))
+    p = subprocess.run(
+        train_cmd(new),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_fsize_limit(50_000),
+    )
     assert p.returncode == 4 and "filling the memory bank" not in p.stdout, p.stderr[-2000:]
-    assert re.search(r"^error: cannot write checkpoints to --out-dir '.*new': the file-size limit \(ulimit -f\) is "
-                     r"0.0 MiB, a checkpoint of this run needs about 0.\d MiB \[EFBIG\]; raise the limit$",
-                     p.stderr.strip()), p.stderr
+    assert re.search(
+        r"^error: cannot write checkpoints to --out-dir '.*new': the file-size limit \(ulimit -f\) is "
+        r"0.0 MiB, a checkpoint of this run needs about 0.\d MiB \[EFBIG\]; raise the limit$",
+        p.stderr.strip(),
+    ), p.stderr
     assert not new.exists()
 
 
@@ -1123,12 +1524,16 @@ def test_enospc_on_the_log_is_one_line(tmp_path):
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full")
     from types import SimpleNamespace
+
     (tmp_path / "log.jsonl").symlink_to("/dev/full")
     run_ = SimpleNamespace(rank=0, last_ck=None, path=lambda n: str(tmp_path / n))
     with pytest.raises(checkpoint.StorageError) as e:
         checkpoint.log(run_, {"type": "step"})
-    assert re.fullmatch(rf"cannot write '{re.escape(str(tmp_path))}/log.jsonl': no space left on device \[ENOSPC\]; "
-                        r"free space .* and rerun the same command: it resumes from the start .*", str(e.value))
+    assert re.fullmatch(
+        rf"cannot write '{re.escape(str(tmp_path))}/log.jsonl': no space left on device \[ENOSPC\]; "
+        r"free space .* and rerun the same command: it resumes from the start .*",
+        str(e.value),
+    )
 
 
 def test_2proc_stopped_rank_job_exits_within_dist_timeout(tmp_path):
@@ -1137,15 +1542,26 @@ def test_2proc_stopped_rank_job_exits_within_dist_timeout(tmp_path):
     grace for the stopped rank is 30 s)."""
     out, logs = tmp_path / "out", tmp_path / "logs"
     t0 = time.time()
-    r = run(train_cmd(out, "--dist-timeout", "0.1", nproc=2, torchrun=("--log-dir", str(logs), "--redirects", "3")),
-            env={"SMOG_TEST_STOP_AT_STEP": 2, "SMOG_TEST_DIE_RANK": 1}, timeout=200)
+    r = run(
+        train_cmd(
+            out,
+            "--dist-timeout",
+            "0.1",
+            nproc=2,
+            torchrun=("--log-dir", str(logs), "--redirects", "3"),
+        ),
+        env={"SMOG_TEST_STOP_AT_STEP": 2, "SMOG_TEST_DIE_RANK": 1},
+        timeout=200,
+    )
     took = time.time() - t0
     assert r.returncode != 0 and "exitcode  : 5" in r.stderr, r.stderr[-3000:]
     err0 = next(p for p in logs.rglob("stderr.log") if p.parent.name == "0").read_text()
     lines = [ln for ln in err0.splitlines() if ln.strip()]
-    assert lines == ["error: rank 0: a collective did not complete within --dist-timeout 0.1 min: another rank is "
-                     "stopped, hung or dead; the job stops; rerun the same command to resume from the last "
-                     "checkpoint (raise --dist-timeout if a rank is legitimately slow)"], err0
+    assert lines == [
+        "error: rank 0: a collective did not complete within --dist-timeout 0.1 min: another rank is "
+        "stopped, hung or dead; the job stops; rerun the same command to resume from the last "
+        "checkpoint (raise --dist-timeout if a rank is legitimately slow)"
+    ], err0
     print(f"stopped rank: job exited after {took:.1f}s")
     assert took < 120
 
@@ -1154,7 +1570,9 @@ def _jpeg_tree(root: Path) -> Path:
     """16 readable JPEGs per class, plus a zero-byte, a truncated, a non-image and a 20000 x 20000
     (header) JPEG, and one with corrupt entropy-coded data that libjpeg recovers from (PIL reads it)."""
     import io
+
     from PIL import Image
+
     g = torch.Generator().manual_seed(0)
     for c in range(2):
         (root / f"class{c}").mkdir(parents=True)
@@ -1162,40 +1580,52 @@ def _jpeg_tree(root: Path) -> Path:
             x = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
             Image.fromarray(x).save(root / f"class{c}" / f"{i:02d}.jpg", quality=90)
     buf = io.BytesIO()
-    Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()).save(
-        buf, "JPEG", quality=90)
+    Image.fromarray(
+        torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+    ).save(buf, "JPEG", quality=90)
     good = buf.getvalue()
     (root / "class0" / "zz_zero.jpg").write_bytes(b"")
     (root / "class0" / "zz_truncated.jpg").write_bytes(good[: len(good) // 2])
     (root / "class1" / "zz_text.jpg").write_text("not an image")
     sof = next(p for p in range(2, len(good)) if good[p] == 0xFF and good[p + 1] in (0xC0, 0xC2))
     bomb = bytearray(good)
-    bomb[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2
+    bomb[sof + 5 : sof + 9] = (20000).to_bytes(2, "big") * 2
     (root / "class1" / "zz_bomb.jpg").write_bytes(bytes(bomb))
     noisy = bytearray(good)
-    noisy[len(good) // 2:len(good) // 2 + 8] = b"\xff\x00" * 4
+    noisy[len(good) // 2 : len(good) // 2 + 8] = b"\xff\x00" * 4
     (root / "class1" / "zz_noisy.jpg").write_bytes(bytes(noisy))
     return root
 
 
-def test_bad_images_skip_on_the_default_path_zero_byte_truncated_non_image_bomb(tmp_path, monkeypatch):
+def test_bad_images_skip_on_the_default_path_zero_byte_truncated_non_image_bomb(
+    tmp_path, monkeypatch
+):
     """--bad-images skip on the default path (tensor crops, JPEGs decoded with torchvision, the bank
     fill through PIL): the run finishes and lists each bad file once; the bomb is refused from its
     header by both decoders (decode_rgb never decodes it); libjpeg's "Corrupt JPEG data" never reaches
     the terminal. With --bad-images fail the zero-byte file is named in one line."""
     from smog_train import data, decode
+
     root = _jpeg_tree(tmp_path / "jpegs" / "train")
     bomb = decode.read_bytes(str(root / "class1" / "zz_bomb.jpg"))
-    decoded, real = [], decode._decode_jpegs                   # the torchvision decoder never sees it
-    monkeypatch.setattr(decode, "_decode_jpegs", lambda b, dev: decoded.append(len(b)) or real(b, dev))
+    decoded, real = [], decode._decode_jpegs  # the torchvision decoder never sees it
+    monkeypatch.setattr(
+        decode, "_decode_jpegs", lambda b, dev: decoded.append(len(b)) or real(b, dev)
+    )
     cpu = torch.device("cpu")
-    assert decode.jpeg_pixels(bomb) == 20000 * 20000 and decode.decode_rgb([bomb], cpu) == [None] and not decoded
-    assert decode.decode_rgb([decode.read_bytes(str(root / "class0" / "00.jpg"))], cpu)[0].shape == (3, 16, 16)
+    assert (
+        decode.jpeg_pixels(bomb) == 20000 * 20000
+        and decode.decode_rgb([bomb], cpu) == [None]
+        and not decoded
+    )
+    assert decode.decode_rgb([decode.read_bytes(str(root / "class0" / "00.jpg"))], cpu)[
+        0
+    ].shape == (3, 16, 16)
     monkeypatch.undo()
     assert decode.read_bytes(str(root / "class0" / "zz_zero.jpg")).numel() == 0
-    over = bytearray(bomb.numpy().tobytes())                  # 10000 x 10000: PIL itself only warns
+    over = bytearray(bomb.numpy().tobytes())  # 10000 x 10000: PIL itself only warns
     sof = next(p for p in range(2, len(over)) if over[p] == 0xFF and over[p + 1] in (0xC0, 0xC2))
-    over[sof + 5:sof + 9] = (10000).to_bytes(2, "big") * 2
+    over[sof + 5 : sof + 9] = (10000).to_bytes(2, "big") * 2
     (tmp_path / "over.jpg").write_bytes(bytes(over))
     with pytest.raises(ValueError, match=r"10000 x 10000 pixels, over the limit of 89478485"):
         data.ImageFolderDataset(str(root))._load(str(tmp_path / "over.jpg"))
@@ -1204,13 +1634,20 @@ def test_bad_images_skip_on_the_default_path_zero_byte_truncated_non_image_bomb(
     names = ["zz_bomb.jpg", "zz_text.jpg", "zz_truncated.jpg", "zz_zero.jpg"]
     assert sorted(Path(p).name for p in (out / "skipped_images.txt").read_text().split()) == names
     for name in names:
-        assert len(re.findall(rf"warning: skipping unreadable image '.*{name}'", r.stderr)) == 1, r.stderr
+        assert len(re.findall(rf"warning: skipping unreadable image '.*{name}'", r.stderr)) == 1, (
+            r.stderr
+        )
     assert "Corrupt JPEG" not in r.stderr + r.stdout and "Traceback" not in r.stderr
-    assert re.search(r"zz_bomb.jpg' \(.*exceeds limit|zz_bomb.jpg' \(20000 x 20000 pixels", r.stderr)
+    assert re.search(
+        r"zz_bomb.jpg' \(.*exceeds limit|zz_bomb.jpg' \(20000 x 20000 pixels", r.stderr
+    )
     zero = tmp_path / "zero" / "train"
     shutil.copytree(root, zero)
     for n in names[:3]:
         os.remove(next(zero.rglob(n)))
     line = one_line_error(run(train_cmd(tmp_path / "o2", "--data", f"imagefolder:{zero.parent}")))
-    assert re.search(r"cannot read image '.*zz_zero.jpg' \(empty file, 0 bytes\); delete or replace it, or pass "
-                     r"--bad-images skip", line), line
+    assert re.search(
+        r"cannot read image '.*zz_zero.jpg' \(empty file, 0 bytes\); delete or replace it, or pass "
+        r"--bad-images skip",
+        line,
+    ), line

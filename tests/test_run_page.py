@@ -2,6 +2,7 @@
 function that does it as `file.py:name` (`name` may be dotted: `SMoG.forward`), and every named
 function exists in that file of this repository. A renamed or removed function, or a line without a
 name, fails here, naming the line."""
+
 from __future__ import annotations
 
 import importlib
@@ -16,7 +17,7 @@ NAME = re.compile(r"#\s*([\w/]+\.py):([\w.]+)\s*$")
 def run_page_lines(text: str) -> list[str]:
     """The lines of the first ```text block after HEADING."""
     assert HEADING in text, f"METHOD.md has no section {HEADING!r}"
-    m = re.search(r"```text\n(.*?)```", text[text.index(HEADING):], re.S)
+    m = re.search(r"```text\n(.*?)```", text[text.index(HEADING) :], re.S)
     assert m, f"no ```text block after {HEADING!r}"
     return m.group(1).splitlines()
 
@@ -44,8 +45,9 @@ def unresolved(lines: list[str], root: str = ROOT) -> list[str]:
 def test_every_run_page_line_names_an_existing_function():
     with open(os.path.join(ROOT, "METHOD.md"), encoding="utf-8") as fh:
         text = fh.read()
-    assert text.index(HEADING) < text.index("\n## ", text.index("\n## ") + 1), \
+    assert text.index(HEADING) < text.index("\n## ", text.index("\n## ") + 1), (
         "METHOD.md must open with the run page (its first section)"
+    )
     lines = run_page_lines(text)
     assert 25 <= len(lines) <= 40, f"the run page has {len(lines)} lines; keep it to about 30"
     bad = unresolved(lines)
@@ -54,12 +56,15 @@ def test_every_run_page_line_names_an_existing_function():
 
 def test_the_check_reports_missing_and_unnamed_functions():
     """The same check on fabricated lines: real names pass, the rest are reported."""
-    lines = ["EMA        # smog.py:SMoG.momentum_step",
-             "regroup    # train.py:regroup",
-             "no name here",
-             "gone       # smog.py:SMoG.no_such_method",
-             "elsewhere  # nowhere.py:f"]
+    lines = [
+        "EMA        # smog.py:SMoG.momentum_step",
+        "regroup    # train.py:regroup",
+        "no name here",
+        "gone       # smog.py:SMoG.no_such_method",
+        "elsewhere  # nowhere.py:f",
+    ]
     assert unresolved(lines) == [
         "'no name here': names no file.py:function",
         "'gone       # smog.py:SMoG.no_such_method': smog.py has no function SMoG.no_such_method",
-        "'elsewhere  # nowhere.py:f': no file nowhere.py"]
+        "'elsewhere  # nowhere.py:f': no file nowhere.py",
+    ]

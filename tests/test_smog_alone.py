@@ -2,6 +2,7 @@
 standard library only, a copy of it trains a toy backbone with the project's packages and
 torchvision made unimportable, the default Backbone runs one call per run of same-size crops, and
 SMoG's methods never ask which architecture they serve (SwinSMoG overrides them instead)."""
+
 from __future__ import annotations
 
 import ast
@@ -37,8 +38,9 @@ def test_imports_are_torch_and_the_standard_library():
 
 def test_smog_methods_do_not_branch_on_the_architecture():
     cls = next(n for n in _tree().body if isinstance(n, ast.ClassDef) and n.name == "SMoG")
-    names = {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute)} | \
-        {n.id for n in ast.walk(cls) if isinstance(n, ast.Name)}
+    names = {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute)} | {
+        n.id for n in ast.walk(cls) if isinstance(n, ast.Name)
+    }
     assert not {x for x in names if "swin" in x.lower() or x == "arch"}, names
 
 
@@ -73,16 +75,26 @@ print("ok")
 def test_a_copy_of_smog_py_alone_runs_an_iteration(tmp_path):
     shutil.copy(SMOG_PY, tmp_path / "smog.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-c", COPIED, str(tmp_path)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", COPIED, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
 def test_default_backbone_one_call_per_run_of_one_size_in_crop_order():
     """Oracle: the network on each crop alone, in eval mode (BN per sample: batching is exact)."""
     calls = []
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    ).eval()
     net.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
     g = torch.Generator().manual_seed(0)
     sizes = [16, 16, 8, 8, 8, 16]
@@ -94,5 +106,5 @@ def test_default_backbone_one_call_per_run_of_one_size_in_crop_order():
         want = torch.cat([net(c) for c in crops])
     assert calls_encode == [(6, 3, 16, 16), (9, 3, 8, 8), (3, 3, 16, 16)]
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="new module on every call"):   # `make` must build anew
+    with pytest.raises(ValueError, match="new module on every call"):  # `make` must build anew
         smog.SMoG(side, smog.SMoGConfig(dim=4, hidden_dim=8, n_groups=5))

@@ -25,6 +25,7 @@ script is resumable: a run whose result.json exists is skipped, an interrupted t
 its checkpoint. It writes OUT/ablation.json (every run, mean/std/min/max per arm, the exact commands,
 machine, torch version) and prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,22 @@ import time
 from typing import Optional, Sequence
 
 ARMS = {
-    "smog": ("beta 1.0 -> 0.99, regroup every R epochs (the method)", dict(beta_start=1.0, beta_end=0.99)),
-    "lagging": ("beta 1.0 fixed: groups change only at the k-means every R epochs", dict(beta_start=1.0, beta_end=1.0)),
-    "smog-noregroup": ("beta 1.0 -> 0.99, k-means only before epoch 0", dict(beta_start=1.0, beta_end=0.99, once=True)),
-    "frozen": ("beta 1.0 fixed, k-means only before epoch 0: groups never move", dict(beta_start=1.0, beta_end=1.0,
-                                                                                     once=True)),
+    "smog": (
+        "beta 1.0 -> 0.99, regroup every R epochs (the method)",
+        dict(beta_start=1.0, beta_end=0.99),
+    ),
+    "lagging": (
+        "beta 1.0 fixed: groups change only at the k-means every R epochs",
+        dict(beta_start=1.0, beta_end=1.0),
+    ),
+    "smog-noregroup": (
+        "beta 1.0 -> 0.99, k-means only before epoch 0",
+        dict(beta_start=1.0, beta_end=0.99, once=True),
+    ),
+    "frozen": (
+        "beta 1.0 fixed, k-means only before epoch 0: groups never move",
+        dict(beta_start=1.0, beta_end=1.0, once=True),
+    ),
 }
 METRICS = ("linear_top1", "knn_top1")
 
@@ -57,57 +69,120 @@ def commands(arm: str, seed: int, args: argparse.Namespace) -> tuple:
     over = ARMS[arm][1]
     d = run_dir(args.out, arm, seed)
     regroup = args.epochs if over.get("once") else args.regroup_every
-    train = ["train.py", "--preset", "demo", "--data", args.data, "--batch-size", str(args.batch_size),
-             "--epochs", str(args.epochs), "--seed", str(seed),
-             "--beta-start", str(over["beta_start"]), "--beta-end", str(over["beta_end"]),
-             "--regroup-every", str(regroup), "--knn-every", "0", "--no-final-eval", "--out-dir", d, *args.train_args]
-    ev = ["eval_linear.py", "--checkpoint", os.path.join(d, "checkpoint.pth"), "--cached-features", "--knn",
-          "--knn-k", "20", "--seed", str(seed), "--quiet", "--device", "cpu"]
+    train = [
+        "train.py",
+        "--preset",
+        "demo",
+        "--data",
+        args.data,
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(seed),
+        "--beta-start",
+        str(over["beta_start"]),
+        "--beta-end",
+        str(over["beta_end"]),
+        "--regroup-every",
+        str(regroup),
+        "--knn-every",
+        "0",
+        "--no-final-eval",
+        "--out-dir",
+        d,
+        *args.train_args,
+    ]
+    ev = [
+        "eval_linear.py",
+        "--checkpoint",
+        os.path.join(d, "checkpoint.pth"),
+        "--cached-features",
+        "--knn",
+        "--knn-k",
+        "20",
+        "--seed",
+        str(seed),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     return train, ev
 
 
 def summary(values: Sequence[float]) -> dict:
     """Mean and spread of one metric over seeds (std: sample standard deviation, 0 for one run)."""
     v = list(values)
-    return dict(n=len(v), mean=statistics.fmean(v), std=statistics.stdev(v) if len(v) > 1 else 0.0,
-                min=min(v), max=max(v))
+    return dict(
+        n=len(v),
+        mean=statistics.fmean(v),
+        std=statistics.stdev(v) if len(v) > 1 else 0.0,
+        min=min(v),
+        max=max(v),
+    )
 
 
 def aggregate(runs: dict) -> dict:
     """runs: {arm: [per-run dict with METRICS]} -> {arm: {metric: summary}} (arms in the given order)."""
-    return {arm: {m: summary([r[m] for r in rs]) for m in METRICS} for arm, rs in runs.items() if rs}
+    return {
+        arm: {m: summary([r[m] for r in rs]) for m in METRICS} for arm, rs in runs.items() if rs
+    }
 
 
 def table(agg: dict) -> str:
-    lines = ["| arm | groups | linear probe top-1 % (mean ± std) | kNN top-1 % (mean ± std) | seeds |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| arm | groups | linear probe top-1 % (mean ± std) | kNN top-1 % (mean ± std) | seeds |",
+        "|---|---|---|---|---|",
+    ]
     for arm, a in agg.items():
         what = ARMS[arm][0] if arm in ARMS else ""
-        cells = [f"{a[m]['mean']:.1f} ± {a[m]['std']:.1f} ({a[m]['min']:.1f}-{a[m]['max']:.1f})" for m in METRICS]
+        cells = [
+            f"{a[m]['mean']:.1f} ± {a[m]['std']:.1f} ({a[m]['min']:.1f}-{a[m]['max']:.1f})"
+            for m in METRICS
+        ]
         lines.append(f"| `{arm}` | {what} | {cells[0]} | {cells[1]} | {a[METRICS[0]]['n']} |")
     return "\n".join(lines)
 
 
 def machine() -> dict:
     import torch
+
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+            cpu = next(
+                (ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu
+            )
     except OSError:
         pass
-    return dict(cpu=cpu, cores=os.cpu_count(), platform=platform.platform(), python=platform.python_version(),
-                torch=torch.__version__, cuda=torch.version.cuda, git=git_revision())
+    return dict(
+        cpu=cpu,
+        cores=os.cpu_count(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        git=git_revision(),
+    )
 
 
 def git_revision() -> str:
     """The code's commit (short hash, "-dirty" with uncommitted changes to tracked files), "" outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        rev = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return rev + ("-dirty" if rev and dirty else "")
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -123,26 +198,43 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
         with open(path) as fh:
             rec = json.load(fh)
         if rec["commands"] != cmd:
-            raise SystemExit(f"error: {path} was made by other commands ({rec['commands'][0]!r}); "
-                             f"use another --out or delete {d}")
+            raise SystemExit(
+                f"error: {path} was made by other commands ({rec['commands'][0]!r}); "
+                f"use another --out or delete {d}"
+            )
         return rec
     os.makedirs(d, exist_ok=True)
     times = []
     for argv in (train, ev):
         t0 = time.time()
-        p = subprocess.run([sys.executable, *argv], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.run(
+            [sys.executable, *argv],
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         times.append(round(time.time() - t0, 1))
         with open(os.path.join(d, "ablation.log"), "a") as fh:
             fh.write(p.stdout)
         if p.returncode != 0:
             tail = p.stdout.strip().splitlines()[-1:] or ["(no output)"]
-            raise SystemExit(f"error: {argv[0]} failed for {arm} seed {seed} (exit {p.returncode}): {tail[0]}; "
-                             f"full log in {os.path.join(d, 'ablation.log')}; rerun to resume")
+            raise SystemExit(
+                f"error: {argv[0]} failed for {arm} seed {seed} (exit {p.returncode}): {tail[0]}; "
+                f"full log in {os.path.join(d, 'ablation.log')}; rerun to resume"
+            )
     with open(os.path.join(d, "eval-cached-features.json")) as fh:
         res = json.load(fh)
-    rec = dict(arm=arm, seed=seed, linear_top1=res["linear"]["top1"], linear_best_top1=res["linear"]["best_top1"],
-               knn_top1=res["knn"]["20"], train_s=times[0], eval_s=times[1], commands=cmd)
+    rec = dict(
+        arm=arm,
+        seed=seed,
+        linear_top1=res["linear"]["top1"],
+        linear_best_top1=res["linear"]["best_top1"],
+        knn_top1=res["knn"]["20"],
+        train_s=times[0],
+        eval_s=times[1],
+        commands=cmd,
+    )
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(rec, fh, indent=1)
@@ -151,22 +243,49 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ablation.py", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: %(default)s)")
-    ap.add_argument("--epochs", type=int, default=8, help="training epochs per run (default: %(default)s)")
-    ap.add_argument("--regroup-every", type=int, default=4,
-                    help="R: k-means every R epochs in smog/lagging (default: %(default)s)")
-    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
-    ap.add_argument("--data", default="demo:4000", help="train.py --data (default: %(default)s: half the demo's "
-                                                          "images, see --batch-size)")
-    ap.add_argument("--batch-size", type=int, default=128,
-                    help="train.py --batch-size (default: %(default)s: with demo:4000 the main job's 31 steps per "
-                         "epoch, so R epochs of lag are as many steps as there, at half the cost)")
-    ap.add_argument("--out", default="runs/ablation", help="run directories and ablation.json (default: %(default)s)")
+    ap = argparse.ArgumentParser(
+        prog="ablation.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated training seeds (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--epochs", type=int, default=8, help="training epochs per run (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--regroup-every",
+        type=int,
+        default=4,
+        help="R: k-means every R epochs in smog/lagging (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS)
+    )
+    ap.add_argument(
+        "--data",
+        default="demo:4000",
+        help="train.py --data (default: %(default)s: half the demo's images, see --batch-size)",
+    )
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="train.py --batch-size (default: %(default)s: with demo:4000 the main job's 31 steps per "
+        "epoch, so R epochs of lag are as many steps as there, at half the cost)",
+    )
+    ap.add_argument(
+        "--out",
+        default="runs/ablation",
+        help="run directories and ablation.json (default: %(default)s)",
+    )
     ap.add_argument("--dry-run", action="store_true", help="print the commands and exit")
-    ap.add_argument("train_args", nargs=argparse.REMAINDER,
-                    help="after --: extra train.py options for every run (e.g. -- --lr 0.5)")
+    ap.add_argument(
+        "train_args",
+        nargs=argparse.REMAINDER,
+        help="after --: extra train.py options for every run (e.g. -- --lr 0.5)",
+    )
     return ap
 
 
@@ -181,7 +300,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.arms = [a for a in args.arms.split(",") if a]
     bad = [a for a in args.arms if a not in ARMS]
     if bad or not args.arms or not args.seeds:
-        ap.error(f"unknown arm(s) {bad}; choose from {', '.join(ARMS)}" if bad else "no arms or no seeds given")
+        ap.error(
+            f"unknown arm(s) {bad}; choose from {', '.join(ARMS)}"
+            if bad
+            else "no arms or no seeds given"
+        )
     if args.epochs < 1 or not 1 <= args.regroup_every:
         ap.error("--epochs and --regroup-every must be positive")
     return args
@@ -189,27 +312,43 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    plan = [(arm, s) for s in args.seeds for arm in args.arms]      # seed-major: a partial run covers every arm
+    plan = [
+        (arm, s) for s in args.seeds for arm in args.arms
+    ]  # seed-major: a partial run covers every arm
     if args.dry_run:
         for arm, s in plan:
             for c in commands(arm, s, args):
                 print(shlex.join(["python", *c]))
         return 0
     t0 = time.time()
-    mach = machine()                                # at the start: the commit the runs are made by
+    mach = machine()  # at the start: the commit the runs are made by
     runs: dict = {arm: [] for arm in args.arms}
     for i, (arm, s) in enumerate(plan):
         rec = run_one(arm, s, args)
         runs[arm].append(rec)
-        print(f"[{i + 1}/{len(plan)}] {arm} seed {s}: linear {rec['linear_top1']:.2f}  kNN {rec['knn_top1']:.2f}  "
-              f"(train {rec['train_s']:.0f}s, eval {rec['eval_s']:.0f}s; {time.time() - t0:.0f}s so far)", flush=True)
+        print(
+            f"[{i + 1}/{len(plan)}] {arm} seed {s}: linear {rec['linear_top1']:.2f}  kNN {rec['knn_top1']:.2f}  "
+            f"(train {rec['train_s']:.0f}s, eval {rec['eval_s']:.0f}s; {time.time() - t0:.0f}s so far)",
+            flush=True,
+        )
     agg = aggregate(runs)
-    out = dict(description={a: ARMS[a][0] for a in args.arms}, epochs=args.epochs, regroup_every=args.regroup_every,
-               data=args.data, seeds=args.seeds, train_args=args.train_args, machine=mach,
-               metrics=dict(linear_top1="linear probe on cached features, last-epoch top-1 % (eval_linear.py "
-                                        "--cached-features, 100 epochs)",
-                            knn_top1="weighted kNN top-1 %, k=20, T=0.07"),
-               summary=agg, runs=runs, argv=sys.argv[1:] if argv is None else list(argv))
+    out = dict(
+        description={a: ARMS[a][0] for a in args.arms},
+        epochs=args.epochs,
+        regroup_every=args.regroup_every,
+        data=args.data,
+        seeds=args.seeds,
+        train_args=args.train_args,
+        machine=mach,
+        metrics=dict(
+            linear_top1="linear probe on cached features, last-epoch top-1 % (eval_linear.py "
+            "--cached-features, 100 epochs)",
+            knn_top1="weighted kNN top-1 %, k=20, T=0.07",
+        ),
+        summary=agg,
+        runs=runs,
+        argv=sys.argv[1:] if argv is None else list(argv),
+    )
     path = os.path.join(args.out, "ablation.json")
     with open(path + ".tmp", "w") as fh:
         json.dump(out, fh, indent=1)

@@ -9,6 +9,7 @@ The VJP of the step with `group_grad=True` all-reduces its cotangent itself, as 
 Everything is computed in max(input dtype, float32); NumPy has no bfloat16, so bf16 arrays never
 reach it (an adapter hands them over exactly upcast to float32).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,6 +41,7 @@ def _unit_vjp(x, d):
 
 
 # -- one iteration ---------------------------------------------------------------------------------
+
 
 def assign(z, groups):
     """argmax_k <unit(z_i), c_k>; ties and zero rows go to the lowest index."""
@@ -81,9 +83,10 @@ def loss(p, groups, targets, tau):
     def vjp(d):
         err = np.exp(s - lse[:, None])
         err[np.arange(n), targets] -= 1
-        ds = d * err / (n * tau)                                   # (N, K)
+        ds = d * err / (n * tau)  # (N, K)
         dt = s.dtype
         return _unit_vjp(p.astype(dt), ds @ groups.astype(dt)), ds.T @ unit(p.astype(dt))
+
     return value.astype(s.dtype), vjp
 
 
@@ -100,14 +103,20 @@ def step(groups, z_update, z_target, p, beta, tau, all_reduce=None, group_grad=F
     def vjp(dloss, dnew=None):
         n = len(pairs)
         parts = [back(dloss / n) for _, back in pairs]
-        dp = np.stack([sum(parts[c * len(targets) + j][0] for j in range(len(targets))) for c in range(len(p))])
+        dp = np.stack(
+            [
+                sum(parts[c * len(targets) + j][0] for j in range(len(targets)))
+                for c in range(len(p))
+            ]
+        )
         if not group_grad:
             return None, dp
         dc = sum(dg for _, dg in parts) + (0 if dnew is None else dnew)
-        dc = reduce(dc)                       # every rank's cotangent of the shared groups (psum)
+        dc = reduce(dc)  # every rank's cotangent of the shared groups (psum)
         du = np.where(hit[:, None], _unit_vjp(u, dc), 0)
         dzh = (1 - beta) * du[a] / np.maximum(counts, 1)[a][:, None]
         return _unit_vjp(z_update.astype(dzh.dtype), dzh), dp
+
     return (np.asarray(value, dtype=pairs[0][0].dtype), new, targets), vjp
 
 
@@ -116,7 +125,9 @@ def multihead_step(groups, z, z_target, p, beta, tau, all_reduce=None, group_gra
     if z.shape[0] < 2:
         raise ValueError(f"head 1 updates from online crop 1; got {z.shape[0]} online crop(s)")
     H = groups.shape[0]
-    outs = [step(groups[h], z[h % 2], z_target, p, beta, tau, all_reduce, group_grad) for h in range(H)]
+    outs = [
+        step(groups[h], z[h % 2], z_target, p, beta, tau, all_reduce, group_grad) for h in range(H)
+    ]
     value = np.mean([o[0][0] for o in outs])
 
     def vjp(dloss, dnew=None):
@@ -127,12 +138,17 @@ def multihead_step(groups, z, z_target, p, beta, tau, all_reduce=None, group_gra
             if dzh is not None:
                 dz[h % 2] += dzh
         return (dz if group_grad else None), dp
-    result = (np.asarray(value, dtype=outs[0][0][0].dtype), np.stack([o[0][1] for o in outs]),
-              np.stack([o[0][2] for o in outs]))
+
+    result = (
+        np.asarray(value, dtype=outs[0][0][0].dtype),
+        np.stack([o[0][1] for o in outs]),
+        np.stack([o[0][2] for o in outs]),
+    )
     return result, vjp
 
 
 # -- the run ---------------------------------------------------------------------------------------
+
 
 def _lloyd(xh, c, iters, reduce):
     k, D = c.shape

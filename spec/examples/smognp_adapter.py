@@ -17,6 +17,7 @@ collectives wrapped for arrays; a torch.Generator turned into a seed for the por
 regroup starts with NumPy, not torch.randperm, and declares so: the contract's tests of the
 reference's own draw (K11, R5) read "n/a (declared)".
 """
+
 from __future__ import annotations
 
 import types
@@ -26,7 +27,9 @@ import torch
 
 from spec.examples import smognp
 
-SPEC_DECLARES = {"own_random_draw": "k-means and regroup starts are drawn with numpy.random.default_rng"}
+SPEC_DECLARES = {
+    "own_random_draw": "k-means and regroup starts are drawn with numpy.random.default_rng"
+}
 
 
 def _np(t):
@@ -45,17 +48,20 @@ def _coll(fn):
 
 
 def _seed(generator):
-    return int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 # -- values (both faces) ---------------------------------------------------------------------------
+
 
 def assign_groups(z, groups):
     return _t(smognp.assign(_np(z), _np(groups)))
 
 
 def update_groups(groups, z, assign, beta, *, all_reduce=None):
-    new, _ = smognp.update(_np(groups), _np(z), _np(assign).astype(np.int64), beta, _coll(all_reduce))
+    new, _ = smognp.update(
+        _np(groups), _np(z), _np(assign).astype(np.int64), beta, _coll(all_reduce)
+    )
     return _t(new).to(groups.dtype)
 
 
@@ -68,14 +74,21 @@ def spherical_kmeans(x, k, iters=10, *, generator=None, all_reduce=None, broadca
     return _t(c).to(x.dtype), _t(a)
 
 
-def regroup(bank, index, n, n_heads, k, iters=10, *, generator=None, init_index=None, all_reduce=None):
+def regroup(
+    bank, index, n, n_heads, k, iters=10, *, generator=None, init_index=None, all_reduce=None
+):
     init = None if init_index is None else _np(init_index)
-    return _t(smognp.regroup(_np(bank), _np(index), n, n_heads, k, iters, _seed(generator), init,
-                             _coll(all_reduce))).to(bank.dtype)
+    return _t(
+        smognp.regroup(
+            _np(bank), _np(index), n, n_heads, k, iters, _seed(generator), init, _coll(all_reduce)
+        )
+    ).to(bank.dtype)
 
 
 def momentum_update_(target, online, m):
-    smognp.ema_([t.detach().numpy() for t in target], [_np(t) for t in online], m)   # views: in place
+    smognp.ema_(
+        [t.detach().numpy() for t in target], [_np(t) for t in online], m
+    )  # views: in place
 
 
 def beta_schedule(beta_start, beta_end, total_steps):
@@ -83,6 +96,7 @@ def beta_schedule(beta_start, beta_end, total_steps):
 
 
 # -- the gradient bridge ---------------------------------------------------------------------------
+
 
 class _Loss(torch.autograd.Function):
     @staticmethod
@@ -104,8 +118,9 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def forward(ctx, groups, z, z_target, p, beta, tau, all_reduce, group_grad, heads):
         fn = smognp.multihead_step if heads else smognp.step
-        (loss, new, targets), ctx.vjp = fn(_np(groups), _np(z), _np(z_target), _np(p), beta, tau,
-                                           _coll(all_reduce), group_grad)
+        (loss, new, targets), ctx.vjp = fn(
+            _np(groups), _np(z), _np(z_target), _np(p), beta, tau, _coll(all_reduce), group_grad
+        )
         ctx.group_grad, ctx.dtypes = group_grad, (z.dtype, p.dtype)
         new, targets = _t(new).to(groups.dtype), _t(targets)
         ctx.mark_non_differentiable(targets)
@@ -134,20 +149,30 @@ def smog_multihead_step(groups, z, z_target, p, beta, tau, *, all_reduce=None, g
 
 # -- the same port without the bridge: values only -------------------------------------------------
 
+
 def _values(groups, z, z_target, p, beta, tau, all_reduce, group_grad, fn):
-    (loss, new, targets), _ = fn(_np(groups), _np(z), _np(z_target), _np(p), beta, tau, _coll(all_reduce),
-                                 group_grad)
+    (loss, new, targets), _ = fn(
+        _np(groups), _np(z), _np(z_target), _np(p), beta, tau, _coll(all_reduce), group_grad
+    )
     return _t(loss), _t(new).to(groups.dtype), _t(targets)
 
 
 plain = types.SimpleNamespace(
     SPEC_DECLARES=SPEC_DECLARES,
-    assign_groups=assign_groups, update_groups=update_groups, group_logits=group_logits,
-    spherical_kmeans=spherical_kmeans, regroup=regroup, momentum_update_=momentum_update_,
+    assign_groups=assign_groups,
+    update_groups=update_groups,
+    group_logits=group_logits,
+    spherical_kmeans=spherical_kmeans,
+    regroup=regroup,
+    momentum_update_=momentum_update_,
     beta_schedule=beta_schedule,
-    smog_loss=lambda p, groups, targets, tau: _t(smognp.loss(_np(p), _np(groups), _np(targets), tau)[0]),
-    smog_step=lambda groups, z_update, z_target, p, beta, tau, *, all_reduce=None, group_grad=False: _values(
-        groups, z_update, z_target, p, beta, tau, all_reduce, group_grad, smognp.step),
-    smog_multihead_step=lambda groups, z, z_target, p, beta, tau, *, all_reduce=None, group_grad=False: _values(
-        groups, z, z_target, p, beta, tau, all_reduce, group_grad, smognp.multihead_step),
+    smog_loss=lambda p, groups, targets, tau: _t(
+        smognp.loss(_np(p), _np(groups), _np(targets), tau)[0]
+    ),
+    smog_step=lambda groups, z_update, z_target, p, beta, tau, *, all_reduce=None, group_grad=False: (
+        _values(groups, z_update, z_target, p, beta, tau, all_reduce, group_grad, smognp.step)
+    ),
+    smog_multihead_step=lambda groups, z, z_target, p, beta, tau, *, all_reduce=None, group_grad=False: (
+        _values(groups, z, z_target, p, beta, tau, all_reduce, group_grad, smognp.multihead_step)
+    ),
 )

@@ -9,6 +9,7 @@ gradient bridge certifies the port's VJPs, not torch's, so a wrong VJP fails.
 
     python -m spec --impl spec.examples.smognp_wrong:no_psum -m L7
 """
+
 from __future__ import annotations
 
 import inspect
@@ -31,5 +32,8 @@ def _variant(name: str, old: str, new: str):
 
 
 no_psum = _variant("no_psum", "dc = reduce(dc)", "dc = dc")
-no_projection = _variant("no_projection", "(d - y * (d * y).sum(-1, keepdims=True)) / np.maximum(n, EPS)",
-                         "d / np.maximum(n, EPS)")
+no_projection = _variant(
+    "no_projection",
+    "(d - y * (d * y).sum(-1, keepdims=True)) / np.maximum(n, EPS)",
+    "d / np.maximum(n, EPS)",
+)

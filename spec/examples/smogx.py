@@ -13,6 +13,7 @@ or spec/oracle.py and has its own conventions and its own names:
   communication; the regroup of all heads gathers the bank with all_gather_object;
 - bad input fails an `assert`; the beta schedule is a float32 torch.linspace.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,7 @@ def nearest_prototype(emb, protos):
     """Index of the prototype with the largest cosine similarity to each row of emb [N, D]."""
     ct = _ctype(emb, protos)
     sim = F.normalize(emb.detach().to(ct), dim=1) @ F.normalize(protos.detach().to(ct), dim=1).T
-    return sim.argmax(dim=1)   # the first maximum on ties
+    return sim.argmax(dim=1)  # the first maximum on ties
 
 
 def momentum_step(protos, emb, labels, beta):
@@ -85,13 +86,28 @@ def train_step(protos, online_emb, momentum_embs, preds, *, beta, temperature, g
     return torch.stack(losses).mean(), new, targets
 
 
-def multi_head_step(protos, online_embs, momentum_embs, preds, *, beta, temperature, group_grad=False):
+def multi_head_step(
+    protos, online_embs, momentum_embs, preds, *, beta, temperature, group_grad=False
+):
     """All heads; head h moves with the online embedding of global crop h % 2; loss averaged."""
     assert online_embs.shape[0] >= 2, "smogx needs the online embeddings of both global crops"
-    outs = [train_step(protos[h], online_embs[h % 2], momentum_embs, preds, beta=beta, temperature=temperature,
-                       group_grad=group_grad) for h in range(protos.shape[0])]
-    return (torch.stack([o[0] for o in outs]).mean(), torch.stack([o[1] for o in outs]),
-            torch.stack([o[2] for o in outs]))
+    outs = [
+        train_step(
+            protos[h],
+            online_embs[h % 2],
+            momentum_embs,
+            preds,
+            beta=beta,
+            temperature=temperature,
+            group_grad=group_grad,
+        )
+        for h in range(protos.shape[0])
+    ]
+    return (
+        torch.stack([o[0] for o in outs]).mean(),
+        torch.stack([o[1] for o in outs]),
+        torch.stack([o[2] for o in outs]),
+    )
 
 
 def cluster_bank(bank, k, iters=10, generator=None, start=None):
@@ -100,7 +116,9 @@ def cluster_bank(bank, k, iters=10, generator=None, start=None):
     assert bank.shape[0] >= k, f"cannot seed {k} clusters from {bank.shape[0]} rows"
     ct = _ctype(bank)
     x = F.normalize(bank.to(ct), dim=1)
-    centres = x[torch.randperm(x.shape[0], generator=generator)[:k] if start is None else start].clone()
+    centres = x[
+        torch.randperm(x.shape[0], generator=generator)[:k] if start is None else start
+    ].clone()
     for _ in range(iters):
         labels = nearest_prototype(x, centres)
         for j in range(k):
@@ -123,7 +141,9 @@ def regroup_heads(bank, index, n, heads, k, iters=10, generator=None, init_index
         whole[:, idx] = rows
     out = []
     for h in range(heads):
-        start = init_index[h] if init_index is not None else torch.randperm(n, generator=generator)[:k]
+        start = (
+            init_index[h] if init_index is not None else torch.randperm(n, generator=generator)[:k]
+        )
         out.append(cluster_bank(whole[h % 2], k, iters, start=start)[0])
     return torch.stack(out)
 

@@ -7,6 +7,7 @@ the mathematics (spec/test_outside.py checks that it does).
 Each variant is a fresh copy of smogx.py with one function replaced (so train_step and
 multi_head_step use the wrong one too) and a fresh copy of smogx_adapter.py pointing at it.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -21,7 +22,7 @@ from spec.examples import smogx, smogx_adapter
 def _copy(module, name, **replace):
     copy = types.ModuleType(name, module.__doc__)
     exec(compile(inspect.getsource(module), module.__file__, "exec"), copy.__dict__)
-    for attr, fn in replace.items():   # rebind to the copy's globals, as if written in it
+    for attr, fn in replace.items():  # rebind to the copy's globals, as if written in it
         copy.__dict__[attr] = types.FunctionType(fn.__code__, copy.__dict__, attr, fn.__defaults__)
     return copy
 
@@ -35,7 +36,11 @@ def _momentum_step_rank_means(protos, emb, labels, beta):
     out = protos.clone()
     for k in range(protos.shape[0]):
         members = e[labels == k]
-        mean = members.mean(dim=0) if members.shape[0] else torch.zeros_like(e[0] if len(e) else protos[k].to(ct))
+        mean = (
+            members.mean(dim=0)
+            if members.shape[0]
+            else torch.zeros_like(e[0] if len(e) else protos[k].to(ct))
+        )
         hit = torch.tensor([float(members.shape[0] > 0)], dtype=ct)
         _sync_sum_(mean)  # noqa: F821
         _sync_sum_(hit)  # noqa: F821
