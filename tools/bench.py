@@ -1,6 +1,6 @@
 """bench.py -- how close is a SMoG step to the cost of its networks, and how far ahead of naive grouping?
 
-    python tools/bench.py --preset cpu-small     # demo model, 1 thread: ~2 min idle (docs/BENCHMARKS.md)
+    python tools/bench.py --preset cpu-small     # demo model, 1 thread: 1:59 idle, 2-vCPU EPYC (docs/BENCHMARKS.md)
     python tools/bench.py --preset r50-224       # ResNet-50, 2x224 + 4x96, batch 256, bf16, channels_last (GPU)
     python tools/bench.py --smoke                # seconds; CI checks that every section runs (no timing claims)
 
