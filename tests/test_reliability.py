@@ -1519,6 +1519,59 @@ def test_full_disk_mid_run_one_line_exit_4_previous_checkpoint_intact(ref1, cut_
     assert not new.exists()
 
 
+def _mount(*args) -> bool:
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+def test_read_only_file_system_mid_run_one_line_exit_4_previous_checkpoint_intact(
+    ref1, cut_sigint, tmp_path
+):
+    """A real EROFS: the out-dir's file system (a tmpfs of its own) is remounted read-only while the
+    resumed run trains. The next write (the log or a checkpoint) fails: one line naming the file,
+    "read-only file system [EROFS]" and the checkpoint to resume from, exit 4, no traceback;
+    checkpoint.pth (step 6) and checkpoint.prev.pth still verify. Made writable again, the same
+    command ends bitwise. Needs mount privileges (root); skipped without them."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not _mount("-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mnt)):
+        pytest.skip("mounting a tmpfs needs privileges (root) that this run does not have")
+    try:
+        out = mnt / "run"
+        shutil.copytree(cut_sigint, out)
+        p = subprocess.Popen(
+            train_cmd(out),
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        said = []
+        for line in p.stdout:  # read-only once training has resumed
+            said.append(line)
+            if "resuming at step 6" in line:
+                assert _mount("-o", "remount,ro", str(mnt))
+                break
+        stdout, err = p.communicate(timeout=300)
+        stdout = "".join(said) + stdout
+        assert _mount("-o", "remount,rw", str(mnt))
+        ck = out / "checkpoint.pth"
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert p.returncode == 4 and len(lines) == 1, (p.returncode, err[-3000:])
+        assert re.search(
+            rf"^error: cannot write '{re.escape(str(out))}/[\w.]+': read-only file system "
+            rf"\[EROFS\]; .*rerun the same command: it resumes from {re.escape(str(ck))} \(step 6\)",
+            lines[0],
+        ), lines[0]
+        assert "Traceback" not in stdout + err
+        assert checkpoint.load_checkpoint(str(ck))["step"] == 6
+        assert checkpoint.load_checkpoint(str(out / "checkpoint.prev.pth"))["step"] == 4
+        ok(run(train_cmd(out)))
+        assert_same_final(ref1["dir"], out)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 def test_enospc_on_the_log_is_one_line(tmp_path):
     """A real ENOSPC (log.jsonl is a link to /dev/full): one line naming the file and the cause."""
     if not os.path.exists("/dev/full"):
