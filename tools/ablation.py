@@ -39,6 +39,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # a checkout, not installed
+
 ARMS = {
     "smog": (
         "beta 1.0 -> 0.99, regroup every R epochs (the method)",
@@ -148,6 +151,8 @@ def table(agg: dict) -> str:
 def machine() -> dict:
     import torch
 
+    from smog_train.launch import git_revision
+
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -165,27 +170,6 @@ def machine() -> dict:
         cuda=torch.version.cuda,
         git=git_revision(),
     )
-
-
-def git_revision() -> str:
-    """The code's commit (short hash, "-dirty" with uncommitted changes to tracked files), "" outside git."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(
-            ["git", "-C", here, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return rev + ("-dirty" if rev and dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
@@ -209,7 +193,7 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
         t0 = time.time()
         p = subprocess.run(
             [sys.executable, *argv],
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
